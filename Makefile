@@ -1,0 +1,39 @@
+# Two commands: `make serve` (serve the shipped model on :3000) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: serve test data clean
+
+serve: $(VENV)/.serving
+	$(BIN)/python -m model_store register-default
+	$(BIN)/bentoml serve --port $(PORT)
+
+test: $(VENV)/.full data
+	$(BIN)/python -m pytest
+
+# The serving install is torch-free and quick; the full one adds training, export and test tools.
+$(VENV)/.serving: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.full: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[train,test]'
+	touch $@ $(VENV)/.serving
+
+# Real Fashion-MNIST from Debian's package when we can install it; otherwise training falls back to
+# torchvision's downloader, and --data-dir points anywhere else.
+data:
+	@if [ -f $(FASHION_MNIST)/t10k-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else echo "note: $(FASHION_MNIST) is missing; run 'sudo apt-get install dataset-fashion-mnist'"; fi
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

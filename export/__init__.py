@@ -1,0 +1,1 @@
+"""Export: a training checkpoint -> a verified ONNX graph carrying its model card."""

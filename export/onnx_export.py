@@ -1,0 +1,102 @@
+"""Checkpoint -> ONNX graph: eval mode, uint8 input normalized inside, dynamic batch, card embedded.
+
+The graph is checked for what eval mode must have removed (BatchNormalization folded into its
+neighbour, Dropout gone) and verified against PyTorch before it is written.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from model_store import ModelCard
+from model_store.card import ONNX_METADATA_KEY
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+FORBIDDEN_OPS = ("BatchNormalization", "Dropout")  # eval mode must have folded / removed them
+
+
+class ExportError(RuntimeError):
+    """The exported graph is not what serving may rely on; the message says what is wrong."""
+
+
+def export_graph(model: nn.Module, card: ModelCard, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Trace ``model`` (uint8 [N, C, H, W] -> logits) in eval mode into a checked ONNX graph."""
+    model = model.eval()
+    example = torch.zeros(2, card.in_channels, card.height, card.width, dtype=torch.uint8)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not control
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opset, external_data=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
+        )  # fmt: skip
+    proto = program.model_proto
+    ops = Counter(node.op_type for node in proto.graph.node)
+    left = {op: ops[op] for op in FORBIDDEN_OPS if ops[op]}
+    if left:
+        raise ExportError(f"the exported graph still has {left}; eval-mode export must fold or remove them")
+    onnx.checker.check_model(proto, full_check=True)
+    logger.info("exported graph ops: %s", dict(sorted(ops.items())))
+    return proto
+
+
+def with_card(proto: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
+    """A copy of ``proto`` carrying the card as JSON in metadata_props."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    kept = [p for p in out.metadata_props if p.key != ONNX_METADATA_KEY]
+    del out.metadata_props[:]
+    out.metadata_props.extend(kept)
+    out.metadata_props.add(key=ONNX_METADATA_KEY, value=card.to_json())
+    return out
+
+
+def compare_with_torch(
+    model: nn.Module, graph: bytes, pixels: np.ndarray, batch_sizes: tuple[int, ...] = (1, 256)
+) -> dict[str, float]:
+    """Run PyTorch eval and ONNX Runtime (all graph optimizations on) on the same uint8 inputs.
+
+    Returns the worst |logit difference| and the top-1 agreement over every batch size.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    model = model.eval()
+    with torch.no_grad():
+        expected = torch.cat([model(torch.from_numpy(pixels[i : i + 256])) for i in range(0, len(pixels), 256)]).numpy()
+    max_diff, agree = 0.0, 1.0
+    for batch_size in batch_sizes:
+        got = np.concatenate(
+            [session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + batch_size]})[0] for i in range(0, len(pixels), batch_size)]
+        )
+        max_diff = max(max_diff, float(np.abs(got - expected).max()))
+        agree = min(agree, float((got.argmax(1) == expected.argmax(1)).mean()))
+    return {"images": len(pixels), "batch_sizes": list(batch_sizes), "max_abs_logit_diff": max_diff, "top1_agreement": agree}
+
+
+def serialize(proto: onnx.ModelProto) -> bytes:
+    buffer = io.BytesIO()
+    onnx.save_model(proto, buffer)
+    return buffer.getvalue()
+
+
+def read_card(path: Path) -> ModelCard:
+    """The card stored in an ONNX file's metadata_props."""
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if ONNX_METADATA_KEY not in props:
+        raise ValueError(f"{path} has no {ONNX_METADATA_KEY!r} in its metadata_props; export it with `python -m export`")
+    return ModelCard.from_json(props[ONNX_METADATA_KEY])

@@ -1,0 +1,109 @@
+"""The model card: the one contract between training, export, the model store and serving.
+
+It says what the network is (architecture and its arguments), what its outputs mean (class names)
+and exactly how an image becomes its input (channels, size, resize policy, interpolation, mean, std).
+Training writes it into the checkpoint, export into the ONNX file's ``metadata_props``, the store
+into the model's metadata; serving only ever reads it back. This module must stay torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CARD_VERSION = 1
+RESIZE_MODES = ("stretch", "fit", "crop")  # see model_store.preprocess.resize_to_card
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+ONNX_METADATA_KEY = "model_card"  # the metadata_props key that holds the card as JSON
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    arch: str  # model registry name, e.g. "lenet_bn"
+    class_names: tuple[str, ...]  # logit i is class_names[i]
+    in_channels: int  # 1: the image is converted to grayscale ("L"); 3: to RGB
+    height: int  # model input height, pixels
+    width: int  # model input width, pixels
+    mean: tuple[float, ...]  # per channel, on the 0..1 pixel scale
+    std: tuple[float, ...]  # per channel, on the 0..1 pixel scale
+    resize: str = "fit"  # how an image of another size reaches height x width: one of RESIZE_MODES
+    interpolation: str = "bilinear"  # resampling filter for that resize: one of INTERPOLATIONS
+    arch_args: dict[str, Any] = field(default_factory=dict)  # builder kwargs besides in_channels, num_classes
+    dataset: str = ""  # what the model was trained on, for people
+    metrics: dict[str, Any] = field(default_factory=dict)  # e.g. {"epoch": 12, "test_acc": 0.91}
+    export: dict[str, Any] = field(default_factory=dict)  # filled by export: opset, checkpoint hash, parity
+
+    def __post_init__(self) -> None:
+        # Cards come back from files people can edit, so check everything a consumer relies on.
+        for name in ("class_names", "mean", "std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.arch:
+            raise ValueError("model card: arch is empty")
+        if not self.class_names or not all(isinstance(c, str) and c for c in self.class_names):
+            raise ValueError(f"model card: class_names must be non-empty strings, got {self.class_names!r}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"model card: class_names has duplicates: {self.class_names!r}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"model card: in_channels must be 1 or 3, got {self.in_channels!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model card: {name} must be a positive integer, got {value!r}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != self.in_channels:
+                raise ValueError(
+                    f"model card: {name} has {len(values)} values for {self.in_channels} channel(s)"
+                )
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"model card: std must be positive, got {self.std!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"model card: resize {self.resize!r} is not one of {RESIZE_MODES}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"model card: interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (lists, not tuples), tagged with the card format version."""
+        return json.loads(self.to_json())
+
+    def to_json(self) -> str:
+        return json.dumps({"card_version": CARD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        data = dict(data)
+        version = data.pop("card_version", None)
+        if version != CARD_VERSION:
+            raise ValueError(f"model card: card_version {version!r} is not supported (this code reads {CARD_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"model card: unknown field(s) {unknown}; known: {sorted(known)}")
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
+        if missing:
+            raise ValueError(f"model card: missing field(s) {missing}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"model card: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"model card: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)

@@ -1,0 +1,102 @@
+"""Image bytes -> model input, the one way every stage does it.
+
+Training's evaluation transform, the export's verification, the HTTP service and the batch scorer
+all call :func:`to_input`, so a served model sees exactly the pixels it was trained on. Only
+decode, colour mode and resize happen here; scaling to float and mean/std normalization live
+inside the exported graph (and in training's ``Normalize`` module, which is what gets exported).
+Torch-free: serving imports it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model_store.card import ModelCard
+
+# Formats we decode. Restricting Pillow's plugins keeps out formats that are rarely images a client
+# means to send and that reach for external programs or odd code paths (EPS runs Ghostscript).
+SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+# Modes Pillow converts to L / RGB without losing meaning. 16-bit and float images are refused:
+# converting them would clip rather than rescale.
+SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RGB; beyond is a bomb
+
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this system can use; the message says why, for the caller."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode and fully load an image, refusing empty, unknown, oversized and truncated input."""
+    if not data:
+        raise ImageError("empty image: 0 bytes received")
+    try:
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"not a supported image: {len(data)} bytes that are none of {', '.join(SUPPORTED_FORMATS)}"
+        ) from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image too large: {err}") from None
+    width, height = image.size
+    # Opening reads only the header, so this refuses a decompression bomb before it is decoded.
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels:,}")
+    if image.mode not in SUPPORTED_MODES:
+        raise ImageError(
+            f"unsupported image mode {image.mode!r} ({image.format}); supported: {', '.join(SUPPORTED_MODES)}"
+        )
+    try:
+        image.load()
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
+        raise ImageError(f"corrupt or truncated {image.format} image: {err}") from None
+    return image
+
+
+def resize_to_card(image: Image.Image, card: ModelCard) -> Image.Image:
+    """Bring an image to the card's height x width with the card's resize policy.
+
+    stretch: resize both sides, ignoring aspect ratio.
+    fit: scale the longer side to fit, then pad with black, centred (how Fashion-MNIST was made).
+    crop: scale the shorter side to fit, then take the centre.
+    """
+    size = (card.width, card.height)
+    if image.size == size:
+        return image
+    resample = _FILTERS[card.interpolation]
+    if card.resize == "stretch":
+        return image.resize(size, resample)
+    w, h = image.size
+    scale = (min if card.resize == "fit" else max)(card.width / w, card.height / h)
+    scaled = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+    left, top = (card.width - scaled.width) // 2, (card.height - scaled.height) // 2
+    if card.resize == "crop":
+        return scaled.crop((-left, -top, -left + card.width, -top + card.height))
+    canvas = Image.new(image.mode, size)  # black
+    canvas.paste(scaled, (left, top))
+    return canvas
+
+
+def to_input(image: Image.Image, card: ModelCard) -> np.ndarray:
+    """A decoded image -> the model's input: uint8 array of shape (in_channels, height, width)."""
+    image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF, not in pixels
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")  # palette transparency must be resolved before L / RGB
+    image = image.convert("L" if card.in_channels == 1 else "RGB")
+    array = np.array(resize_to_card(image, card), dtype=np.uint8)  # a writable copy, not a view
+    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def image_bytes_to_input(data: bytes, card: ModelCard, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> model input; raises ImageError for anything unusable."""
+    return to_input(decode_image(data, max_pixels), card)

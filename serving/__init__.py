@@ -1,0 +1,1 @@
+"""Serving: the ONNX Runtime engine, the BentoML service, and the offline batch scorer. Torch-free."""

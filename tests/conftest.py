@@ -1,0 +1,120 @@
+"""Shared fixtures: the real Fashion-MNIST files, a briefly trained checkpoint, its ONNX export,
+and a real `bentoml serve` of the service on a free loopback port."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def fashion_test() -> tuple[np.ndarray, np.ndarray]:
+    """The real 10,000 test images and labels. Missing data fails under CI and skips only on a dev box."""
+    from training.data import load_fashion_mnist
+
+    try:
+        return load_fashion_mnist("test")
+    except FileNotFoundError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have the real Fashion-MNIST: {err}")
+        pytest.skip(f"real Fashion-MNIST not available: {err}")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, fashion_test) -> Path:
+    """lenet_bn trained for one epoch on 3,000 real images: quick, and already far above chance."""
+    from training.__main__ import get_args_parser
+    from training.train import main
+
+    out = tmp_path_factory.mktemp("run")
+    args = get_args_parser().parse_args(
+        ["train", "--model", "lenet_bn", "--model-arg", "activation=relu", "--model-arg", "pool=max",
+         "--epochs", "2", "--train-limit", "3000", "--test-limit", "1000", "--output-dir", str(out)]
+    )  # fmt: skip
+    main(args)
+    return out / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, checkpoint) -> Path:
+    from export.__main__ import get_args_parser, main
+
+    path = tmp_path_factory.mktemp("export") / "lenet_bn.onnx"
+    main(get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(path)]))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def bentoml_home(tmp_path_factory) -> Path:
+    """A private BentoML home with the shipped default model registered through the CLI."""
+    home = tmp_path_factory.mktemp("bentoml")
+    result = run_cli("-m", "model_store", "register-default", env={"BENTOML_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+@pytest.fixture(scope="session")
+def server(bentoml_home, tmp_path_factory) -> str:
+    """`bentoml serve` from the repo root, as the README runs it; yields its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env={**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"},
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"bentoml serve not ready after 180 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)

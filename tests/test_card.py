@@ -1,0 +1,44 @@
+import dataclasses
+
+import pytest
+
+from model_store import ModelCard
+
+CARD = dict(arch="lenet_bn", class_names=("a", "b", "c"), in_channels=1, height=28, width=28, mean=(0.3,), std=(0.35,))
+
+
+def test_json_round_trip_keeps_every_field():
+    card = ModelCard(**CARD, arch_args={"activation": "relu"}, metrics={"test_acc": 0.9}, export={"opset": 18})
+    again = ModelCard.from_json(card.to_json())
+    assert again == card
+    assert dataclasses.asdict(again) == dataclasses.asdict(card)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"in_channels": 2}, "in_channels must be 1 or 3"),
+        ({"mean": (0.1, 0.2)}, "mean has 2 values for 1 channel"),
+        ({"std": (0.0,)}, "std must be positive"),
+        ({"resize": "squash"}, "resize 'squash' is not one of"),
+        ({"interpolation": "cubic"}, "interpolation 'cubic' is not one of"),
+        ({"class_names": ("a", "a")}, "duplicates"),
+        ({"class_names": ()}, "class_names must be non-empty"),
+        ({"height": 0}, "height must be a positive integer"),
+    ],
+)
+def test_invalid_cards_are_refused_with_the_reason(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelCard(**{**CARD, **change})
+
+
+def test_from_dict_names_unknown_and_missing_fields_and_checks_the_version():
+    data = ModelCard(**CARD).to_dict()
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\]"):
+        ModelCard.from_dict({**data, "colour": "red"})
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['std'\]"):
+        ModelCard.from_dict({k: v for k, v in data.items() if k != "std"})
+    with pytest.raises(ValueError, match="card_version 99 is not supported"):
+        ModelCard.from_dict({**data, "card_version": 99})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelCard.from_json("{not json")

@@ -1,0 +1,1 @@
+"""Training: the model registry, Fashion-MNIST data, the train loop and checkpoints."""
