@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from model_store.card import ModelCard
 
@@ -23,6 +23,11 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 # converting them would clip rather than rescale.
 SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RGB; beyond is a bomb
+# Magic bytes, to tell a damaged image of a supported format from bytes that are no image at all.
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+    b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+}  # fmt: skip
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -42,12 +47,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageError("empty image: 0 bytes received")
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except UnidentifiedImageError:
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image too large: {err}") from None
+    except Exception:  # UnidentifiedImageError, or OSError / SyntaxError from a broken header
+        claimed = _signature_format(data)
+        if claimed:  # right magic bytes, unreadable header: say so rather than "not an image"
+            raise ImageError(f"corrupt or truncated {claimed} image: its header cannot be read") from None
         raise ImageError(
             f"not a supported image: {len(data)} bytes that are none of {', '.join(SUPPORTED_FORMATS)}"
         ) from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"image too large: {err}") from None
     width, height = image.size
     # Opening reads only the header, so this refuses a decompression bomb before it is decoded.
     if width * height > max_pixels:
@@ -61,6 +69,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         raise ImageError(f"corrupt or truncated {image.format} image: {err}") from None
     return image
+
+
+def _signature_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def resize_to_card(image: Image.Image, card: ModelCard) -> Image.Image:

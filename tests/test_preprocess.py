@@ -27,6 +27,7 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
         (b"hello, not an image", "not a supported image"),
         (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not a supported image"),  # EPS would run Ghostscript
         (encode(Image.new("L", (64, 64), 128))[:60], "corrupt or truncated PNG"),
+        (encode(Image.new("L", (64, 64), 128))[:20], "corrupt or truncated PNG image: its header cannot be read"),
         (encode(Image.new("I;16", (8, 8), 40000)), "unsupported image mode 'I;16'"),
     ],
 )
