@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, export_graph, serialize, with_card
 from model_store import ModelCard
 from model_store.atomic import atomic_output
-from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, export_graph, serialize, with_card
+from training.checkpoint import file_sha256, load_model
+from training.data import FashionMNIST
 
 MAX_ABS_LOGIT_DIFF = 1e-4  # fp32 graph vs PyTorch eval, on any image
 
@@ -31,8 +33,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def verification_inputs(card: ModelCard, count: int, data_dir: Path | None) -> np.ndarray:
     """The first ``count`` test images, made into model inputs the way serving makes them."""
-    from training.data import FashionMNIST
-
     if card.dataset != "fashion-mnist":
         raise ValueError(f"cannot verify a model trained on {card.dataset!r}: only fashion-mnist is supported yet")
     dataset = FashionMNIST("test", card, data_dir, limit=count)
@@ -40,8 +40,6 @@ def verification_inputs(card: ModelCard, count: int, data_dir: Path | None) -> n
 
 
 def main(args: argparse.Namespace) -> ModelCard:
-    from training.checkpoint import file_sha256, load_model
-
     model, card, _ = load_model(args.checkpoint)
     if args.verify_images < 1:
         raise ValueError(f"--verify-images must be at least 1, got {args.verify_images}")

@@ -10,7 +10,6 @@ import io
 import logging
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -91,12 +90,3 @@ def serialize(proto: onnx.ModelProto) -> bytes:
     buffer = io.BytesIO()
     onnx.save_model(proto, buffer)
     return buffer.getvalue()
-
-
-def read_card(path: Path) -> ModelCard:
-    """The card stored in an ONNX file's metadata_props."""
-    proto = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in proto.metadata_props}
-    if ONNX_METADATA_KEY not in props:
-        raise ValueError(f"{path} has no {ONNX_METADATA_KEY!r} in its metadata_props; export it with `python -m export`")
-    return ModelCard.from_json(props[ONNX_METADATA_KEY])

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from model_store.atomic import atomic_output
+from tests.conftest import run_cli
 from training.checkpoint import load_model, read_checkpoint
 from training.models import build_model, get_model, list_models
-from tests.conftest import run_cli
 
 
 def test_short_run_reduces_loss_and_learns(checkpoint):

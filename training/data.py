@@ -8,6 +8,7 @@ serving uses, so training and serving cannot disagree about pixels.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 from pathlib import Path
@@ -81,8 +82,10 @@ def find_fashion_mnist(data_dir: Path | None) -> Path:
     return DOWNLOAD_ROOT / "FashionMNIST" / "raw"
 
 
+@functools.lru_cache(maxsize=4)
 def load_fashion_mnist(split: str, data_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, 28, 28], labels int64 [N]) of the "train" or "test" split."""
+    """(images uint8 [N, 28, 28], labels int64 [N]) of the "train" or "test" split, read-only and
+    cached: statistics, datasets and verification share one copy."""
     if split not in _FILES:
         raise ValueError(f"unknown split {split!r}; choose from {sorted(_FILES)}")
     folder = find_fashion_mnist(data_dir)
@@ -90,7 +93,10 @@ def load_fashion_mnist(split: str, data_dir: Path | None = None) -> tuple[np.nda
     images, labels = read_idx(_find(folder, images_stem)), read_idx(_find(folder, labels_stem))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
-    return images, labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
 
 
 class FashionMNIST(Dataset):

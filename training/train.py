@@ -160,11 +160,12 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 
 def log_epoch(path: Path, metrics: dict) -> None:
-    new = not path.exists()
+    """Append one epoch's row; epoch 1 starts the file afresh, so a rerun never mixes two runs."""
+    first = metrics["epoch"] == 1
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as f:
+    with open(path, "w" if first else "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(metrics))
-        if new:
+        if first:
             writer.writeheader()
         writer.writerow(metrics)
 
