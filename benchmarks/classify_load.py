@@ -29,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def test_pngs(count: int) -> list[bytes]:
-    from training.data import load_fashion_mnist  # numpy + gzip only; the client needs no torch
+    from training.data import load_fashion_mnist
 
     images, _ = load_fashion_mnist("test")
     encoded = []

@@ -49,14 +49,17 @@ async def read_image_request(request: Request, num_classes: int, max_bytes: int 
             form = await parser.parse()
         except MultiPartException as err:
             raise BadRequest(f"malformed multipart body: {err}; {HOW_TO}") from None
-        field = form.get(IMAGE_FIELD)
-        if field is None:
-            raise BadRequest(f"missing field {IMAGE_FIELD!r}; {HOW_TO}")
-        if not isinstance(field, UploadFile):
-            # A text value is never treated as a URL to fetch: the server must not make requests for clients.
-            raise BadRequest(f"field {IMAGE_FIELD!r} must be a file upload, not a text value; {HOW_TO}")
-        data = await field.read()
-        top_k = form.get("top_k", top_k)
+        try:
+            field = form.get(IMAGE_FIELD)
+            if field is None:
+                raise BadRequest(f"missing field {IMAGE_FIELD!r}; {HOW_TO}")
+            if not isinstance(field, UploadFile):
+                # A text value is never fetched as a URL: the server makes no requests on a client's behalf.
+                raise BadRequest(f"field {IMAGE_FIELD!r} must be a file upload, not a text value; {HOW_TO}")
+            data = await field.read()
+            top_k = form.get("top_k", top_k)
+        finally:
+            await form.close()  # uploads over 1 MB were spooled to a temp file
     elif media_type.startswith("image/") or media_type == "application/octet-stream":
         data = b"".join([chunk async for chunk in _limited(request, max_bytes)])
     else:
