@@ -68,7 +68,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
-    except (ValueError, FileNotFoundError, ExportError) as err:
+    except (ValueError, OSError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -107,7 +107,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
-    except (ValueError, FileNotFoundError, LookupError) as err:
+    except (ValueError, OSError, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -33,7 +33,10 @@ def test_register_refuses_files_without_a_card(tmp_path, exported):
                           ("missing.onnx", "does not exist")]:  # fmt: skip
         result = run_cli("-m", "model_store", "register", str(tmp_path / path), "--name", "x", env=env)
         assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert "No such" not in run_cli("-m", "model_store", "show", "nothing", env=env).stderr
+    bad_name = run_cli("-m", "model_store", "register", str(exported), "--name", "Not A Tag!", env=env)
+    assert bad_name.returncode == 2 and "is not a valid BentoML tag" in bad_name.stderr
+    missing = run_cli("-m", "model_store", "show", "nothing", env=env)
+    assert missing.returncode == 2 and "is not in the BentoML model store" in missing.stderr
 
 
 def test_default_model_is_small_and_reaches_its_stated_accuracy(fashion_test):

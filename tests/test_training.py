@@ -74,7 +74,18 @@ def test_every_lenet_gives_logits_for_its_classes(name):
     assert out.shape == (3, 7) and torch.isfinite(out).all()
 
 
-def test_cli_reports_bad_arguments_in_one_line():
-    result = run_cli("-m", "training", "train", "--model-arg", "novalue", "--epochs", "1")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model-arg", "novalue"], "error: --model-arg 'novalue' is not KEY=VALUE"),
+        (["--model-arg", "depth=3"], "error: model 'lenet_bn' takes no argument(s) ['depth']; it takes: activation, pool"),
+        (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+        (["--lr", "-1"], "error: --lr must be positive, got -1.0"),
+        (["--data-dir", "/nonexistent"], "error: --data-dir /nonexistent lacks Fashion-MNIST file(s)"),
+    ],
+)
+def test_cli_reports_bad_arguments_in_one_line(args, message, tmp_path):
+    result = run_cli("-m", "training", "train", "--output-dir", str(tmp_path), *args)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --model-arg 'novalue' is not KEY=VALUE"
+    assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing written

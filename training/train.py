@@ -121,7 +121,19 @@ def make_optimizer(args, model: nn.Module, steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "train_limit", "test_limit", "size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+
+
 def main(args: argparse.Namespace) -> dict[str, float]:
+    check_args(args)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output_dir = args.output_dir or Path("runs") / args.model

@@ -6,6 +6,7 @@ plus its own keyword arguments, which the card records so a checkpoint rebuilds 
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Callable
 
@@ -42,7 +43,12 @@ def default_size(name: str) -> int:
 def get_model(name: str, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
     """The bare network: float input, normalized, of shape [N, in_channels, H, W] -> logits."""
     _check_name(name)
-    return _BUILDERS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+    builder = _BUILDERS[name]
+    accepted = [p for p in inspect.signature(builder).parameters if p not in ("in_channels", "num_classes")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} takes no argument(s) {unknown}; it takes: {', '.join(accepted) or 'none'}")
+    return builder(in_channels=in_channels, num_classes=num_classes, **kwargs)
 
 
 def _check_name(name: str) -> None:
