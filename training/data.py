@@ -1,13 +1,15 @@
-"""Fashion-MNIST from its four original idx files, as uint8 model inputs.
+"""Training data: Fashion-MNIST, a user's image folder, or a tiny synthetic set, as uint8 inputs.
 
-Files are looked up in ``--data-dir`` if given, else in the Debian package's folder
-(``apt-get install dataset-fashion-mnist``), else downloaded with torchvision into ./data.
-Every image goes through ``model_store.to_input`` with the run's card, the same function
-serving uses, so training and serving cannot disagree about pixels.
+Fashion-MNIST comes from its four original idx files: in ``--data-dir`` if given, else in the
+Debian package's folder (``apt-get install dataset-fashion-mnist``), else downloaded with
+torchvision into ./data. Every image goes through ``model_store.to_input`` with the run's card,
+the same function serving uses, so training and serving cannot disagree about pixels.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import gzip
 import logging
@@ -16,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from model_store import ModelCard, to_input
+from training.augment import Augment
+from training.folder import ImageFolder, scan_folder
 
 logger = logging.getLogger(__name__)
 
+DATASETS = ("fashion-mnist", "folder", "synthetic")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_ROOT = Path("data")
 # The label order of the dataset's authors (zalandoresearch/fashion-mnist README).
@@ -121,3 +126,102 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     axes = (0, 1, 2) if x.ndim == 3 else (0, 2, 3)
     mean, std = x.mean(axis=axes), x.std(axis=axes)
     return tuple(np.atleast_1d(mean).round(4).tolist()), tuple(np.atleast_1d(std).round(4).tolist())
+
+
+class SyntheticShapes(Dataset):
+    """A tiny learnable set for tests: class k is a bright square at its own place on dim noise."""
+
+    def __init__(self, count: int, card: ModelCard, seed: int):
+        rng = np.random.default_rng(seed)
+        self.card, side = card, max(2, min(card.height, card.width) // 4)
+        self.labels = rng.integers(0, card.num_classes, count)
+        self.inputs = rng.integers(0, 60, (count, card.in_channels, card.height, card.width), dtype=np.uint8)
+        for image, label in zip(self.inputs, self.labels):
+            row, col = divmod(int(label), 4)
+            top, left = (row * side) % (card.height - side + 1), (col * side) % (card.width - side + 1)
+            image[:, top : top + side, left : left + side] = rng.integers(200, 256, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.inputs[index].copy()), int(self.labels[index])
+
+
+class Augmented(Dataset):
+    def __init__(self, dataset: Dataset, augment: Augment):
+        self.dataset, self.augment = dataset, augment
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels, label = self.dataset[index]
+        return self.augment(pixels), label
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="training data (default: fashion-mnist)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="Fashion-MNIST files or the image folder (default: auto for fashion-mnist)")  # fmt: skip
+    parser.add_argument("--in-channels", type=int, default=None, choices=(1, 3),
+                        help="input channels (default: 1 for fashion-mnist and synthetic, 3 for folder)")  # fmt: skip
+    parser.add_argument("--resize", default=None, choices=("fit", "stretch", "crop"),
+                        help="how images reach the input size (default: fit; crop for folder)")  # fmt: skip
+    parser.add_argument("--val-ratio", type=float, default=0.1, help="folder without train/ and val/: validation share (default: 0.1)")
+    parser.add_argument("--synthetic-size", type=int, default=512, help="synthetic: training images (default: 512)")
+    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images (default: all)")
+    parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (default: all)")
+
+
+def load_data(args: argparse.Namespace, arch: str, arch_args: dict, size: int) -> tuple[Dataset, Dataset, ModelCard]:
+    """(train set, test/validation set, the run's card) for the chosen dataset; the card's mean and
+    std are measured on the training inputs."""
+    channels = args.in_channels or (3 if args.dataset == "folder" else 1)
+    card = ModelCard(
+        arch=arch, arch_args=arch_args, class_names=dataset_classes(args), in_channels=channels, height=size, width=size,
+        mean=(0.5,) * channels, std=(0.5,) * channels, resize=args.resize or ("crop" if args.dataset == "folder" else "fit"),
+        interpolation="bilinear", dataset=args.dataset,
+    )  # fmt: skip
+    train, test = splits(args, card)
+    if isinstance(train, FashionMNIST):
+        mean, std = channel_stats(train.images[: args.train_limit])  # exact, from all raw training pixels
+        mean, std = mean * channels, std * channels  # a grayscale set has the same statistics on each channel
+    else:
+        step = max(1, len(train) // 1000)  # at most 1,000 evenly spaced images for the statistics
+        mean, std = channel_stats(np.stack([train[i][0].numpy() for i in range(0, len(train), step)]))
+    # Only mean and std change, and to_input does not read them: the datasets already preprocess right.
+    card = dataclasses.replace(card, mean=mean, std=std)
+    train, test = _limit(train, args.train_limit), _limit(test, args.test_limit)
+    augment = Augment.from_args(args)
+    return (Augmented(train, augment) if augment else train), test, card
+
+
+def dataset_classes(args: argparse.Namespace) -> list[str]:
+    if args.dataset == "fashion-mnist":
+        return list(FASHION_MNIST_CLASSES)
+    if args.dataset == "folder":
+        return _scan(args)[0]
+    return [f"shape{i}" for i in range(10)]
+
+
+def splits(args: argparse.Namespace, card: ModelCard) -> tuple[Dataset, Dataset]:
+    """The full (train, test/validation) sets of a run's dataset, preprocessed under ``card``."""
+    if args.dataset == "fashion-mnist":
+        return FashionMNIST("train", card, args.data_dir), FashionMNIST("test", card, args.data_dir)
+    if args.dataset == "folder":
+        classes, train_items, val_items = _scan(args)
+        if classes != list(card.class_names):
+            raise ValueError(f"{args.data_dir} now has classes {classes}, the model was trained on {list(card.class_names)}")
+        return ImageFolder(train_items, card), ImageFolder(val_items, card)
+    return SyntheticShapes(args.synthetic_size, card, args.seed), SyntheticShapes(max(64, args.synthetic_size // 4), card, args.seed + 1)
+
+
+def _scan(args: argparse.Namespace):
+    if args.data_dir is None:
+        raise ValueError("--dataset folder needs --data-dir, the folder of class sub-folders")
+    return scan_folder(Path(args.data_dir), args.val_ratio, args.seed)
+
+
+def _limit(dataset: Dataset, limit: int | None) -> Dataset:
+    return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset

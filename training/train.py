@@ -1,58 +1,66 @@
-"""Train a registered model on Fashion-MNIST and write checkpoints.
+"""Train a registered model and write checkpoints.
 
-    python -m training train --model lenet_bn --model-arg activation=relu --model-arg pool=max
+    python -m training train --model lenet_bn
+    python -m training train --resume runs/lenet_bn/last.pt         # finish an interrupted run
+    torchrun --nproc-per-node 2 -m training train --model resnet18  # DistributedDataParallel
 
-Per epoch it prints loss, train accuracy and test accuracy, appends them to ``log.csv`` and
-writes ``last.pt`` (and ``best.pt`` when test accuracy improves) into ``--output-dir``.
+Per epoch it prints loss, train accuracy and test accuracy, appends them to ``log.csv``, redraws
+``curves.png`` and writes ``last.pt`` (and ``best.pt`` when test accuracy improves) into
+``--output-dir``. On a GPU it uses mixed precision and channels-last; the code runs unchanged on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
-import math
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from model_store import ModelCard
-from training.checkpoint import save_checkpoint
-from training.data import FASHION_MNIST_CLASSES, FashionMNIST, channel_stats, load_fashion_mnist
+from training import augment, data, optim
+from training.checkpoint import read_checkpoint, save_checkpoint
+from training.finetune import load_pretrained, parameter_groups
 from training.models import build_model, default_size, list_models
+from training.plots import plot_curves
 
 logger = logging.getLogger(__name__)
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("constant", "cosine")
+# On --resume these come from the command line; every other argument comes from the checkpoint.
+RESUME_OVERRIDES = ("epochs", "workers", "device", "output_dir", "resume")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="lenet_bn", choices=list_models(), help="architecture (default: lenet_bn)")
-    parser.add_argument(
-        "--model-arg", action="append", default=[], metavar="KEY=VALUE",
-        help="builder keyword argument, VALUE parsed as JSON if it can be, e.g. activation=relu (default: none)",
-    )  # fmt: skip
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="builder keyword argument, VALUE parsed as JSON if it can be, e.g. activation=relu (default: none)")  # fmt: skip
     parser.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's own)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder with the four Fashion-MNIST files (default: auto)")
+    data.add_arguments(parser)
     parser.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per step (default: 256)")
-    parser.add_argument("--opt", default="adamw", choices=OPTIMIZERS, help="optimizer (default: adamw)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (default: 0.05)")
-    parser.add_argument("--lr-scheduler", default="cosine", choices=SCHEDULERS, help="schedule (default: cosine)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per step, per process (default: 256)")
+    optim.add_arguments(parser)
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0.0)")
+    augment.add_arguments(parser)
+    parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                        help="mixed precision (default: auto = bf16 on a GPU that has it, else fp16 on a GPU, off on CPU)")  # fmt: skip
+    parser.add_argument("--init-weights", type=Path, default=None, help="fine-tune from this state_dict or checkpoint (default: none)")
+    parser.add_argument("--freeze-backbone", action="store_true", help="fine-tuning: train only the new parameters (default: off)")
+    parser.add_argument("--backbone-lr-scale", type=float, default=1.0,
+                        help="fine-tuning: learning rate of loaded parameters relative to --lr (default: 1.0)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=0, help="data loader processes (default: 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images (default: all)")
-    parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (default: all)")
     parser.add_argument("--output-dir", type=Path, default=None, help="where checkpoints go (default: runs/<model>)")
+    parser.add_argument("--resume", type=Path, default=None, help="continue from this last.pt (default: start afresh)")
 
 
 def parse_model_args(pairs: list[str]) -> dict:
@@ -68,61 +76,8 @@ def parse_model_args(pairs: list[str]) -> dict:
     return parsed
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, epoch: int) -> dict[str, float]:
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for pixels, labels in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None):
-        pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(pixels)
-        loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-    return {"train_loss": total_loss / seen, "train_acc": correct / seen}
-
-
-@torch.no_grad()
-def evaluate(model, loader, criterion, device) -> dict[str, float]:
-    model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    for pixels, labels in loader:
-        pixels, labels = pixels.to(device), labels.to(device)
-        logits = model(pixels)
-        total_loss += criterion(logits, labels).item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-    return {"test_loss": total_loss / seen, "test_acc": correct / seen}
-
-
-def make_card(args: argparse.Namespace) -> ModelCard:
-    size = args.size or default_size(args.model)
-    train_images, _ = load_fashion_mnist("train", args.data_dir)
-    mean, std = channel_stats(train_images[: args.train_limit])
-    return ModelCard(
-        arch=args.model, arch_args=parse_model_args(args.model_arg), class_names=FASHION_MNIST_CLASSES,
-        in_channels=1, height=size, width=size, mean=mean, std=std, resize="fit", interpolation="bilinear",
-        dataset="fashion-mnist",
-    )  # fmt: skip
-
-
-def make_optimizer(args, model: nn.Module, steps: int):
-    if args.opt == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if args.lr_scheduler == "cosine":
-        schedule = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))  # noqa: E731
-    else:
-        schedule = lambda step: 1.0  # noqa: E731
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "train_limit", "test_limit", "size"):
+    for name in ("epochs", "batch_size", "train_limit", "test_limit", "size", "synthetic_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -132,42 +87,157 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
 
 
+def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or args.amp == "off":
+        return None
+    if args.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if args.amp == "bf16" else torch.float16
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp, args, device, show) -> dict[str, float]:
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
+    channels_last = device.type == "cuda"
+    for pixels, labels in tqdm(loader, leave=False, disable=None if show else True):
+        pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            logits = model(pixels)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad_norm:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, seen = totals.tolist()
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seen": seen}
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, device, amp=None) -> dict[str, float]:
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for pixels, labels in loader:
+        pixels, labels = pixels.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            logits = model(pixels)
+        loss_sum += criterion(logits.float(), labels).item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return {"test_loss": loss_sum / seen, "test_acc": correct / seen}
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); under torchrun, joins the process group (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def apply_resume(args: argparse.Namespace) -> dict:
+    payload = read_checkpoint(args.resume)
+    if "optimizer" not in payload or "rng" not in payload:
+        raise ValueError(f"{args.resume} holds no training state to resume from; start a new run with --init-weights")
+    for key, value in payload["args"].items():
+        if key not in RESUME_OVERRIDES and hasattr(args, key):
+            setattr(args, key, Path(value) if key in ("data_dir", "init_weights") and value is not None else value)
+    args.output_dir = args.output_dir or args.resume.parent
+    return payload
+
+
 def main(args: argparse.Namespace) -> dict[str, float]:
+    resumed = apply_resume(args) if args.resume else None
     check_args(args)
-    torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    rank, world = setup_distributed(device)
+    torch.manual_seed(args.seed)
     output_dir = args.output_dir or Path("runs") / args.model
-    card = make_card(args)
-    model = build_model(card).to(device)
 
-    train_set = FashionMNIST("train", card, args.data_dir, args.train_limit)
-    test_set = FashionMNIST("test", card, args.data_dir, args.test_limit)
+    train_set, test_set, card = data.load_data(args, args.model, parse_model_args(args.model_arg), args.size or default_size(args.model))
+    model = build_model(card)
+    pretrained = load_pretrained(model, args.init_weights) if args.init_weights and not resumed else set()
+    groups = parameter_groups(model, pretrained, args.freeze_backbone, args.backbone_lr_scale)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
     generator = torch.Generator().manual_seed(args.seed)
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
     pin = device.type == "cuda"
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers,
-                              generator=generator, pin_memory=pin, drop_last=len(train_set) > args.batch_size)  # fmt: skip
-    test_loader = DataLoader(test_set, 1024, num_workers=args.workers, pin_memory=pin)
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers,
+                              generator=generator, pin_memory=pin, drop_last=len(train_set) > args.batch_size * world,
+                              persistent_workers=args.workers > 0)  # fmt: skip
+    test_loader = DataLoader(test_set, 512, num_workers=args.workers, pin_memory=pin)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer, scheduler = make_optimizer(args, model, steps=args.epochs * len(train_loader))
+    optimizer = optim.make_optimizer(args, groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor(args, len(train_loader)))
+    amp = autocast_dtype(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None) if world > 1 else model
 
-    print(f"training {card.arch} {dict(card.arch_args)} on {len(train_set)} images, "
-          f"testing on {len(test_set)}, device {device}, output {output_dir}")  # fmt: skip
-    best_acc, metrics = -1.0, {}
-    for epoch in range(1, args.epochs + 1):
+    start_epoch, best_acc = 1, -1.0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        generator.set_state(resumed["rng"]["loader"])
+        if device.type == "cuda" and resumed["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+        start_epoch, best_acc = resumed["epoch"] + 1, resumed["best_acc"]
+
+    show = rank == 0
+    if show:
+        print(f"training {card.arch} {dict(card.arch_args)} on {len(train_set)} {card.dataset} images "
+              f"({card.in_channels}x{card.height}x{card.width}), testing on {len(test_set)}; device {device}"
+              f"{f' x{world}' if world > 1 else ''}, amp {amp}, output {output_dir}", flush=True)  # fmt: skip
+    metrics: dict = {}
+    for epoch in range(start_epoch, args.epochs + 1):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         start = time.perf_counter()
-        metrics = {"epoch": epoch, **train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, epoch)}
-        metrics.update(evaluate(model, test_loader, criterion, device))
-        metrics["seconds"] = round(time.perf_counter() - start, 2)
-        print(f"epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  train acc {metrics['train_acc']:.4f}  "
-              f"test acc {metrics['test_acc']:.4f}  ({metrics['seconds']:.1f} s)", flush=True)  # fmt: skip
-        log_epoch(output_dir / "log.csv", metrics)
-        epoch_card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics})
-        state = {"epoch": epoch, "args": jsonable(vars(args)), "optimizer": optimizer.state_dict()}
-        save_checkpoint(output_dir / "last.pt", model, epoch_card, **state)
-        if metrics["test_acc"] > best_acc:
-            best_acc = metrics["test_acc"]
-            save_checkpoint(output_dir / "best.pt", model, epoch_card, **state)
-    print(f"best test acc {best_acc:.4f}; checkpoints in {output_dir}")
+        lr = optimizer.param_groups[0]["lr"]
+        trained = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, amp, args, device, show)
+        seconds = time.perf_counter() - start
+        if rank == 0:
+            metrics = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"],
+                       **evaluate(model, test_loader, criterion, device, amp), "lr": lr,
+                       "examples_per_s": round(trained["seen"] / seconds, 1), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+            print(f"epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  train acc {metrics['train_acc']:.4f}  "
+                  f"test acc {metrics['test_acc']:.4f}  lr {lr:.2e}  {metrics['examples_per_s']:.0f} img/s", flush=True)  # fmt: skip
+            log_epoch(output_dir / "log.csv", metrics)
+            plot_curves(output_dir / "log.csv", output_dir / "curves.png")
+            improved = metrics["test_acc"] > best_acc
+            best_acc = max(best_acc, metrics["test_acc"])
+            epoch_card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics})
+            state = {
+                "epoch": epoch, "args": jsonable(vars(args)), "best_acc": best_acc,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            }  # fmt: skip
+            save_checkpoint(output_dir / "last.pt", model, epoch_card, **state)
+            if improved:
+                save_checkpoint(output_dir / "best.pt", model, epoch_card, **state)
+        if world > 1:
+            dist.barrier()
+    if show:
+        print(f"best test acc {best_acc:.4f}; checkpoints in {output_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return metrics
 
 

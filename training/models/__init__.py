@@ -80,4 +80,4 @@ def build_model(card: ModelCard) -> nn.Sequential:
     return nn.Sequential(OrderedDict(normalize=Normalize(card.mean, card.std), net=net))
 
 
-from training.models import lenet  # noqa: E402,F401  (registers its builders)
+from training.models import alexnet, densenet, googlenet, lenet, nin, resnet, vgg  # noqa: E402,F401  (registers builders)

@@ -1,0 +1,54 @@
+"""The pictures the course draws: training curves per epoch, and a confusion matrix."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from model_store.atomic import atomic_output  # noqa: E402
+
+
+def plot_curves(log_csv: Path, output: Path) -> None:
+    with open(log_csv) as f:
+        rows = list(csv.DictReader(f))
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, style in (("train_loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):
+        ax.plot(epochs, [float(r[key]) for r in rows], style, label=key.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, output)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], output: Path) -> None:
+    """Rows are true classes, columns predictions; each row normalized to sum to 1."""
+    rates = matrix / np.maximum(1, matrix.sum(axis=1, keepdims=True))
+    size = max(5, 0.55 * len(class_names))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in ticks:
+        for j in ticks:
+            if matrix[i, j]:
+                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+    fig.tight_layout()
+    _save(fig, output)
+
+
+def _save(fig, output: Path) -> None:
+    with atomic_output(output) as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
