@@ -51,8 +51,9 @@ def lr_factor(args: argparse.Namespace, steps_per_epoch: int) -> Callable[[int],
         scale = min(1.0, 0.01 + 0.99 * step / warmup) if step < warmup else 1.0
         if args.lr_scheduler == "step":
             return scale * args.lr_gamma ** (step // (args.lr_step_size * steps_per_epoch))
-        if args.lr_scheduler == "cosine":
-            return scale * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        if args.lr_scheduler == "cosine":  # decays over the steps after the warmup
+            progress = min(1.0, max(0.0, step - warmup) / max(1.0, total - warmup))
+            return scale * 0.5 * (1 + math.cos(math.pi * progress))
         return scale
 
     return factor

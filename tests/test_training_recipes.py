@@ -1,0 +1,176 @@
+"""The training package beyond the basic loop: datasets, augmentation, schedules, resume,
+fine-tuning, evaluation and two-process DDP, each on small real runs."""
+
+import argparse
+import csv
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, run_cli
+from training import train as train_module
+from training.__main__ import get_args_parser
+from training.augment import Augment
+from training.folder import scan_folder
+from training.optim import lr_factor
+
+
+def train_args(*argv: str) -> argparse.Namespace:
+    return get_args_parser().parse_args(["train", *argv])
+
+
+def state(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    recipe = ["--dataset", "synthetic", "--synthetic-size", "256", "--model", "lenet_bn", "--batch-size", "32",
+              "--epochs", "3", "--hflip", "--random-crop-padding", "2", "--random-erasing", "0.5", "--seed", "3"]  # fmt: skip
+    train_module.main(train_args(*recipe, "--output-dir", str(tmp_path / "whole")))
+
+    saved = train_module.save_checkpoint
+
+    def save_and_keep_epoch_1(path, model, card, **extra):  # the state a run killed after epoch 1 leaves
+        saved(path, model, card, **extra)
+        if path.name == "last.pt" and extra["epoch"] == 1:
+            shutil.copy(path, tmp_path / "epoch1.pt")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep_epoch_1)
+    train_module.main(train_args(*recipe, "--output-dir", str(tmp_path / "first")))
+    monkeypatch.setattr(train_module, "save_checkpoint", saved)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "epoch1.pt", resumed_dir / "last.pt")
+    shutil.copy(tmp_path / "first" / "log.csv", resumed_dir / "log.csv")
+    (resumed_dir / "log.csv").write_text("".join(open(tmp_path / "first" / "log.csv").readlines()[:2]))
+    train_module.main(get_args_parser().parse_args(["train", "--resume", str(resumed_dir / "last.pt"), "--epochs", "3"]))
+
+    whole, resumed = state(tmp_path / "whole" / "last.pt"), state(resumed_dir / "last.pt")
+    assert resumed["epoch"] == 3
+    for key, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    assert whole["card"]["metrics"]["test_acc"] == resumed["card"]["metrics"]["test_acc"]
+    assert len(list(csv.DictReader(open(resumed_dir / "log.csv")))) == 3
+
+
+def test_resume_refuses_a_checkpoint_without_training_state(tmp_path):
+    from model_store import ModelCard
+    from training.checkpoint import save_checkpoint
+    from training.models import build_model
+
+    card = ModelCard(arch="lenet", class_names=["a", "b"], in_channels=1, height=28, width=28, mean=(0.5,), std=(0.5,))
+    save_checkpoint(tmp_path / "bare.pt", build_model(card), card)
+    result = run_cli("-m", "training", "train", "--resume", str(tmp_path / "bare.pt"))
+    assert result.returncode == 2 and "holds no training state to resume from" in result.stderr
+
+
+def make_folder(root, classes=("blue", "green", "red"), per_class=16):
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colours[name]) + rng.integers(-25, 25, (30, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def test_image_folder_trains_and_evaluates_with_its_own_classes(tmp_path):
+    make_folder(tmp_path / "photos")
+    out = tmp_path / "run"
+    metrics = train_module.main(train_args(
+        "--dataset", "folder", "--data-dir", str(tmp_path / "photos"), "--model", "lenet_bn", "--size", "28",
+        "--epochs", "4", "--batch-size", "8", "--val-ratio", "0.25", "--output-dir", str(out)))  # fmt: skip
+    card = state(out / "last.pt")["card"]
+    assert card["class_names"] == ["blue", "green", "red"] and card["in_channels"] == 3 and card["resize"] == "crop"
+    assert metrics["test_acc"] >= 0.9  # colours are easy
+    result = run_cli("-m", "training", "evaluate", "--checkpoint", str(out / "last.pt"))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(out / "per_class.csv")))
+    assert [r["class"] for r in rows] == ["blue", "green", "red"] and sum(int(r["images"]) for r in rows) == 12
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_folder_layouts_and_their_errors(tmp_path):
+    make_folder(tmp_path / "split" / "train", per_class=4)
+    make_folder(tmp_path / "split" / "val", classes=("red",), per_class=2)
+    classes, train, val = scan_folder(tmp_path / "split", 0.5, seed=0)
+    assert classes == ["blue", "green", "red"] and len(train) == 12 and [label for _, label in val] == [2, 2]
+    make_folder(tmp_path / "one", classes=("red",))
+    with pytest.raises(ValueError, match="needs at least two class sub-folders"):
+        scan_folder(tmp_path / "one", 0.2, seed=0)
+    (tmp_path / "split" / "train" / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        scan_folder(tmp_path / "split", 0.2, seed=0)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        scan_folder(tmp_path / "missing", 0.2, seed=0)
+
+
+def test_augmentation_keeps_shape_and_type_and_is_seeded():
+    pixels = torch.arange(28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(1, 28, 28)
+    augment = Augment(crop_padding=4, hflip=True, erasing=1.0)
+    torch.manual_seed(0)
+    first = [augment(pixels) for _ in range(8)]
+    torch.manual_seed(0)
+    again = [augment(pixels) for _ in range(8)]
+    assert all(a.shape == pixels.shape and a.dtype == torch.uint8 for a in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, pixels) for a in first)
+    assert Augment.from_args(argparse.Namespace(random_crop_padding=0, hflip=False, random_erasing=0.0)) is None
+    with pytest.raises(ValueError, match="random-erasing"):
+        Augment(erasing=1.5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle"])
+def test_learning_rate_schedules(schedule):
+    args = argparse.Namespace(lr_scheduler=schedule, epochs=10, lr_warmup_epochs=1.0, lr_step_size=4, lr_gamma=0.1)
+    factor = lr_factor(args, steps_per_epoch=10)
+    curve = [factor(step) for step in range(100)]
+    assert curve[0] < 0.1 and max(curve) == pytest.approx(1.0, abs=0.02)  # every schedule warms up
+    if schedule == "constant":
+        assert curve[-1] == 1.0
+    elif schedule == "step":
+        assert curve[35] == pytest.approx(1.0) and curve[45] == pytest.approx(0.1) and curve[85] == pytest.approx(0.01)
+    else:
+        assert curve[-1] < 0.01 and curve.index(max(curve)) == 10
+    assert all(math.isfinite(v) and v >= 0 for v in curve)
+
+
+def test_fine_tuning_from_torchvision_weights_replaces_the_head_and_freezes_the_backbone(tmp_path):
+    import torchvision
+
+    source = torchvision.models.resnet18(weights=None).state_dict()  # ImageNet layout: RGB stem, 1000 classes
+    torch.save(source, tmp_path / "resnet18_imagenet.pth")
+    out = tmp_path / "run"
+    train_module.main(train_args(
+        "--dataset", "synthetic", "--synthetic-size", "64", "--model", "resnet18", "--size", "32", "--epochs", "1",
+        "--batch-size", "16", "--init-weights", str(tmp_path / "resnet18_imagenet.pth"), "--freeze-backbone",
+        "--output-dir", str(out)))  # fmt: skip
+    tuned = state(out / "last.pt")["model"]
+    assert torch.equal(tuned["net.conv1.weight"], source["conv1.weight"].sum(dim=1, keepdim=True))  # RGB stem -> gray
+    assert torch.equal(tuned["net.layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])  # frozen
+    assert tuned["net.fc.weight"].shape == (10, 512)  # the head follows the new classes
+    result = run_cli("-m", "training", "train", "--dataset", "synthetic", "--model", "lenet", "--epochs", "1",
+                     "--init-weights", str(tmp_path / "resnet18_imagenet.pth"), "--output-dir", str(tmp_path / "x"))  # fmt: skip
+    assert result.returncode == 2 and "no tensor fits this model" in result.stderr
+
+
+def test_two_process_ddp_run_on_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--module", "training",
+         "train", "--dataset", "synthetic", "--synthetic-size", "512", "--model", "lenet_bn", "--model-arg", "activation=relu", "--batch-size", "32",
+         "--epochs", "2", "--output-dir", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("training lenet_bn") == 1  # rank 0 alone reports and writes
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[-1]["test_acc"]) > 0.3  # chance is 0.1
+    assert state(out / "last.pt")["epoch"] == 2
