@@ -43,7 +43,10 @@ def main(args: argparse.Namespace) -> ModelCard:
     model, card, _ = load_model(args.checkpoint)
     if args.verify_images < 1:
         raise ValueError(f"--verify-images must be at least 1, got {args.verify_images}")
-    proto = export_graph(model, card, args.opset)
+    proto, folded = export_graph(model, card, args.opset)
+    print(f"eval mode: {folded['batchnorm_folded']} BatchNorm folded into conv/linear weights, "
+          f"{folded['batchnorm_to_scale_shift']} turned into a constant scale and shift, "
+          f"{folded['dropout_removed']} Dropout removed")  # fmt: skip
     graph = serialize(proto)
     parity = compare_with_torch(model, graph, verification_inputs(card, args.verify_images, args.data_dir))
     print(
@@ -55,7 +58,7 @@ def main(args: argparse.Namespace) -> ModelCard:
     export_info = {
         "opset": args.opset, "input": f"{proto.graph.input[0].name} uint8 [N, C, H, W]", "output": "logits float32 [N, classes]",
         "checkpoint": args.checkpoint.name, "checkpoint_sha256": file_sha256(args.checkpoint), "torch": torch.__version__,
-        "parity": parity,
+        "eval_mode": folded, "parity": parity,
     }  # fmt: skip
     card = ModelCard.from_dict({**card.to_dict(), "export": export_info})
     with atomic_output(args.output) as f:
