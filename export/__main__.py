@@ -1,6 +1,7 @@
-"""python -m export --checkpoint runs/lenet_bn/best.pt --output lenet_bn.onnx
+"""python -m export --checkpoint runs/lenet_bn/best.pt --output lenet_bn.onnx [--fp16] [--float-input]
 
-Exports, verifies against PyTorch on real Fashion-MNIST test images, and only then writes the file.
+Exports, verifies against PyTorch on the real test images (Fashion-MNIST) or the validation split
+(image folders), and only then writes the file, with the card in its metadata.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, e
 from model_store import ModelCard
 from model_store.atomic import atomic_output
 from training.checkpoint import file_sha256, load_model
-from training.data import FashionMNIST
+from training.data import evaluation_split
 
 MAX_ABS_LOGIT_DIFF = 1e-4  # fp32 graph vs PyTorch eval, on any image
+FP16_MIN_TOP1 = 0.999  # fp16 graph: top-1 agreement with fp32 PyTorch
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -26,39 +28,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by `python -m training train`")
     parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
-    parser.add_argument("--verify-images", type=int, default=1000, help="test images to verify on (default: 1000)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder with the Fashion-MNIST files (default: auto)")
+    parser.add_argument("--fp16", action="store_true", help="compute in float16, for GPU serving; logits stay float32 (default: off)")
+    parser.add_argument("--float-input", action="store_true",
+                        help="take normalized float32 input instead of uint8 pixels (default: off)")  # fmt: skip
+    parser.add_argument("--verify-images", type=int, default=1000, help="Fashion-MNIST test images to verify on (default: 1000)")
+    parser.add_argument("--verify-batch-size", type=int, default=256, help="the large verification batch (default: 256)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="where the training data is now (default: as trained)")
     return parser
 
 
-def verification_inputs(card: ModelCard, count: int, data_dir: Path | None) -> np.ndarray:
-    """The first ``count`` test images, made into model inputs the way serving makes them."""
-    if card.dataset != "fashion-mnist":
-        raise ValueError(f"cannot verify a model trained on {card.dataset!r}: only fashion-mnist is supported yet")
-    dataset = FashionMNIST("test", card, data_dir, limit=count)
-    return np.stack([dataset[i][0].numpy() for i in range(len(dataset))])
-
-
 def main(args: argparse.Namespace) -> ModelCard:
-    model, card, _ = load_model(args.checkpoint)
-    if args.verify_images < 1:
-        raise ValueError(f"--verify-images must be at least 1, got {args.verify_images}")
-    proto, folded = export_graph(model, card, args.opset)
+    if args.verify_images < 1 or args.verify_batch_size < 1:
+        raise ValueError(f"--verify-images and --verify-batch-size must be at least 1, got {args.verify_images}, {args.verify_batch_size}")
+    model, card, payload = load_model(args.checkpoint)
+    limit = args.verify_images if card.dataset == "fashion-mnist" else None  # folders: the whole validation split
+    dataset = evaluation_split(card, payload.get("args", {}), args.data_dir, limit)
+    pixels = np.stack([dataset[i][0].numpy() for i in range(len(dataset))])
+
+    proto, folded = export_graph(model, card, args.opset, args.float_input, args.fp16)
     print(f"eval mode: {folded['batchnorm_folded']} BatchNorm folded into conv/linear weights, "
           f"{folded['batchnorm_to_scale_shift']} turned into a constant scale and shift, "
           f"{folded['dropout_removed']} Dropout removed")  # fmt: skip
-    graph = serialize(proto)
-    parity = compare_with_torch(model, graph, verification_inputs(card, args.verify_images, args.data_dir))
-    print(
-        f"verified on {parity['images']} test images at batch sizes {parity['batch_sizes']}: "
-        f"top-1 agreement {parity['top1_agreement']:.4f}, max |logit diff| {parity['max_abs_logit_diff']:.2e}"
-    )
-    if parity["top1_agreement"] < 1.0 or parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF:
+    parity = compare_with_torch(model, serialize(proto), pixels, (1, args.verify_batch_size))
+    print(f"verified on {parity['images']} {card.dataset} evaluation images at batch sizes {parity['batch_sizes']}: "
+          f"top-1 agreement {parity['top1_agreement']:.4f}, max |logit diff| {parity['max_abs_logit_diff']:.2e}")  # fmt: skip
+    if args.fp16:
+        if parity["top1_agreement"] < FP16_MIN_TOP1:
+            raise ExportError(f"the fp16 graph agrees with PyTorch fp32 on only {parity['top1_agreement']:.4f} of top-1 (bound {FP16_MIN_TOP1})")
+    elif parity["top1_agreement"] < 1.0 or parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF:
         raise ExportError(f"ONNX Runtime disagrees with PyTorch beyond the bounds (top-1 1.0, |diff| <= {MAX_ABS_LOGIT_DIFF})")
     export_info = {
-        "opset": args.opset, "input": f"{proto.graph.input[0].name} uint8 [N, C, H, W]", "output": "logits float32 [N, classes]",
-        "checkpoint": args.checkpoint.name, "checkpoint_sha256": file_sha256(args.checkpoint), "torch": torch.__version__,
-        "eval_mode": folded, "parity": parity,
+        "opset": args.opset, "precision": "float16" if args.fp16 else "float32",
+        "input": "normalized float32 [N, C, H, W]" if args.float_input else "pixels uint8 [N, C, H, W]",
+        "output": "logits float32 [N, classes]", "checkpoint": args.checkpoint.name,
+        "checkpoint_sha256": file_sha256(args.checkpoint), "torch": torch.__version__, "eval_mode": folded, "parity": parity,
     }  # fmt: skip
     card = ModelCard.from_dict({**card.to_dict(), "export": export_info})
     with atomic_output(args.output) as f:

@@ -6,6 +6,7 @@ neighbour, Dropout gone) and verified against PyTorch before it is written.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import warnings
@@ -23,7 +24,7 @@ from model_store.card import ONNX_METADATA_KEY
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+INPUT_NAME, FLOAT_INPUT_NAME, OUTPUT_NAME = "pixels", "normalized", "logits"
 FORBIDDEN_OPS = ("BatchNormalization", "Dropout")  # eval mode must have folded / removed them
 
 
@@ -31,20 +32,42 @@ class ExportError(RuntimeError):
     """The exported graph is not what serving may rely on; the message says what is wrong."""
 
 
-def export_graph(model: nn.Module, card: ModelCard, opset: int = DEFAULT_OPSET) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Trace ``model`` (uint8 [N, C, H, W] -> logits) in eval mode into a checked ONNX graph.
+class ExportedModel(nn.Module):
+    """What the graph computes: uint8 pixels (or, with ``float_input``, already-normalized floats)
+    -> the network in fp32 or fp16 -> float32 logits."""
 
-    Returns the graph and what eval mode took out: BatchNorms folded into a neighbouring conv or
-    linear layer by the exporter, BatchNorms with no such neighbour (DenseNet's BN-ReLU-conv)
-    rewritten as a constant per-channel scale and shift, and Dropouts removed.
+    def __init__(self, model: nn.Sequential, float_input: bool = False, fp16: bool = False):
+        super().__init__()
+        body = model.net if float_input else model
+        self.body = copy.deepcopy(body).half() if fp16 else body
+        self.float_input, self.fp16 = float_input, fp16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float_input and self.fp16:
+            x = x.half()
+        return self.body(x).float()
+
+
+def export_graph(
+    model: nn.Sequential, card: ModelCard, opset: int = DEFAULT_OPSET, float_input: bool = False, fp16: bool = False
+) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Trace a trained model (``normalize`` + ``net``) in eval mode into a checked ONNX graph.
+
+    The graph takes uint8 pixels [N, C, H, W] named "pixels" and normalizes inside, or with
+    ``float_input`` normalized float32 named "normalized"; ``fp16`` computes in half precision.
+    Logits are float32 either way. Returns the graph and what eval mode took out: BatchNorms
+    folded into a neighbouring conv or linear layer by the exporter, BatchNorms with no such
+    neighbour (DenseNet's BN-ReLU-conv) rewritten as a constant per-channel scale and shift, and
+    Dropouts removed.
     """
     model = model.eval()
-    example = torch.zeros(2, card.in_channels, card.height, card.width, dtype=torch.uint8)
+    dtype = torch.float32 if float_input else torch.uint8
+    example = torch.zeros(2, card.in_channels, card.height, card.width, dtype=dtype)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not control
         program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=opset, external_data=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            ExportedModel(model, float_input, fp16).eval(), (example,), dynamo=True, opset_version=opset,
+            external_data=False, input_names=[FLOAT_INPUT_NAME if float_input else INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
         )  # fmt: skip
     proto = program.model_proto
@@ -111,22 +134,26 @@ def with_card(proto: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
 
 
 def compare_with_torch(
-    model: nn.Module, graph: bytes, pixels: np.ndarray, batch_sizes: tuple[int, ...] = (1, 256)
+    model: nn.Sequential, graph: bytes, pixels: np.ndarray, batch_sizes: tuple[int, ...] = (1, 256)
 ) -> dict[str, float]:
-    """Run PyTorch eval and ONNX Runtime (all graph optimizations on) on the same uint8 inputs.
+    """Run PyTorch eval (fp32) and ONNX Runtime (all graph optimizations on) on the same images.
 
-    Returns the worst |logit difference| and the top-1 agreement over every batch size.
+    ``pixels`` are uint8 inputs; a float-input graph gets them normalized by the model's own
+    ``normalize``. Returns the worst |logit difference| and the top-1 agreement over every batch size.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
     model = model.eval()
     with torch.no_grad():
-        expected = torch.cat([model(torch.from_numpy(pixels[i : i + 256])) for i in range(0, len(pixels), 256)]).numpy()
+        batches = [torch.from_numpy(pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
+        expected = torch.cat([model(b) for b in batches]).numpy()
+        feed = torch.cat([model.normalize(b) for b in batches]).numpy() if name == FLOAT_INPUT_NAME else pixels
     max_diff, agree = 0.0, 1.0
     for batch_size in batch_sizes:
         got = np.concatenate(
-            [session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + batch_size]})[0] for i in range(0, len(pixels), batch_size)]
+            [session.run([OUTPUT_NAME], {name: feed[i : i + batch_size]})[0] for i in range(0, len(feed), batch_size)]
         )
         max_diff = max(max_diff, float(np.abs(got - expected).max()))
         agree = min(agree, float((got.argmax(1) == expected.argmax(1)).mean()))

@@ -35,7 +35,13 @@ class OnnxClassifier:
         if ONNX_METADATA_KEY not in props:
             raise ValueError(f"{path} carries no model card; export it with `python -m export`")
         self.card = ModelCard.from_json(props[ONNX_METADATA_KEY])
-        self.input_name = self.session.get_inputs()[0].name
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        # A graph exported with --float-input leaves normalization to its caller: do it here, with
+        # the card's mean and std (the same numbers the uint8 graphs carry inside).
+        self.normalize = graph_input.type == "tensor(float)"
+        mean, std = (np.array(v, np.float32).reshape(1, -1, 1, 1) for v in (self.card.mean, self.card.std))
+        self._scale, self._shift = 1.0 / (255.0 * std), -mean / std
         self.provider = self.session.get_providers()[0]
         logger.info("loaded %s (%s, %d classes) on %s", Path(path).name, self.card.arch, self.card.num_classes, self.provider)
 
@@ -43,7 +49,8 @@ class OnnxClassifier:
         expected = (self.card.in_channels, self.card.height, self.card.width)
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != expected:
             raise ValueError(f"expected uint8 input of shape [N, {', '.join(map(str, expected))}], got {pixels.dtype} {pixels.shape}")
-        logits = self.session.run(None, {self.input_name: pixels})[0]
+        feed = pixels.astype(np.float32) * self._scale + self._shift if self.normalize else pixels
+        logits = self.session.run(None, {self.input_name: feed})[0]
         return softmax(logits)
 
 

@@ -39,11 +39,7 @@ def confusion_matrix(model: torch.nn.Module, loader: DataLoader, num_classes: in
 
 def main(args: argparse.Namespace) -> np.ndarray:
     model, card, payload = load_model(args.checkpoint)
-    run = argparse.Namespace(**payload.get("args", {}))
-    if not hasattr(run, "dataset"):
-        raise ValueError(f"{args.checkpoint} does not record its dataset arguments; it predates `training evaluate`")
-    run.data_dir = args.data_dir or (Path(run.data_dir) if run.data_dir else None)
-    _, test = data.splits(run, card)
+    test = data.evaluation_split(card, payload.get("args", {}), args.data_dir)
     matrix = confusion_matrix(model, DataLoader(test, args.batch_size), card.num_classes)
     output_dir = args.output_dir or args.checkpoint.parent
     images, correct = matrix.sum(axis=1), np.diag(matrix)

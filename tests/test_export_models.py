@@ -1,0 +1,81 @@
+"""Every registered model exports to a verified graph; the fp16 and float-input variants too."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.__main__ import get_args_parser, main
+from model_store import ModelCard
+from model_store.card import ONNX_METADATA_KEY
+from serving.engine import OnnxClassifier
+from tests.conftest import png_bytes, run_cli
+from tests.test_models import small_size
+from training.checkpoint import save_checkpoint
+from training.models import build_model, list_models
+
+
+def synthetic_checkpoint(name: str, path) -> None:
+    """A model with non-trivial BatchNorm statistics, recorded as trained on the synthetic set."""
+    torch.manual_seed(0)
+    size = small_size(name)
+    card = ModelCard(arch=name, class_names=[f"shape{i}" for i in range(10)], in_channels=1, height=size, width=size,
+                     mean=(0.2,), std=(0.3,), dataset="synthetic")  # fmt: skip
+    model = build_model(card).train()
+    with torch.no_grad():
+        for _ in range(2):  # moves running mean/var away from 0/1, so folding them is really tested
+            model(torch.randint(0, 256, (4, 1, size, size), dtype=torch.uint8))
+    save_checkpoint(path, model.eval(), card, args={"dataset": "synthetic", "synthetic_size": 64, "seed": 0})
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_exports_without_batchnorm_or_dropout_and_matches_pytorch(name, tmp_path):
+    synthetic_checkpoint(name, tmp_path / "model.pt")
+    card = main(get_args_parser().parse_args(
+        ["--checkpoint", str(tmp_path / "model.pt"), "--output", str(tmp_path / "model.onnx"), "--verify-batch-size", "32"]))  # fmt: skip
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    ops = Counter(node.op_type for node in graph.graph.node)
+    assert ops["BatchNormalization"] == 0 and ops["Dropout"] == 0
+    onnx.checker.check_model(graph, full_check=True)
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert {p.key: p.value for p in graph.metadata_props}[ONNX_METADATA_KEY] == card.to_json()
+    parity = card.export["parity"]
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-4 and parity["images"] == 64
+    batchnorms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in build_model(card).modules())
+    folded = card.export["eval_mode"]
+    assert folded["batchnorm_folded"] + folded["batchnorm_to_scale_shift"] == batchnorms
+    assert folded["batchnorm_to_scale_shift"] == (20 if name == "densenet" else 0)
+
+
+def test_fp16_and_float_input_exports_serve_the_same_answers(checkpoint, tmp_path, fashion_test):
+    outputs = {}
+    for variant, flags in (("fp32", []), ("fp16", ["--fp16"]), ("float", ["--float-input"])):
+        path = tmp_path / f"{variant}.onnx"
+        card = main(get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(path), *flags]))
+        assert card.export["precision"] == ("float16" if variant == "fp16" else "float32")
+        graph = onnx.load(str(path)).graph
+        assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # logits stay float32
+        expected_input = onnx.TensorProto.FLOAT if variant == "float" else onnx.TensorProto.UINT8
+        assert graph.input[0].type.tensor_type.elem_type == expected_input
+        assert card.export["parity"]["top1_agreement"] >= 0.999
+        outputs[variant] = OnnxClassifier(path, providers=["CPUExecutionProvider"])
+    from model_store import image_bytes_to_input
+
+    images = fashion_test[0][:200]
+    pixels = np.stack([image_bytes_to_input(png_bytes(image), outputs["fp32"].card) for image in images])
+    reference = outputs["fp32"].predict(pixels)
+    assert np.abs(outputs["float"].predict(pixels) - reference).max() < 1e-5
+    assert (outputs["fp16"].predict(pixels).argmax(1) == reference.argmax(1)).mean() >= 0.99
+    assert (tmp_path / "fp16.onnx").stat().st_size < 0.7 * (tmp_path / "fp32.onnx").stat().st_size
+
+
+def test_a_checkpoint_for_another_architecture_fails_with_the_documented_message(checkpoint, tmp_path):
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["card"]["arch"], payload["card"]["arch_args"] = "resnet18", {}
+    torch.save(payload, tmp_path / "wrong.pt")
+    result = run_cli("-m", "export", "--checkpoint", str(tmp_path / "wrong.pt"), "--output", str(tmp_path / "m.onnx"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: checkpoint") and "weights do not fit a resnet18 with 10 classes" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()
