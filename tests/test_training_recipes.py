@@ -156,6 +156,9 @@ def test_fine_tuning_from_torchvision_weights_replaces_the_head_and_freezes_the_
     assert torch.equal(tuned["net.conv1.weight"], source["conv1.weight"].sum(dim=1, keepdim=True))  # RGB stem -> gray
     assert torch.equal(tuned["net.layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])  # frozen
     assert tuned["net.fc.weight"].shape == (10, 512)  # the head follows the new classes
+    train_module.main(get_args_parser().parse_args(["train", "--resume", str(out / "last.pt"), "--epochs", "2"]))
+    resumed = state(out / "last.pt")
+    assert resumed["epoch"] == 2 and torch.equal(resumed["model"]["net.layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])
     result = run_cli("-m", "training", "train", "--dataset", "synthetic", "--model", "lenet", "--epochs", "1",
                      "--init-weights", str(tmp_path / "resnet18_imagenet.pth"), "--output-dir", str(tmp_path / "x"))  # fmt: skip
     assert result.returncode == 2 and "no tensor fits this model" in result.stderr

@@ -167,7 +167,10 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     train_set, test_set, card = data.load_data(args, args.model, parse_model_args(args.model_arg), args.size or default_size(args.model))
     model = build_model(card)
-    pretrained = load_pretrained(model, args.init_weights) if args.init_weights and not resumed else set()
+    if resumed:  # the same parameter groups as the interrupted run, so its optimizer state fits
+        pretrained = set(resumed.get("pretrained", []))
+    else:
+        pretrained = load_pretrained(model, args.init_weights) if args.init_weights else set()
     groups = parameter_groups(model, pretrained, args.freeze_backbone, args.backbone_lr_scale)
     model.to(device)
     if device.type == "cuda":
@@ -224,7 +227,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             best_acc = max(best_acc, metrics["test_acc"])
             epoch_card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics})
             state = {
-                "epoch": epoch, "args": jsonable(vars(args)), "best_acc": best_acc,
+                "epoch": epoch, "args": jsonable(vars(args)), "best_acc": best_acc, "pretrained": sorted(pretrained),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
