@@ -178,12 +178,17 @@ def load_data(args: argparse.Namespace, arch: str, arch_args: dict, size: int) -
     """(train set, test/validation set, the run's card) for the chosen dataset; the card's mean and
     std are measured on the training inputs."""
     channels = args.in_channels or (3 if args.dataset == "folder" else 1)
+    scanned = _scan(args) if args.dataset == "folder" else None  # walk a folder once, however large
+    if scanned:
+        classes = scanned[0]
+    else:
+        classes = list(FASHION_MNIST_CLASSES) if args.dataset == "fashion-mnist" else [f"shape{i}" for i in range(10)]
     card = ModelCard(
-        arch=arch, arch_args=arch_args, class_names=dataset_classes(args), in_channels=channels, height=size, width=size,
+        arch=arch, arch_args=arch_args, class_names=classes, in_channels=channels, height=size, width=size,
         mean=(0.5,) * channels, std=(0.5,) * channels, resize=args.resize or ("crop" if args.dataset == "folder" else "fit"),
         interpolation="bilinear", dataset=args.dataset,
     )  # fmt: skip
-    train, test = splits(args, card)
+    train, test = splits(args, card, scanned)
     if isinstance(train, FashionMNIST):
         mean, std = channel_stats(train.images[: args.train_limit])  # exact, from all raw training pixels
         mean, std = mean * channels, std * channels  # a grayscale set has the same statistics on each channel
@@ -197,20 +202,13 @@ def load_data(args: argparse.Namespace, arch: str, arch_args: dict, size: int) -
     return (Augmented(train, augment) if augment else train), test, card
 
 
-def dataset_classes(args: argparse.Namespace) -> list[str]:
-    if args.dataset == "fashion-mnist":
-        return list(FASHION_MNIST_CLASSES)
-    if args.dataset == "folder":
-        return _scan(args)[0]
-    return [f"shape{i}" for i in range(10)]
-
-
-def splits(args: argparse.Namespace, card: ModelCard) -> tuple[Dataset, Dataset]:
-    """The full (train, test/validation) sets of a run's dataset, preprocessed under ``card``."""
+def splits(args: argparse.Namespace, card: ModelCard, scanned: tuple | None = None) -> tuple[Dataset, Dataset]:
+    """The full (train, test/validation) sets of a run's dataset, preprocessed under ``card``;
+    ``scanned`` is a folder's ``scan_folder`` result when the caller already has it."""
     if args.dataset == "fashion-mnist":
         return FashionMNIST("train", card, args.data_dir), FashionMNIST("test", card, args.data_dir)
     if args.dataset == "folder":
-        classes, train_items, val_items = _scan(args)
+        classes, train_items, val_items = scanned or _scan(args)
         if classes != list(card.class_names):
             raise ValueError(f"{args.data_dir} now has classes {classes}, the model was trained on {list(card.class_names)}")
         return ImageFolder(train_items, card), ImageFolder(val_items, card)
