@@ -15,8 +15,8 @@ import torch
 
 from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, export_graph, serialize, with_card
 from model_store import ModelCard
-from model_store.atomic import atomic_output
-from training.checkpoint import file_sha256, load_model
+from model_store.files import atomic_output, file_sha256
+from training.checkpoint import load_model
 from training.data import evaluation_split
 
 MAX_ABS_LOGIT_DIFF = 1e-4  # fp32 graph vs PyTorch eval, on any image

@@ -7,7 +7,6 @@ file twice is a no-op and a tag names exactly one graph.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import bentoml
 from bentoml.exceptions import NotFound
 
 from model_store.card import ONNX_METADATA_KEY, ModelCard
+from model_store.files import file_sha256
 
 MODEL_FILE = "model.onnx"
 DEFAULT_MODEL_NAME = "fashion-lenet"
@@ -41,8 +41,7 @@ def read_onnx_card(path: Path) -> ModelCard:
 def register(onnx_path: Path, name: str) -> bentoml.Model:
     """Add an exported model to the store as ``name:<content hash>``; returns the stored model."""
     card = read_onnx_card(onnx_path)
-    with open(onnx_path, "rb") as f:
-        version = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    version = file_sha256(onnx_path)[:16]
     tag = bentoml.Tag(name, version)  # raises ValueError naming the rule for a bad name
     try:
         return bentoml.models.get(tag)

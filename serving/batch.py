@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model_store import ImageError, ModelCard, image_bytes_to_input
-from model_store.atomic import atomic_output
+from model_store.files import atomic_output
 from serving.engine import OnnxClassifier, top_k
 
 COLUMNS = ("path", "label", "probability", "top_k", "error")

@@ -23,7 +23,8 @@ def test_graph_takes_uint8_pixels_with_a_dynamic_batch(exported):
 
 
 def test_card_travels_in_metadata_with_the_parity_figures(exported, checkpoint):
-    from training.checkpoint import file_sha256, read_checkpoint
+    from model_store.files import file_sha256
+    from training.checkpoint import read_checkpoint
 
     props = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
     card = ModelCard.from_json(props[ONNX_METADATA_KEY])

@@ -71,7 +71,7 @@ def test_training_inputs_equal_serving_inputs_bit_for_bit(fashion_test):
     from training.data import FashionMNIST
 
     images, _ = fashion_test
-    dataset = FashionMNIST("test", GRAY, limit=300)
+    dataset = FashionMNIST("test", GRAY)
     for i in range(300):
         trained_on = dataset[i][0].numpy()
         assert np.array_equal(trained_on, image_bytes_to_input(png_bytes(images[i]), GRAY))
@@ -86,7 +86,7 @@ def test_pytorch_and_onnx_give_the_same_logits_on_served_inputs(fashion_test, ch
     from training.data import FashionMNIST
 
     model, card, _ = load_model(checkpoint)
-    dataset = FashionMNIST("test", card, limit=256)
+    dataset = FashionMNIST("test", card)
     with torch.no_grad():
         expected = model(torch.stack([dataset[i][0] for i in range(256)])).numpy()
     images, _ = fashion_test

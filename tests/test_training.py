@@ -3,7 +3,7 @@ import csv
 import pytest
 import torch
 
-from model_store.atomic import atomic_output
+from model_store.files import atomic_output
 from tests.conftest import run_cli
 from training.checkpoint import load_model, read_checkpoint
 from training.models import build_model, get_model, list_models

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from model_store import ModelCard
-from model_store.atomic import atomic_output
+from model_store.files import atomic_output
 from training.models import build_model
 
 REQUIRED_KEYS = ("model", "card")
@@ -50,11 +49,3 @@ def load_model(path: Path) -> tuple[nn.Sequential, ModelCard, dict[str, Any]]:
         detail = " ".join(str(err).split())[:400]
         raise ValueError(f"checkpoint {path}: weights do not fit a {card.arch} with {card.num_classes} classes: {detail}") from None
     return model.eval(), card, payload
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

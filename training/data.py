@@ -107,9 +107,8 @@ def load_fashion_mnist(split: str, data_dir: Path | None = None) -> tuple[np.nda
 class FashionMNIST(Dataset):
     """(input uint8 [C, H, W], label) pairs, each input made by ``to_input`` under ``card``."""
 
-    def __init__(self, split: str, card: ModelCard, data_dir: Path | None = None, limit: int | None = None):
-        images, labels = load_fashion_mnist(split, data_dir)
-        self.images, self.labels = images[:limit], labels[:limit]
+    def __init__(self, split: str, card: ModelCard, data_dir: Path | None = None):
+        self.images, self.labels = load_fashion_mnist(split, data_dir)
         self.card = card
 
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from model_store.atomic import atomic_output
+from model_store.files import atomic_output
 from training import data
 from training.checkpoint import load_model
 from training.plots import plot_confusion

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model_store.atomic import atomic_output  # noqa: E402
+from model_store.files import atomic_output  # noqa: E402
 
 
 def plot_curves(log_csv: Path, output: Path) -> None:

@@ -1,7 +1,9 @@
-"""Writes that never leave a half-written file behind: write a temp file beside the target, then rename."""
+"""File helpers every stage shares: writes that never leave a half-written file behind (a temp
+file beside the target, then a rename), and content hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,3 +28,9 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> I
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
