@@ -19,9 +19,10 @@ from model_store.card import ModelCard
 # Formats we decode. Restricting Pillow's plugins keeps out formats that are rarely images a client
 # means to send and that reach for external programs or odd code paths (EPS runs Ghostscript).
 SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
-# Modes Pillow converts to L / RGB without losing meaning. 16-bit and float images are refused:
-# converting them would clip rather than rescale.
-SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+# Modes we bring to L / RGB. 16-bit greyscale is rescaled to 8 bits (Pillow's own conversion would
+# clip it); alpha is composited onto black, the colour of the padding. Float images are refused:
+# their value range is not knowable from the file.
+SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I")
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RGB; beyond is a bomb
 # Magic bytes, to tell a damaged image of a supported format from bytes that are no image at all.
 _SIGNATURES = {
@@ -64,6 +65,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageError(
             f"unsupported image mode {image.mode!r} ({image.format}); supported: {', '.join(SUPPORTED_MODES)}"
         )
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:  # which frame would be the answer's? The client must choose.
+        raise ImageError(f"animated {image.format} with {frames} frames; send a single still image")
     try:
         image.load()
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
@@ -104,11 +108,22 @@ def resize_to_card(image: Image.Image, card: ModelCard) -> Image.Image:
 def to_input(image: Image.Image, card: ModelCard) -> np.ndarray:
     """A decoded image -> the model's input: uint8 array of shape (in_channels, height, width)."""
     image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF, not in pixels
-    if image.mode in ("P", "PA"):
-        image = image.convert("RGBA")  # palette transparency must be resolved before L / RGB
+    image = _to_8bit_opaque(image)
     image = image.convert("L" if card.in_channels == 1 else "RGB")
     array = np.array(resize_to_card(image, card), dtype=np.uint8)  # a writable copy, not a view
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _to_8bit_opaque(image: Image.Image) -> Image.Image:
+    """16-bit greyscale -> L by scaling (not clipping); any transparency -> composited onto black."""
+    if image.mode.startswith("I"):
+        wide = np.asarray(image, dtype=np.uint32)
+        return Image.fromarray((np.minimum(wide, 65535) // 257).astype(np.uint8), "L")
+    if image.mode in ("LA", "PA", "RGBA") or "transparency" in image.info:
+        # Palette, colour-key and alpha transparency all become an alpha channel, then one composite.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return image
 
 
 def image_bytes_to_input(data: bytes, card: ModelCard, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

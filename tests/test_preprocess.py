@@ -28,7 +28,7 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
         (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not a supported image"),  # EPS would run Ghostscript
         (encode(Image.new("L", (64, 64), 128))[:60], "corrupt or truncated PNG"),
         (encode(Image.new("L", (64, 64), 128))[:20], "corrupt or truncated PNG image: its header cannot be read"),
-        (encode(Image.new("I;16", (8, 8), 40000)), "unsupported image mode 'I;16'"),
+        (encode(Image.fromarray(np.ones((8, 8), np.float32)), "TIFF"), "unsupported image mode 'F'"),
     ],
 )
 def test_unusable_bytes_raise_image_error_naming_the_problem(data, message):
@@ -52,6 +52,26 @@ def test_colour_images_become_the_cards_grayscale_and_palette_transparency_resol
     three = ModelCard(arch="x", class_names=("a",), in_channels=3, height=4, width=4, mean=(0.5,) * 3, std=(0.5,) * 3)
     out = to_input(Image.new("L", (4, 4), 9), three)
     assert out.shape == (3, 4, 4) and (out == 9).all()
+
+
+def test_16_bit_images_are_rescaled_not_clipped():
+    wide = np.arange(0, 65536, 65536 // 784, dtype=np.uint32)[:784].reshape(28, 28).astype(np.uint16)
+    pixels = image_bytes_to_input(encode(Image.fromarray(wide)), GRAY)
+    assert (pixels[0] == (wide // 257).astype(np.uint8)).all() and pixels.max() > 250
+
+
+def test_transparency_is_composited_onto_black_the_colour_of_the_padding():
+    half = Image.new("LA", (28, 28), (200, 128))  # grey at half opacity
+    assert abs(int(image_bytes_to_input(encode(half), GRAY).mean()) - 100) <= 1
+    invisible = Image.new("RGBA", (28, 28), (255, 255, 255, 0))  # white, fully transparent: nothing there
+    assert image_bytes_to_input(encode(invisible), GRAY).max() == 0
+
+
+def test_an_animated_image_is_refused_rather_than_guessing_a_frame():
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="GIF", save_all=True, append_images=[Image.new("L", (8, 8), v) for v in (100, 200)])
+    with pytest.raises(ImageError, match="animated GIF with 3 frames; send a single still image"):
+        decode_image(buffer.getvalue())
 
 
 def test_resize_policies():
