@@ -1,4 +1,4 @@
-"""Reading a classify request: the image bytes and top_k, or a BadRequest that says what to fix.
+"""Reading classify requests: the images, top_k and model asked for, or a BadRequest that says what to fix.
 
 BentoML's own file parameters are not used for the image: they fetch any URL given as a string
 and answer 500 for bytes that are not an image. Parsing here keeps every client mistake a 4xx.
@@ -14,57 +14,92 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_TOP_K = 3
-IMAGE_FIELD = "image"
+IMAGE_FIELD, IMAGES_FIELD = "image", "images"
 HOW_TO = f"send multipart/form-data with the file in field {IMAGE_FIELD!r}, or the image itself as the body with an image/* content type"
+HOW_TO_BATCH = f"send multipart/form-data with one file per {IMAGES_FIELD!r} field"
 
 
 class BadRequest(Exception):
-    """A client mistake: answered with ``status`` and ``{"error": message}``."""
+    """A client mistake: answered with ``status`` and ``{"error": message}``; ``reason`` labels the metric."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, reason: str = "bad_request"):
         super().__init__(message)
-        self.status = status
+        self.status, self.reason = status, reason
 
 
 @dataclass(frozen=True)
-class ImageRequest:
+class Upload:
+    filename: str
     data: bytes  # the encoded image, not yet decoded
-    top_k: int
 
 
-async def read_image_request(request: Request, num_classes: int, max_bytes: int = MAX_BODY_BYTES) -> ImageRequest:
-    """The image and top_k of a POST, from a multipart field or the raw body; top_k from a form field or the query."""
+@dataclass(frozen=True)
+class ClassifyRequest:
+    images: list[Upload]
+    top_k: str | None  # checked once the model, and so the class count, is known
+    model: str | None  # None: the default model
+
+
+async def read_classify_request(request: Request, max_bytes: int) -> ClassifyRequest:
+    """One image, from the multipart field ``image`` or the raw body; ``top_k`` and ``model`` from the form or query."""
+    media_type = _check_body(request, max_bytes)
+    if media_type == "multipart/form-data":
+        return await _read_form(request, IMAGE_FIELD, 1, max_bytes, HOW_TO)
+    if media_type.startswith("image/") or media_type == "application/octet-stream":
+        data = b"".join([chunk async for chunk in _limited(request, max_bytes)])
+        if not data:
+            raise BadRequest(f"empty request body; {HOW_TO}")
+        query = request.query_params
+        return ClassifyRequest([Upload("body", data)], query.get("top_k"), query.get("model"))
+    raise BadRequest(f"unsupported content type {media_type or '(none)'!r}; {HOW_TO}", 415, "unsupported_type")
+
+
+async def read_batch_request(request: Request, max_bytes: int, max_images: int) -> ClassifyRequest:
+    """Up to ``max_images`` images, each in its own multipart ``images`` field, in order."""
+    media_type = _check_body(request, max_bytes)
+    if media_type != "multipart/form-data":
+        raise BadRequest(f"unsupported content type {media_type or '(none)'!r}; {HOW_TO_BATCH}", 415, "unsupported_type")
+    return await _read_form(request, IMAGES_FIELD, max_images, max_bytes, HOW_TO_BATCH)
+
+
+def _check_body(request: Request, max_bytes: int) -> str:
+    """Refuse what the headers already show is wrong; returns the media type."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     if declared == "0":
-        raise BadRequest(f"empty request body; {HOW_TO}")
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    top_k = request.query_params.get("top_k")
-    if media_type == "multipart/form-data":
-        parser = MultiPartParser(request.headers, _limited(request, max_bytes), max_files=1, max_fields=4)
-        try:
-            form = await parser.parse()
-        except MultiPartException as err:
-            raise BadRequest(f"malformed multipart body: {err}; {HOW_TO}") from None
-        try:
-            field = form.get(IMAGE_FIELD)
-            if field is None:
-                raise BadRequest(f"missing field {IMAGE_FIELD!r}; {HOW_TO}")
-            if not isinstance(field, UploadFile):
+        raise BadRequest("empty request body; " + HOW_TO)
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _read_form(request: Request, field: str, max_files: int, max_bytes: int, how_to: str) -> ClassifyRequest:
+    # One more file than allowed, so that "too many" is ours to report, with the limit in it.
+    parser = MultiPartParser(request.headers, _limited(request, max_bytes), max_files=max_files + 1, max_fields=8)
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        raise BadRequest(f"malformed multipart body: {err}; {how_to}") from None
+    try:
+        values = form.getlist(field)
+        if not values:
+            raise BadRequest(f"missing field {field!r}; {how_to}")
+        if len(values) > max_files:
+            raise BadRequest(f"too many images: at most {max_files} per request, got more; split the request")
+        uploads = []
+        for value in values:
+            if not isinstance(value, UploadFile):
                 # A text value is never fetched as a URL: the server makes no requests on a client's behalf.
-                raise BadRequest(f"field {IMAGE_FIELD!r} must be a file upload, not a text value; {HOW_TO}")
-            data = await field.read()
-            top_k = form.get("top_k", top_k)
-        finally:
-            await form.close()  # uploads over 1 MB were spooled to a temp file
-    elif media_type.startswith("image/") or media_type == "application/octet-stream":
-        data = b"".join([chunk async for chunk in _limited(request, max_bytes)])
-    else:
-        raise BadRequest(f"unsupported content type {media_type or '(none)'!r}; {HOW_TO}", status=415)
-    return ImageRequest(data=data, top_k=parse_top_k(top_k, num_classes))
+                raise BadRequest(f"field {field!r} must be a file upload, not a text value; {how_to}")
+            uploads.append(Upload(value.filename or f"{field}[{len(uploads)}]", await value.read()))
+        top_k, model = form.get("top_k"), form.get("model")
+        for name, value in (("top_k", top_k), ("model", model)):
+            if value is not None and not isinstance(value, str):
+                raise BadRequest(f"field {name!r} must be a text value, not a file")
+    finally:
+        await form.close()  # uploads over 1 MB were spooled to a temp file
+    query = request.query_params
+    return ClassifyRequest(uploads, top_k if top_k is not None else query.get("top_k"), model or query.get("model"))
 
 
 def parse_top_k(value: str | None, num_classes: int) -> int:
@@ -90,27 +125,41 @@ async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
 
 
 def _too_large(max_bytes: int) -> BadRequest:
-    return BadRequest(f"request body exceeds the limit of {max_bytes:,} bytes", status=413)
+    return BadRequest(f"request body exceeds the limit of {max_bytes:,} bytes", 413, "too_large")
 
 
-class RawRequest(IODescriptor):
-    """BentoML input spec for /classify: leaves the body unread for :func:`read_image_request`,
-    and describes the multipart form in the OpenAPI document."""
+class _UnreadBody(IODescriptor):
+    """A BentoML input spec that leaves the body unread for :func:`read_classify_request` and
+    :func:`read_batch_request`; its schema documents the multipart form in the OpenAPI document."""
 
     media_type: ClassVar[str] = "multipart/form-data"
+    form_schema: ClassVar[dict] = {}
 
     @classmethod
-    async def from_http_request(cls, request: Request, serde) -> RawRequest:
+    async def from_http_request(cls, request: Request, serde) -> _UnreadBody:
         return cls()
 
     @classmethod
     def model_json_schema(cls, *args, **kwargs) -> dict:
-        return {
-            "title": "ClassifyRequest",
-            "type": "object",
-            "properties": {
-                IMAGE_FIELD: {"type": "string", "format": "binary", "description": "the image (PNG, JPEG, BMP, GIF, TIFF, WEBP)"},
-                "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K, "description": "how many classes to return"},
-            },
-            "required": [IMAGE_FIELD],
-        }
+        return cls.form_schema
+
+
+_OPTIONS = {
+    "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K, "description": "how many classes to list (1 to the number of classes)"},
+    "model": {"type": "string", "description": "a model name or name:version from GET /models (default: the service's default model)"},
+}  # fmt: skip
+_FILE = {"type": "string", "format": "binary", "description": "an image: PNG, JPEG, BMP, GIF, TIFF or WEBP"}
+
+
+class ClassifyForm(_UnreadBody):
+    form_schema: ClassVar[dict] = {
+        "title": "ClassifyForm", "type": "object", "required": [IMAGE_FIELD],
+        "properties": {IMAGE_FIELD: _FILE, **_OPTIONS},
+    }  # fmt: skip
+
+
+class ClassifyBatchForm(_UnreadBody):
+    form_schema: ClassVar[dict] = {
+        "title": "ClassifyBatchForm", "type": "object", "required": [IMAGES_FIELD],
+        "properties": {IMAGES_FIELD: {"type": "array", "items": _FILE, "description": "the images, answered in this order"}, **_OPTIONS},
+    }  # fmt: skip

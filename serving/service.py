@@ -1,55 +1,77 @@
-"""The BentoML service: ``POST /classify`` an image, get its class. Run: ``bentoml serve``.
+"""The BentoML service. Run: ``bentoml serve`` (settings: ``SERVING_*`` variables, ``serving/config.py``).
 
-Each request is read and decoded on its own (in a thread, so decodes run in parallel), so a bad
+    POST /classify         one image -> its class, probability and top-k
+    POST /classify_batch   several images -> one answer each, in order
+    GET  /models           the models served, their cards, the default
+
+Requests are read and decoded on their own (decodes run in parallel on a thread pool), so a bad
 image is answered 4xx before it can touch a batch; the decoded inputs of concurrent requests are
-then run through ONNX Runtime together (``serving.batching``). The model is ``$SERVING_MODEL`` from
-the BentoML model store (default ``fashion-lenet:latest``); the card inside its ONNX file, not this
-code, says how to preprocess and what the classes are.
+then run through ONNX Runtime together (``serving.batching``), per model. The card inside each
+ONNX file, not this code, says how to preprocess and what the classes are.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
+import threading
 
 import bentoml
+from fastapi import FastAPI
 
 with bentoml.importing():
-    from model_store import ImageError, image_bytes_to_input
-    from model_store.store import MODEL_FILE, open_model
-    from serving.batching import MicroBatcher
-    from serving.engine import OnnxClassifier, top_k
-    from serving.requests import BadRequest, RawRequest, read_image_request
+    from serving.config import ServingConfig
+    from serving.gate import Gate
+    from serving.handlers import Handlers
+    from serving.logs import log_event
+    from serving.model_set import ModelSet
+    from serving.requests import ClassifyBatchForm, ClassifyForm
+    from serving.schemas import ClassifyBatchOutput, ClassifyOutput, ModelsAnswer
 
-MODEL_TAG = os.environ.get("SERVING_MODEL", "fashion-lenet:latest")
-MAX_BATCH_SIZE = 64
-logger = logging.getLogger("bentoml.service")
-batch_size_metric = bentoml.metrics.Histogram(
-    name="classify_batch_size",
-    documentation="images per ONNX Runtime call",
-    buckets=(1, 2, 4, 8, 16, 32, 64, float("inf")),
-)
+CONFIG = ServingConfig.from_env()  # a bad setting stops the service here, naming the variable
+models_app = FastAPI()  # GET routes; BentoML's own APIs are POST-only
 
 
-@bentoml.service(traffic={"timeout": 30}, workers=1)
 class Classifier:
-    model = bentoml.models.BentoModel(MODEL_TAG)  # at class scope, so `bentoml build` packages it
-
     def __init__(self) -> None:
-        self.engine = OnnxClassifier(open_model(MODEL_TAG).path_of(MODEL_FILE))
-        self.card = self.engine.card
-        self.batcher = MicroBatcher(self.engine.predict, MAX_BATCH_SIZE, on_batch=batch_size_metric.observe)
-        logger.info("serving %s (%s) on %s", MODEL_TAG, self.card.arch, self.engine.provider)
+        self.models = ModelSet(CONFIG)
+        self.handlers = Handlers(self.models, CONFIG)
+        for model in self.models.models:
+            log_event("serving", model=model.tag, arch=model.engine.card.arch, provider=model.engine.provider,
+                      default=model is self.models.default, provider_error=model.engine.provider_error)  # fmt: skip
+        # Warm up in the background: /livez answers meanwhile, /readyz only once it is done.
+        threading.Thread(target=self.models.warm_up, name="warm-up", daemon=True).start()
 
-    @bentoml.api(route="/classify", input_spec=RawRequest)
+    def __is_ready__(self) -> bool:
+        return self.models.ready
+
+    @bentoml.api(route="/classify", input_spec=ClassifyForm, output_spec=ClassifyOutput)
     async def classify(self, ctx: bentoml.Context) -> dict:
-        """Classify one image: multipart field `image` or a raw image/* body; optional `top_k` (default 3)."""
-        try:
-            request = await read_image_request(ctx.request, self.card.num_classes)
-            pixels = await asyncio.to_thread(image_bytes_to_input, request.data, self.card)
-        except (BadRequest, ImageError) as err:
-            ctx.response.status_code = getattr(err, "status", 400)
-            return {"error": str(err)}
-        probabilities = await self.batcher.submit(pixels)
-        return top_k(probabilities, self.card.class_names, request.top_k)
+        """Classify one image: multipart field `image`, or the image as the raw body with an image/* type.
+        Optional `top_k` (default 3) and `model` (default: the service's default), as form fields or query parameters."""
+        ctx.response.status_code, body = await self.handlers.answer("/classify", ctx.request, self.handlers.classify)
+        return body
+
+    @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchForm, output_spec=ClassifyBatchOutput)
+    async def classify_batch(self, ctx: bentoml.Context) -> dict:
+        """Classify several images (repeated multipart field `images`), answered in order; a bad image gets
+        its own `error` and the others are still classified."""
+        ctx.response.status_code, body = await self.handlers.answer("/classify_batch", ctx.request, self.handlers.classify_batch)
+        return body
+
+    @models_app.get("/models", response_model=ModelsAnswer)
+    def list_models(self) -> dict:
+        """Every model this service answers with: its card, provider, and which one is the default."""
+        return self.models.describe()
+
+
+# At class scope, so that `bentoml build` packages every model the service is configured with.
+for _index, _tag in enumerate(CONFIG.models):
+    setattr(Classifier, f"model_{_index}", bentoml.models.BentoModel(_tag))
+
+Classifier = bentoml.asgi_app(models_app)(
+    bentoml.service(
+        workers=1,  # one process owns the models and batches across all its requests
+        traffic={"timeout": CONFIG.timeout_s + 30},  # ours answers 504 first; BentoML's is the backstop
+        logging={"access": {"enabled": False}},  # replaced by the JSON request log (serving/handlers.py)
+    )(Classifier)
+)
+Classifier.add_asgi_middleware(Gate, max_concurrency=CONFIG.max_concurrency, token=CONFIG.auth_token)

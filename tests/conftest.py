@@ -3,6 +3,7 @@ and a real `bentoml serve` of the service on a free loopback port."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -87,14 +88,21 @@ def bentoml_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(bentoml_home, tmp_path_factory) -> str:
-    """`bentoml serve` from the repo root, as the README runs it; yields its base URL."""
+def served_models(bentoml_home, exported) -> str:
+    """SERVING_MODELS for the test server: the shipped default first, then the test's own export."""
+    result = run_cli("-m", "model_store", "register", str(exported), "--name", "test-lenet", env={"BENTOML_HOME": str(bentoml_home)})
+    assert result.returncode == 0, result.stderr
+    return "fashion-lenet:latest,test-lenet:latest"
+
+
+@contextlib.contextmanager
+def bentoml_serve(bentoml_home: Path, log: Path, env: dict[str, str]):
+    """`bentoml serve` from the repo root, as the README runs it, once /readyz is green; yields its URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env={**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"},
+            cwd=REPO, env={**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True", **env},
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -118,3 +126,15 @@ def server(bentoml_home, tmp_path_factory) -> str:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve") / "serve.log"
+
+
+@pytest.fixture(scope="session")
+def server(bentoml_home, served_models, server_log) -> str:
+    """The service with default settings, serving two models."""
+    with bentoml_serve(bentoml_home, server_log, {"SERVING_MODELS": served_models}) as url:
+        yield url

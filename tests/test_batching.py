@@ -15,7 +15,7 @@ def test_concurrent_submits_are_batched_and_each_gets_its_own_row():
         return batch * 2
 
     async def main():
-        batcher = MicroBatcher(slow_double, max_batch_size=8, on_batch=sizes.append)
+        batcher = MicroBatcher(slow_double, max_batch_size=8, on_batch=lambda size, waits, seconds: sizes.append(size))
         return await asyncio.gather(*(batcher.submit(np.array([i])) for i in range(20)))
 
     results = asyncio.run(main())
@@ -44,3 +44,22 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_keeps_going():
 def test_batch_size_must_be_positive():
     with pytest.raises(ValueError, match="max_batch_size must be at least 1, got 0"):
         MicroBatcher(lambda x: x, max_batch_size=0)
+
+
+def test_max_wait_fills_a_batch_that_would_otherwise_run_at_size_one():
+    sizes = []
+
+    async def main(max_wait_s: float):
+        batcher = MicroBatcher(lambda b: b, max_batch_size=8, max_wait_s=max_wait_s, on_batch=lambda size, *_: sizes.append(size))
+
+        async def late(i: int):
+            await asyncio.sleep(0.005 * i)  # arrivals spread over 35 ms, each after the last batch started
+            return await batcher.submit(np.array([i]))
+
+        return await asyncio.gather(*(late(i) for i in range(8)))
+
+    asyncio.run(main(0.0))
+    eager, sizes[:] = list(sizes), []
+    results = asyncio.run(main(0.2))
+    assert [int(r[0]) for r in results] == list(range(8))
+    assert max(eager) < 8 and sizes == [8], (eager, sizes)

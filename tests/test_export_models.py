@@ -60,7 +60,7 @@ def test_fp16_and_float_input_exports_serve_the_same_answers(checkpoint, tmp_pat
         expected_input = onnx.TensorProto.FLOAT if variant == "float" else onnx.TensorProto.UINT8
         assert graph.input[0].type.tensor_type.elem_type == expected_input
         assert card.export["parity"]["top1_agreement"] >= 0.999
-        outputs[variant] = OnnxClassifier(path, providers=["CPUExecutionProvider"])
+        outputs[variant] = OnnxClassifier(path, device="cpu")
     from model_store import image_bytes_to_input
 
     images = fashion_test[0][:200]

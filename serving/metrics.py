@@ -1,0 +1,32 @@
+"""Prometheus metrics the service adds to BentoML's own on ``/metrics``.
+
+Scale replicas on ``classify_in_flight`` (or its queue-time histogram): it rises before latency does.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+
+batch_size = bentoml.metrics.Histogram(
+    name="classify_batch_size", documentation="images per ONNX Runtime call",
+    labelnames=["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf")),
+)  # fmt: skip
+queue_seconds = bentoml.metrics.Histogram(
+    name="classify_queue_seconds", documentation="time an image waited for its batch to start",
+    labelnames=["model"], buckets=_SECONDS,
+)  # fmt: skip
+inference_seconds = bentoml.metrics.Histogram(
+    name="classify_inference_seconds", documentation="time of one ONNX Runtime call (one batch)",
+    labelnames=["model"], buckets=_SECONDS,
+)  # fmt: skip
+decode_seconds = bentoml.metrics.Histogram(
+    name="classify_decode_seconds", documentation="time to decode and resize one image", buckets=_SECONDS,
+)  # fmt: skip
+rejected = bentoml.metrics.Counter(
+    name="classify_rejected", documentation="requests or images refused, by reason", labelnames=["reason"],
+)  # fmt: skip
+in_flight = bentoml.metrics.Gauge(
+    name="classify_in_flight", documentation="classify requests being served now", multiprocess_mode="livesum",
+)  # fmt: skip

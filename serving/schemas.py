@@ -1,0 +1,86 @@
+"""The service's answers, as pydantic models: they are the OpenAPI document's response schemas.
+
+The handlers return plain dicts (built by ``serving.engine.top_k``); these classes only describe
+them, so documenting a field costs nothing per request.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from bentoml import IODescriptor
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+
+class Ranked(BaseModel):
+    label: str
+    index: int = Field(description="the class's position in the model's class list")
+    probability: float
+
+
+class Prediction(Ranked):
+    top_k: list[Ranked] = Field(description="the k most likely classes, most likely first")
+
+
+class ClassifyAnswer(Prediction):
+    model: str = Field(description="name of the model that answered")
+    version: str = Field(description="its version in the model store (a hash of the ONNX file)")
+
+
+class BatchItem(BaseModel):
+    filename: str
+    label: str | None = None
+    index: int | None = None
+    probability: float | None = None
+    top_k: list[Ranked] | None = None
+    error: str | None = Field(None, description="why this image could not be classified; the others still are")
+
+
+class ClassifyBatchAnswer(BaseModel):
+    model: str
+    version: str
+    results: list[BatchItem] = Field(description="one per image, in the order they were sent")
+
+
+class ErrorAnswer(BaseModel):
+    error: str = Field(description="what was wrong with the request, and how to fix it")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    tag: str
+    default: bool
+    provider: str = Field(description="the ONNX Runtime execution provider running it")
+    provider_error: str | None = Field(None, description="set when a GPU was asked for and not used")
+    card: dict = Field(description="the model card: classes, input size, preprocessing, metrics, export settings")
+
+
+class ModelsAnswer(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class _JsonAnswer(IODescriptor):
+    """A BentoML output spec: the handler's dict as JSON (status set through ``ctx.response``),
+    documented in the OpenAPI document by ``answer``."""
+
+    media_type: ClassVar[str] = "application/json"
+    answer: ClassVar[type[BaseModel]] = ErrorAnswer
+
+    @classmethod
+    def model_json_schema(cls, *args, **kwargs) -> dict:
+        return cls.answer.model_json_schema(*args, **kwargs)
+
+    @classmethod
+    async def to_http_response(cls, obj, serde) -> JSONResponse:
+        return JSONResponse(obj)
+
+
+class ClassifyOutput(_JsonAnswer):
+    answer: ClassVar[type[BaseModel]] = ClassifyAnswer
+
+
+class ClassifyBatchOutput(_JsonAnswer):
+    answer: ClassVar[type[BaseModel]] = ClassifyBatchAnswer

@@ -1,0 +1,149 @@
+"""The rest of the API against the real `bentoml serve`: several models, /classify_batch, /models,
+image modes, metrics and structured logs."""
+
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import png_bytes
+
+
+def post(url: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}{path}", timeout=60, **kwargs)
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_models_lists_every_served_model_with_its_card(server):
+    listing = httpx.get(f"{server}/models").json()
+    names = [m["name"] for m in listing["models"]]
+    assert names == ["fashion-lenet", "test-lenet"]
+    default = listing["models"][0]
+    assert default["default"] and not listing["models"][1]["default"] and listing["default"] == default["tag"]
+    card = default["card"]
+    assert card["class_names"][9] == "Ankle boot" and (card["in_channels"], card["height"], card["width"]) == (1, 28, 28)
+    assert card["metrics"]["test_acc"] > 0.9 and card["export"]["opset"] == 18
+    assert default["provider"] == "CPUExecutionProvider" and default["provider_error"] is None
+
+
+def test_a_request_picks_its_model_and_gets_that_models_answer(server, fashion_test, exported):
+    from serving.engine import OnnxClassifier
+
+    images = fashion_test[0][:8]
+    expected = OnnxClassifier(exported, device="cpu").predict(images[:, None])
+    for image, probabilities in zip(images, expected):
+        answer = post(server, "/classify", files={"image": ("x.png", png_bytes(image), "image/png")}, data={"model": "test-lenet"}).json()
+        assert answer["model"] == "test-lenet" and answer["index"] == int(probabilities.argmax())
+        assert answer["probability"] == pytest.approx(float(probabilities.max()), abs=1e-5)
+    by_query = post(server, "/classify", content=png_bytes(images[0]), headers={"Content-Type": "image/png"}, params={"model": "test-lenet"})
+    assert by_query.json()["model"] == "test-lenet"
+    default = post(server, "/classify", files={"image": ("x.png", png_bytes(images[0]), "image/png")}).json()
+    assert default["model"] == "fashion-lenet" and len(default["version"]) == 16
+
+
+def test_an_unknown_model_is_a_404_naming_the_choices(server, fashion_test):
+    response = post(server, "/classify", files={"image": ("x.png", png_bytes(fashion_test[0][0]), "image/png")}, data={"model": "resnet"})
+    assert response.status_code == 404
+    assert "unknown model 'resnet'" in response.json()["error"] and "test-lenet:" in response.json()["error"]
+
+
+def test_classify_batch_answers_in_order_and_fails_images_one_by_one(server, fashion_test):
+    images = fashion_test[0][:6]
+    files = [("images", (f"{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(images)]
+    files.insert(3, ("images", ("junk.png", b"not an image", "image/png")))
+    answer = post(server, "/classify_batch", files=files, data={"top_k": "2"}).json()
+    results = answer["results"]
+    assert [r["filename"] for r in results] == ["0.png", "1.png", "2.png", "junk.png", "3.png", "4.png", "5.png"]
+    assert "not a supported image" in results[3]["error"]
+    singles = [post(server, "/classify", files={"image": ("x.png", png_bytes(image), "image/png")}).json() for image in images]
+    good = results[:3] + results[4:]
+    assert [r["label"] for r in good] == [s["label"] for s in singles]
+    assert all(len(r["top_k"]) == 2 for r in good) and answer["model"] == "fashion-lenet"
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, message",
+    [
+        ({"content": b"\x89PNG", "headers": {"Content-Type": "image/png"}}, 415, "one file per 'images' field"),
+        ({"files": {"image": ("x.png", b"x", "image/png")}}, 400, "missing field 'images'"),
+        ({"files": [("images", ("x.png", b"x", "image/png"))], "data": {"top_k": "99"}}, 400, "top_k must be from 1 to 10"),
+    ],
+)
+def test_classify_batch_refuses_malformed_requests(server, kwargs, status, message):
+    response = post(server, "/classify_batch", **kwargs)
+    assert response.status_code == status and message in response.json()["error"]
+
+
+def modes() -> dict[str, bytes]:
+    """One Fashion-MNIST-like picture (a bright square on black) in each mode a client might send."""
+    grey = np.zeros((28, 28), np.uint8)
+    grey[6:22, 6:22] = 200
+    base = Image.fromarray(grey)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(255)
+    return {
+        "L": encoded(base),
+        "16-bit": encoded(Image.fromarray(grey.astype(np.uint16) * 257)),
+        "RGBA": encoded(rgba),
+        "palette": encoded(base.convert("P")),
+        "CMYK": encoded(base.convert("CMYK"), "JPEG", quality=100),
+        "1-bit": encoded(base.convert("1")),
+    }
+
+
+def test_every_image_mode_is_converted_the_way_training_saw_it(server):
+    answers = {name: post(server, "/classify", content=data, headers={"Content-Type": "image/png"}).json() for name, data in modes().items()}
+    assert all("label" in a for a in answers.values()), answers
+    reference = answers["L"]["top_k"]
+    for name in ("16-bit", "RGBA", "palette"):  # lossless encodings of the same pixels: the same answer
+        assert answers[name]["top_k"] == reference, name
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (encoded(Image.new("L", (28, 28)), "GIF", save_all=True, append_images=[Image.new("L", (28, 28), 255)]), "animated GIF with 2 frames"),
+        (encoded(Image.fromarray(np.ones((28, 28), np.float32)), "TIFF"), "unsupported image mode 'F'"),
+    ],
+)
+def test_images_that_cannot_be_converted_get_a_400_saying_why(server, data, message):
+    response = post(server, "/classify", content=data, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 400 and message in response.json()["error"]
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """Sum of a Prometheus sample over the lines matching ``name`` and ``labels``."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_report_queue_decode_inference_and_rejections(server, fashion_test):
+    before = metric(server, "classify_rejected_total", reason="bad_image")
+    post(server, "/classify", content=b"junk", headers={"Content-Type": "image/png"})
+    post(server, "/classify", files={"image": ("x.png", png_bytes(fashion_test[0][0]), "image/png")})
+    assert metric(server, "classify_rejected_total", reason="bad_image") == before + 1
+    for histogram in ("classify_queue_seconds_count", "classify_inference_seconds_count", "classify_batch_size_count"):
+        assert metric(server, histogram, model="fashion-lenet") > 0, histogram
+    assert metric(server, "classify_decode_seconds_count") > 0
+    assert "classify_in_flight" in httpx.get(f"{server}/metrics").text
+
+
+def test_logs_are_json_lines_with_model_version_and_provider(server, server_log, fashion_test):
+    post(server, "/classify", files={"image": ("x.png", png_bytes(fashion_test[0][0]), "image/png")}, data={"model": "test-lenet"})
+    events = [json.loads(line) for line in server_log.read_text().splitlines() if line.startswith("{")]
+    warmed = [e for e in events if e["event"] == "warmed_up"]
+    assert {e["model"].split(":")[0] for e in warmed} == {"fashion-lenet", "test-lenet"}
+    assert warmed[0]["batch_sizes"] == [1, 2, 4, 8, 16, 32, 64]
+    requests = [e for e in events if e["event"] == "request" and e["status"] == 200]
+    assert requests and requests[-1]["model"].startswith("test-lenet:") and requests[-1]["provider"] == "CPUExecutionProvider"

@@ -1,0 +1,88 @@
+"""Limits, overload and auth against a real `bentoml serve` started with strict settings."""
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import bentoml_serve, png_bytes
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+STRICT = {
+    "SERVING_AUTH_TOKEN": TOKEN, "SERVING_MAX_CONCURRENCY": "2", "SERVING_TIMEOUT_S": "2",
+    "SERVING_MAX_BODY_BYTES": "200000", "SERVING_MAX_PIXELS": "10000", "SERVING_MAX_BATCH_IMAGES": "3",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def strict(bentoml_home, tmp_path_factory) -> str:
+    with bentoml_serve(bentoml_home, tmp_path_factory.mktemp("strict") / "serve.log", STRICT) as url:
+        yield url
+
+
+def image(size: int = 28) -> bytes:
+    return png_bytes(np.full((size, size), 120, np.uint8))
+
+
+def classify(url: str, headers: dict | None = None, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/classify", headers={**AUTH, **(headers or {})}, timeout=30, **kwargs)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
+def test_without_the_bearer_token_the_api_is_a_401(strict, headers):
+    for response in (
+        httpx.post(f"{strict}/classify", content=image(), headers={"Content-Type": "image/png", **headers}),
+        httpx.get(f"{strict}/models", headers=headers),
+    ):
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert "bearer token" in response.json()["error"]
+
+
+def test_with_the_token_it_answers_and_probes_need_none(strict):
+    assert classify(strict, content=image(), headers={"Content-Type": "image/png"}).status_code == 200
+    assert httpx.get(f"{strict}/models", headers=AUTH).status_code == 200
+    for path in ("/readyz", "/livez", "/metrics"):
+        assert httpx.get(f"{strict}{path}").status_code == 200, path
+
+
+def test_the_limits_are_configurable(strict):
+    too_big = classify(strict, content=b"\0" * 300_000, headers={"Content-Type": "image/png"})
+    assert too_big.status_code == 413 and "200,000 bytes" in too_big.json()["error"]
+    bomb = classify(strict, content=image(200), headers={"Content-Type": "image/png"})  # 40,000 px > 10,000
+    assert bomb.status_code == 400 and "200x200 pixels exceeds the limit of 10,000" in bomb.json()["error"]
+    files = [("images", (f"{i}.png", image(), "image/png")) for i in range(4)]
+    many = httpx.post(f"{strict}/classify_batch", files=files, headers=AUTH)
+    assert many.status_code == 400 and "at most 3 per request" in many.json()["error"]
+
+
+async def slow_body(seconds: float):
+    """A client uploading slowly: the request holds its slot until the body is done."""
+    yield image()[:20]
+    await asyncio.sleep(seconds)
+    yield image()[20:]
+
+
+def test_overload_is_a_503_with_retry_after_and_a_slow_request_a_504(strict):
+    async def main():
+        async with httpx.AsyncClient(base_url=strict, headers={**AUTH, "Content-Type": "image/png"}, timeout=30) as client:
+            slow = [asyncio.create_task(client.post("/classify", content=slow_body(4))) for _ in range(2)]
+            await asyncio.sleep(1)  # both slow requests are in flight: the server is at SERVING_MAX_CONCURRENCY
+            refused = await client.post("/classify", content=image())
+            return refused, await asyncio.gather(*slow)
+
+    refused, slow = asyncio.run(main())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "2 requests already in flight" in refused.json()["error"]
+    assert [r.status_code for r in slow] == [504, 504]  # SERVING_TIMEOUT_S=2, body took 4 s
+    assert "not answered within 2 s" in slow[0].json()["error"]
+    assert classify(strict, content=image(), headers={"Content-Type": "image/png"}).status_code == 200  # and it recovers
+
+
+def test_a_bad_setting_stops_the_service_at_start_naming_it(bentoml_home):
+    from tests.conftest import run_cli
+
+    result = run_cli("-m", "bentoml", "serve", "--port", "1", env={"BENTOML_HOME": str(bentoml_home), "SERVING_MAX_BATCH_SIZE": "lots"}, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].endswith("SERVING_MAX_BATCH_SIZE must be an integer, got 'lots'")
