@@ -1,0 +1,38 @@
+"""`bentoml build`, offline, for both flavours: what goes into the deployable image."""
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    "bentofile, runtime, base_image, device",
+    [
+        ("bentofile.yaml", "onnxruntime==1.31.1", "FROM python:3.11-slim", "cpu"),
+        ("bentofile.gpu.yaml", "onnxruntime-gpu==1.31.1", "FROM nvidia/cuda:12.8.1-cudnn-runtime", "cuda"),
+    ],
+)
+def test_bento_is_torch_free_and_packages_every_served_model(bentoml_home, served_models, bentofile, runtime, base_image, device):
+    result = run_cli(
+        "-m", "bentoml", "build", "-f", bentofile, ".", "--output", "tag",
+        env={"BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True", "SERVING_MODELS": served_models},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento = bentoml_home / "bentos" / name / version
+
+    requirements = (bento / "env/python/requirements.txt").read_text().splitlines()
+    assert runtime in requirements and "fastapi>=0.110" in requirements
+    assert not [r for r in requirements if r.startswith(("torch", "onnxruntime")) and r != runtime]  # no torch, one ORT
+    dockerfile = (bento / "env/docker/Dockerfile").read_text()
+    assert base_image in dockerfile and "EXPOSE 3000" in dockerfile and "ENV SERVING_DEVICE" in dockerfile
+
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert {m["tag"].split(":")[0] for m in info["services"][0]["models"]} == {"fashion-lenet", "test-lenet"}
+    assert {"name": "SERVING_DEVICE", "value": device, "stage": "all"} in info["envs"]
+    assert {r["route"] for r in info["schema"]["routes"]} == {"/classify", "/classify_batch"}
+    sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*.py")}
+    assert "serving/service.py" in sources and "model_store/preprocess.py" in sources
+    assert not [s for s in sources if s.startswith(("training/", "export/", "tests/"))]
