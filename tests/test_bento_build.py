@@ -1,8 +1,10 @@
 """`bentoml build`, offline, for both flavours: what goes into the deployable image."""
 
+import httpx
 import pytest
 import yaml
 
+from serving.config import ENV
 from tests.conftest import run_cli
 
 
@@ -36,3 +38,14 @@ def test_bento_is_torch_free_and_packages_every_served_model(bentoml_home, serve
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*.py")}
     assert "serving/service.py" in sources and "model_store/preprocess.py" in sources
     assert not [s for s in sources if s.startswith(("training/", "export/", "tests/"))]
+
+
+def test_kubernetes_manifest_probes_and_scales_on_what_the_service_exposes(server):
+    deployment, _, autoscaler = yaml.safe_load_all(open("deploy/kubernetes.yaml"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert httpx.get(f"{server}{container[probe]['httpGet']['path']}").status_code == 200
+    metric = autoscaler["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    exposed = {line.split("{")[0].split(" ")[0] for line in httpx.get(f"{server}/metrics").text.splitlines()}
+    assert metric in exposed, metric
+    assert {e["name"] for e in container["env"]} <= set(ENV.values())  # every variable it sets exists
