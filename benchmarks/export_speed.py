@@ -33,7 +33,9 @@ START, END = "<!-- export-speed:start -->", "<!-- export-speed:end -->"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list_models(), help="models (default: all registered)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both engines (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="threads for both engines (default: all cores)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (default: 5)")
     parser.add_argument("--write", type=Path, default=None, help="replace the table between the markers in this file")
     return parser
@@ -74,11 +76,11 @@ def measure(name: str, threads: int, rounds: int) -> dict:
         pixels = rng.integers(0, 256, (batch, 1, size, size), dtype=np.uint8)
         tensor = torch.from_numpy(pixels)
 
-        def eager():
+        def eager(tensor=tensor):  # defaults bind this batch now; a closure would read the loop variable late
             with torch.no_grad():
                 return model(tensor)
 
-        def onnx():
+        def onnx(pixels=pixels):
             return session.run(None, {"pixels": pixels})[0]
 
         eager_times, onnx_times = [], []
@@ -95,9 +97,9 @@ def measure(name: str, threads: int, rounds: int) -> dict:
 
 def table(rows: list[dict], threads: int) -> str:
     lines = [
-        f"Device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {threads} threads for each engine; "
-        f"torch {torch.__version__}, onnxruntime {ort.__version__}; {time.strftime('%Y-%m-%d')}. "
-        f"Random weights (speed does not depend on their values); medians of alternating rounds.",
+        (f"Device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {threads} threads for each engine; "
+         f"torch {torch.__version__}, onnxruntime {ort.__version__}; {time.strftime('%Y-%m-%d')}. "
+         f"Random weights (speed does not depend on their values); medians of alternating rounds."),
         "",
         "| model | input | eager b1 ms | ONNX b1 ms | b1 speed-up | eager b64 img/s | ONNX b64 img/s | b64 speed-up | top-1 agree | max abs diff |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
