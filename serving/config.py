@@ -44,10 +44,6 @@ class ServingConfig:
         if self.timeout_s <= 0:
             raise ValueError(f"SERVING_TIMEOUT_S must be positive, got {self.timeout_s}")
 
-    @property
-    def default_model(self) -> str:
-        return self.models[0]
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServingConfig:
         values = {}

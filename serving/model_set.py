@@ -7,7 +7,6 @@ real requests do not pay for kernel selection and arena growth; the service repo
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from model_store.store import MODEL_FILE, card_of, open_model
@@ -71,10 +70,9 @@ class ModelSet:
     def warm_up(self) -> None:
         sizes = sorted({min(2**i, self.config.max_batch_size) for i in range(self.config.max_batch_size.bit_length() + 1)})
         for model in self.models:
-            start = time.perf_counter()
-            model.engine.warm_up(sizes)
+            seconds = model.engine.warm_up(sizes)
             log_event("warmed_up", model=model.tag, provider=model.engine.provider, batch_sizes=sizes,
-                      seconds=round(time.perf_counter() - start, 3))  # fmt: skip
+                      seconds=round(sum(seconds.values()), 3))  # fmt: skip
         self.ready = True
 
     def describe(self) -> dict:

@@ -74,18 +74,18 @@ def _check_body(request: Request, max_bytes: int) -> str:
 
 
 async def _read_form(request: Request, field: str, max_files: int, max_bytes: int, how_to: str) -> ClassifyRequest:
-    # One more file than allowed, so that "too many" is ours to report, with the limit in it.
-    parser = MultiPartParser(request.headers, _limited(request, max_bytes), max_files=max_files + 1, max_fields=8)
+    # The parser stops counting files at max_files, mid-stream, before the rest is read.
+    parser = MultiPartParser(request.headers, _limited(request, max_bytes), max_files=max_files, max_fields=8)
     try:
         form = await parser.parse()
     except MultiPartException as err:
+        if str(err).startswith("Too many files"):
+            raise BadRequest(f"too many images: at most {max_files} per request, got more; split the request") from None
         raise BadRequest(f"malformed multipart body: {err}; {how_to}") from None
     try:
         values = form.getlist(field)
         if not values:
             raise BadRequest(f"missing field {field!r}; {how_to}")
-        if len(values) > max_files:
-            raise BadRequest(f"too many images: at most {max_files} per request, got more; split the request")
         uploads = []
         for value in values:
             if not isinstance(value, UploadFile):

@@ -52,9 +52,10 @@ def test_the_limits_are_configurable(strict):
     assert too_big.status_code == 413 and "200,000 bytes" in too_big.json()["error"]
     bomb = classify(strict, content=image(200), headers={"Content-Type": "image/png"})  # 40,000 px > 10,000
     assert bomb.status_code == 400 and "200x200 pixels exceeds the limit of 10,000" in bomb.json()["error"]
-    files = [("images", (f"{i}.png", image(), "image/png")) for i in range(4)]
-    many = httpx.post(f"{strict}/classify_batch", files=files, headers=AUTH)
-    assert many.status_code == 400 and "at most 3 per request" in many.json()["error"]
+    for count in (4, 40):
+        files = [("images", (f"{i}.png", image(), "image/png")) for i in range(count)]
+        many = httpx.post(f"{strict}/classify_batch", files=files, headers=AUTH)
+        assert many.status_code == 400 and "too many images: at most 3 per request" in many.json()["error"], count
 
 
 async def slow_body(seconds: float):
