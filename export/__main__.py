@@ -1,7 +1,8 @@
-"""python -m export --checkpoint runs/lenet_bn/best.pt --output lenet_bn.onnx [--fp16] [--float-input]
+"""python -m export --checkpoint runs/lenet_bn/best.pt --output lenet_bn.onnx [--fp16 | --int8] [--float-input]
 
 Exports, verifies against PyTorch on the real test images (Fashion-MNIST) or the validation split
-(image folders), and only then writes the file, with the card in its metadata.
+(image folders), and only then writes the file, with the card in its metadata. ``--int8``
+calibrates on images of the training split, never on the images it is verified on.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import numpy as np
 import torch
 
 from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, export_graph, serialize, with_card
+from export.quantize import calibration_sample, quantize_int8
 from model_store import ModelCard
 from model_store.files import atomic_output, file_sha256
 from training.checkpoint import load_model
-from training.data import evaluation_split
+from training.data import run_splits
 
 MAX_ABS_LOGIT_DIFF = 1e-4  # fp32 graph vs PyTorch eval, on any image
 FP16_MIN_TOP1 = 0.999  # fp16 graph: top-1 agreement with fp32 PyTorch
+INT8_MIN_TOP1 = 0.99  # int8 graph: top-1 agreement with fp32 PyTorch ...
+INT8_MAX_ACCURACY_DROP = 0.005  # ... and accuracy on the true labels at most half a point below it
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -28,7 +32,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by `python -m training train`")
     parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
-    parser.add_argument("--fp16", action="store_true", help="compute in float16, for GPU serving; logits stay float32 (default: off)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="compute in float16, for GPU serving; logits stay float32 (default: off)")
+    precision.add_argument("--int8", action="store_true",
+                           help="quantize weights and activations to 8 bits, for CPU serving; logits stay float32 (default: off)")  # fmt: skip
+    parser.add_argument("--calibration-images", type=int, default=512,
+                        help="--int8: training images that set the activation ranges (default: 512)")  # fmt: skip
     parser.add_argument("--float-input", action="store_true",
                         help="take normalized float32 input instead of uint8 pixels (default: off)")  # fmt: skip
     parser.add_argument("--verify-images", type=int, default=1000, help="Fashion-MNIST test images to verify on (default: 1000)")
@@ -40,34 +49,65 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> ModelCard:
     if args.verify_images < 1 or args.verify_batch_size < 1:
         raise ValueError(f"--verify-images and --verify-batch-size must be at least 1, got {args.verify_images}, {args.verify_batch_size}")
+    if args.int8 and args.calibration_images < 1:
+        raise ValueError(f"--calibration-images must be at least 1, got {args.calibration_images}")
     model, card, payload = load_model(args.checkpoint)
-    limit = args.verify_images if card.dataset == "fashion-mnist" else None  # folders: the whole validation split
-    dataset = evaluation_split(card, payload.get("args", {}), args.data_dir, limit)
-    pixels = np.stack([dataset[i][0].numpy() for i in range(len(dataset))])
+    train, evaluation = run_splits(card, payload.get("args", {}), args.data_dir)
+    count = min(args.verify_images, len(evaluation)) if card.dataset == "fashion-mnist" else len(evaluation)  # folders: all of it
+    pixels, labels = stack(evaluation, range(count))
 
     proto, folded = export_graph(model, card, args.opset, args.float_input, args.fp16)
     print(f"eval mode: {folded['batchnorm_folded']} BatchNorm folded into conv/linear weights, "
           f"{folded['batchnorm_to_scale_shift']} turned into a constant scale and shift, "
           f"{folded['dropout_removed']} Dropout removed")  # fmt: skip
-    parity = compare_with_torch(model, serialize(proto), pixels, (1, args.verify_batch_size))
+    precision = "float16" if args.fp16 else "int8" if args.int8 else "float32"
+    quantization = None
+    if args.int8:
+        calibration = calibration_sample(train, args.calibration_images)
+        if args.float_input:
+            with torch.no_grad():
+                calibration = model.normalize(torch.from_numpy(calibration)).numpy()
+        proto = quantize_int8(proto, calibration)
+        quantization = {"calibration_images": len(calibration), "calibration_split": "train", "calibration_method": "minmax",
+                        "weights": "int8 per channel, 7-bit range", "activations": "uint8 per tensor"}  # fmt: skip
+        print(f"int8: calibrated on {len(calibration)} {card.dataset} training images")
+    parity = compare_with_torch(model, serialize(proto), pixels, (1, args.verify_batch_size), labels)
     print(f"verified on {parity['images']} {card.dataset} evaluation images at batch sizes {parity['batch_sizes']}: "
-          f"top-1 agreement {parity['top1_agreement']:.4f}, max |logit diff| {parity['max_abs_logit_diff']:.2e}")  # fmt: skip
-    if args.fp16:
-        if parity["top1_agreement"] < FP16_MIN_TOP1:
-            raise ExportError(f"the fp16 graph agrees with PyTorch fp32 on only {parity['top1_agreement']:.4f} of top-1 (bound {FP16_MIN_TOP1})")
-    elif parity["top1_agreement"] < 1.0 or parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF:
-        raise ExportError(f"ONNX Runtime disagrees with PyTorch beyond the bounds (top-1 1.0, |diff| <= {MAX_ABS_LOGIT_DIFF})")
+          f"top-1 agreement {parity['top1_agreement']:.4f}, max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
+          f"accuracy {parity['accuracy_onnx']:.4f} (PyTorch fp32: {parity['accuracy_torch']:.4f})")  # fmt: skip
+    check_parity(parity, precision)
     export_info = {
-        "opset": args.opset, "precision": "float16" if args.fp16 else "float32",
+        "opset": args.opset, "precision": precision,
         "input": "normalized float32 [N, C, H, W]" if args.float_input else "pixels uint8 [N, C, H, W]",
         "output": "logits float32 [N, classes]", "checkpoint": args.checkpoint.name,
         "checkpoint_sha256": file_sha256(args.checkpoint), "torch": torch.__version__, "eval_mode": folded, "parity": parity,
     }  # fmt: skip
+    if quantization:
+        export_info["quantization"] = quantization
     card = ModelCard.from_dict({**card.to_dict(), "export": export_info})
     with atomic_output(args.output) as f:
         f.write(serialize(with_card(proto, card)))
     print(f"ok: wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
     return card
+
+
+def stack(dataset, indices) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 inputs [N, C, H, W] and labels [N] of the chosen items."""
+    items = [dataset[int(i)] for i in indices]
+    return np.stack([pixels.numpy() for pixels, _ in items]), np.array([label for _, label in items])
+
+
+def check_parity(parity: dict, precision: str) -> None:
+    """Fail loudly where the graph strays from PyTorch beyond its precision's documented bound."""
+    agreement, drop = parity["top1_agreement"], parity["accuracy_torch"] - parity["accuracy_onnx"]
+    if precision == "float16" and agreement < FP16_MIN_TOP1:
+        raise ExportError(f"the fp16 graph agrees with PyTorch fp32 on only {agreement:.4f} of top-1 (bound {FP16_MIN_TOP1})")
+    if precision == "int8" and (agreement < INT8_MIN_TOP1 or drop > INT8_MAX_ACCURACY_DROP):
+        raise ExportError(f"the int8 graph agrees with PyTorch fp32 on {agreement:.4f} of top-1 and loses {drop:.4f} of accuracy "
+                          f"(bounds: at least {INT8_MIN_TOP1}, at most {INT8_MAX_ACCURACY_DROP}); "
+                          f"try more --calibration-images, or export without --int8")  # fmt: skip
+    if precision == "float32" and (agreement < 1.0 or parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF):
+        raise ExportError(f"ONNX Runtime disagrees with PyTorch beyond the bounds (top-1 1.0, |diff| <= {MAX_ABS_LOGIT_DIFF})")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -134,12 +134,14 @@ def with_card(proto: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
 
 
 def compare_with_torch(
-    model: nn.Sequential, graph: bytes, pixels: np.ndarray, batch_sizes: tuple[int, ...] = (1, 256)
-) -> dict[str, float]:
+    model: nn.Sequential, graph: bytes, pixels: np.ndarray, batch_sizes: tuple[int, ...] = (1, 256),
+    labels: np.ndarray | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Run PyTorch eval (fp32) and ONNX Runtime (all graph optimizations on) on the same images.
 
     ``pixels`` are uint8 inputs; a float-input graph gets them normalized by the model's own
-    ``normalize``. Returns the worst |logit difference| and the top-1 agreement over every batch size.
+    ``normalize``. Returns the worst |logit difference| and the top-1 agreement over every batch
+    size and, given the true ``labels``, both engines' accuracy (the graph's worst).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -150,14 +152,18 @@ def compare_with_torch(
         batches = [torch.from_numpy(pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
         expected = torch.cat([model(b) for b in batches]).numpy()
         feed = torch.cat([model.normalize(b) for b in batches]).numpy() if name == FLOAT_INPUT_NAME else pixels
-    max_diff, agree = 0.0, 1.0
+    report = {"images": len(pixels), "batch_sizes": list(batch_sizes), "max_abs_logit_diff": 0.0, "top1_agreement": 1.0}
+    if labels is not None:
+        report["accuracy_torch"] = report["accuracy_onnx"] = float((expected.argmax(1) == labels).mean())
     for batch_size in batch_sizes:
         got = np.concatenate(
             [session.run([OUTPUT_NAME], {name: feed[i : i + batch_size]})[0] for i in range(0, len(feed), batch_size)]
         )
-        max_diff = max(max_diff, float(np.abs(got - expected).max()))
-        agree = min(agree, float((got.argmax(1) == expected.argmax(1)).mean()))
-    return {"images": len(pixels), "batch_sizes": list(batch_sizes), "max_abs_logit_diff": max_diff, "top1_agreement": agree}
+        report["max_abs_logit_diff"] = max(report["max_abs_logit_diff"], float(np.abs(got - expected).max()))
+        report["top1_agreement"] = min(report["top1_agreement"], float((got.argmax(1) == expected.argmax(1)).mean()))
+        if labels is not None:
+            report["accuracy_onnx"] = min(report["accuracy_onnx"], float((got.argmax(1) == labels).mean()))
+    return report
 
 
 def serialize(proto: onnx.ModelProto) -> bytes:

@@ -4,6 +4,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -78,4 +79,61 @@ def test_a_checkpoint_for_another_architecture_fails_with_the_documented_message
     result = run_cli("-m", "export", "--checkpoint", str(tmp_path / "wrong.pt"), "--output", str(tmp_path / "m.onnx"))
     assert result.returncode == 2
     assert result.stderr.startswith("error: checkpoint") and "weights do not fit a resnet18 with 10 classes" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_export_is_quantized_keeps_its_accuracy_and_serves(checkpoint, tmp_path, fashion_test):
+    main(get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "fp32.onnx")]))
+    models = {}
+    for variant, flags in (("int8", ["--int8"]), ("int8-float", ["--int8", "--float-input"])):
+        path = tmp_path / f"{variant}.onnx"
+        card = main(get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(path), *flags]))
+        graph = onnx.load(str(path)).graph
+        ops = Counter(node.op_type for node in graph.node)
+        assert ops["QuantizeLinear"] >= 1 and ops["DequantizeLinear"] >= 1 and ops["BatchNormalization"] == 0
+        assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        parity = card.export["parity"]
+        assert card.export["precision"] == "int8" and card.export["quantization"]["calibration_images"] == 512
+        assert parity["images"] >= 1000 and parity["top1_agreement"] >= 0.99
+        assert parity["accuracy_onnx"] >= parity["accuracy_torch"] - 0.005
+        models[variant] = OnnxClassifier(path, device="cpu")
+    # ONNX Runtime fuses the QDQ pairs into integer kernels: that, not the file format, is the speed-up.
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
+    assert "QLinearConv" in {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert (tmp_path / "int8.onnx").stat().st_size < 0.5 * (tmp_path / "fp32.onnx").stat().st_size
+
+    from model_store import image_bytes_to_input
+
+    reference = OnnxClassifier(tmp_path / "fp32.onnx", device="cpu")
+    images, labels = fashion_test[0][:300], fashion_test[1][:300]
+    pixels = np.stack([image_bytes_to_input(png_bytes(image), reference.card) for image in images])
+    expected = reference.predict(pixels).argmax(1)
+    for model in models.values():
+        got = model.predict(pixels).argmax(1)
+        assert (got == expected).mean() >= 0.98 and (got == labels).mean() >= (expected == labels).mean() - 0.02
+
+
+def test_int8_bounds_fail_loudly():
+    from export.__main__ import check_parity
+    from export.onnx_export import ExportError
+
+    good = {"top1_agreement": 0.995, "accuracy_torch": 0.90, "accuracy_onnx": 0.898, "max_abs_logit_diff": 0.3}
+    check_parity(good, "int8")
+    for worse in ({"top1_agreement": 0.98}, {"accuracy_onnx": 0.89}):
+        with pytest.raises(ExportError, match=r"the int8 graph agrees .* \(bounds: at least 0.99, at most 0.005\)"):
+            check_parity({**good, **worse}, "int8")
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        check_parity(good, "float32")  # what int8 may do, fp32 may not
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--int8", "--fp16"], "argument --fp16: not allowed with argument --int8"),
+     (["--int8", "--calibration-images", "0"], "error: --calibration-images must be at least 1, got 0")],
+)  # fmt: skip
+def test_bad_int8_options_fail_in_one_line_and_write_nothing(checkpoint, tmp_path, flags, message):
+    result = run_cli("-m", "export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx"), *flags)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m.onnx").exists()

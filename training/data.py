@@ -214,9 +214,9 @@ def splits(args: argparse.Namespace, card: ModelCard, scanned: tuple | None = No
     return SyntheticShapes(args.synthetic_size, card, args.seed), SyntheticShapes(max(64, args.synthetic_size // 4), card, args.seed + 1)
 
 
-def evaluation_split(card: ModelCard, run_args: dict, data_dir: Path | None = None, limit: int | None = None) -> Dataset:
-    """The test or validation set a checkpoint's run was tested on, rebuilt from the arguments it
-    saved (``data_dir`` overrides where the data now is); the first ``limit`` images if given."""
+def run_splits(card: ModelCard, run_args: dict, data_dir: Path | None = None) -> tuple[Dataset, Dataset]:
+    """The (train, test/validation) sets a checkpoint's run used, rebuilt from the arguments it
+    saved (``data_dir`` overrides where the data now is), without augmentation."""
     run = argparse.Namespace(**run_args)
     if not hasattr(run, "dataset"):
         run.dataset = card.dataset  # checkpoints from before --dataset existed were all Fashion-MNIST
@@ -225,7 +225,13 @@ def evaluation_split(card: ModelCard, run_args: dict, data_dir: Path | None = No
     run.data_dir = data_dir or (Path(run.data_dir) if getattr(run, "data_dir", None) else None)
     for name, default in (("val_ratio", 0.1), ("seed", 0), ("synthetic_size", 512)):
         setattr(run, name, getattr(run, name, default))
-    return _limit(splits(run, card)[1], limit)
+    return splits(run, card)
+
+
+def evaluation_split(card: ModelCard, run_args: dict, data_dir: Path | None = None, limit: int | None = None) -> Dataset:
+    """The test or validation set a checkpoint's run was tested on (see ``run_splits``); the
+    first ``limit`` images if given."""
+    return _limit(run_splits(card, run_args, data_dir)[1], limit)
 
 
 def _scan(args: argparse.Namespace):
