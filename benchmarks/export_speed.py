@@ -1,12 +1,20 @@
-"""PyTorch eager vs the exported ONNX graph in ONNX Runtime: latency at batch 1, throughput at batch 64.
+"""PyTorch eager vs the exported graph in ONNX Runtime: latency at batch 1, throughput at batch 64.
 
-    python benchmarks/export_speed.py                       # every registered model, at its own input size
-    python benchmarks/export_speed.py --models lenet resnet18 --write BENCHMARKS.md
+    python benchmarks/export_speed.py --write BENCHMARKS.md                  # every model, on the CPU
+    python benchmarks/export_speed.py --device cuda --write BENCHMARKS.md    # on a GPU
+    python benchmarks/export_speed.py --models resnet34 --rounds 9
 
-Both engines get the same uint8 inputs, the same thread count, and are timed in alternating rounds
-(these machines are shared and noisy), reporting medians. The check that the speed costs no accuracy
-is printed with each row: top-1 agreement and max |logit difference| on the batch-64 input. On a
-GPU the CUDA provider (and TensorRT, if present) are measured when this onnxruntime build has them.
+The engines, per device:
+- cpu: PyTorch eager fp32; the graph in fp32; the graph quantized to int8 as ``python -m export
+  --int8`` does it, calibrated on Fashion-MNIST training images.
+- cuda: PyTorch eager fp32; the graph in fp32 and in fp16 (``--fp16``) on the CUDA provider; the
+  fp32 graph on the TensorRT provider, in fp32 and with its fp16 mode, when this onnxruntime
+  build has TensorRT.
+All get the same real Fashion-MNIST test images resized to the model's input, and are timed in
+alternating rounds (these machines are shared and noisy), reporting medians. Each row says what its
+speed cost: top-1 agreement with eager fp32 and the largest |logit difference| on the batch-64
+input. Weights are random (seed 0): speed does not depend on their values; int8 accuracy on trained
+weights is what ``python -m export --int8`` verifies on every export.
 """
 
 from __future__ import annotations
@@ -15,48 +23,117 @@ import argparse
 import os
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from report import write_section  # this script's folder is on sys.path
 
 from export.onnx_export import export_graph, serialize
+from export.quantize import calibration_sample, quantize_int8
 from model_store import ModelCard
+from training.data import FashionMNIST
 from training.models import build_model, default_size, list_models
 
-START, END = "<!-- export-speed:start -->", "<!-- export-speed:end -->"
+SECTIONS = {
+    "cpu": ("export-speed", "## Export speed: PyTorch eager vs ONNX Runtime on the CPU"),
+    "cuda": ("export-speed-cuda", "## Export speed: PyTorch eager vs ONNX Runtime on a GPU"),
+}
+BATCHES = (1, 64)
+CALIBRATION_IMAGES = 256
+
+Engine = Callable[[np.ndarray], np.ndarray]  # uint8 pixels [N, C, H, W] -> float32 logits [N, classes]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list_models(), help="models (default: all registered)")
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count(), help="threads for both engines (default: all cores)"
+        "--models", nargs="+", default=list_models(), choices=list_models(), help="models (default: all registered)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", choices=tuple(SECTIONS), help="where both engines run (default: cpu)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="cpu: threads for every engine (default: all cores)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (default: 5)")
-    parser.add_argument("--write", type=Path, default=None, help="replace the table between the markers in this file")
+    parser.add_argument(
+        "--write", type=Path, default=None, help="replace this device's table between its markers in this file"
+    )
     return parser
 
 
-def median_seconds(run, rounds: int, min_seconds: float = 0.2) -> list[float]:
-    """Per-call seconds of each round; a round repeats the call for at least ``min_seconds``."""
-    run()  # warm-up: allocations, kernel selection
-    times = []
-    for _ in range(rounds):
-        calls, start = 0, time.perf_counter()
-        while True:
-            run()
-            calls += 1
-            if time.perf_counter() - start >= min_seconds:
-                break
-        times.append((time.perf_counter() - start) / calls)
-    return times
+def seconds_per_call(run: Callable[[], object], min_seconds: float = 0.2) -> float:
+    """One timing round: repeats the call for at least ``min_seconds``."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        run()
+        calls += 1
+        if time.perf_counter() - start >= min_seconds:
+            return (time.perf_counter() - start) / calls
 
 
-def measure(name: str, threads: int, rounds: int) -> dict:
+def eager_engine(model: torch.nn.Module, device: str) -> Engine:
+    model = model.to(device).eval()
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(pixels).to(device)).float().cpu().numpy()  # .cpu() waits for the GPU
+
+    return run
+
+
+def onnx_engine(graph: bytes, providers: list, threads: int) -> Engine:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(graph, options, providers=providers)
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if session.get_providers()[0] != wanted:  # ONNX Runtime falls back silently; a fallback is not this engine
+        raise RuntimeError(f"{wanted} did not load; the session runs on {session.get_providers()}")
+    name = session.get_inputs()[0].name
+    return lambda pixels: session.run(None, {name: pixels})[0]
+
+
+def engines(model: torch.nn.Module, card: ModelCard, device: str, threads: int, cache: Path) -> dict[str, Engine]:
+    proto = export_graph(model, card)[0]
+    if device == "cpu":
+        calibration = calibration_sample(FashionMNIST("train", card), CALIBRATION_IMAGES)
+        cpu = ["CPUExecutionProvider"]
+        return {
+            "eager fp32": eager_engine(model, "cpu"),
+            "onnx fp32": onnx_engine(serialize(proto), cpu, threads),
+            "onnx int8": onnx_engine(serialize(quantize_int8(proto, calibration)), cpu, threads),
+        }
+    graph, fp16_graph = serialize(proto), serialize(export_graph(model, card, fp16=True)[0])
+    found = {
+        "eager fp32": eager_engine(model, "cuda"),
+        "onnx fp32": onnx_engine(graph, ["CUDAExecutionProvider"], threads),
+        "onnx fp16": onnx_engine(fp16_graph, ["CUDAExecutionProvider"], threads),
+    }
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        shape = f"{card.in_channels}x{card.height}x{card.width}"
+        for label, fp16 in (("tensorrt fp32", False), ("tensorrt fp16", True)):
+            options = {
+                "trt_fp16_enable": fp16, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache / label),
+                "trt_profile_min_shapes": f"pixels:1x{shape}", "trt_profile_opt_shapes": f"pixels:{max(BATCHES)}x{shape}",
+                "trt_profile_max_shapes": f"pixels:{max(BATCHES)}x{shape}",
+            }  # fmt: skip
+            try:
+                found[label] = onnx_engine(
+                    graph, [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"], threads
+                )
+            except RuntimeError as err:  # listed by the build, but its libraries are not installed here
+                print(f"{card.arch}: {label} not measured: {err}", flush=True)
+    return found
+
+
+def measure(name: str, device: str, threads: int, rounds: int, cache: Path) -> list[dict]:
     torch.manual_seed(0)
     size = default_size(name)
     card = ModelCard(arch=name, class_names=[str(i) for i in range(10)], in_channels=1, height=size, width=size,
@@ -64,67 +141,84 @@ def measure(name: str, threads: int, rounds: int) -> dict:
     model = build_model(card).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = serialize(export_graph(model, card)[0])
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-    torch.set_num_threads(threads)
-    rng = np.random.default_rng(0)
-    row = {"model": name, "input": f"1x{size}x{size}"}
-    for batch in (1, 64):
-        pixels = rng.integers(0, 256, (batch, 1, size, size), dtype=np.uint8)
-        tensor = torch.from_numpy(pixels)
-
-        def eager(tensor=tensor):  # defaults bind this batch now; a closure would read the loop variable late
-            with torch.no_grad():
-                return model(tensor)
-
-        def onnx(pixels=pixels):
-            return session.run(None, {"pixels": pixels})[0]
-
-        eager_times, onnx_times = [], []
-        for _ in range(rounds):  # alternate, so both see the same machine load
-            eager_times += median_seconds(eager, 1)
-            onnx_times += median_seconds(onnx, 1)
-        row[f"eager_{batch}"], row[f"onnx_{batch}"] = statistics.median(eager_times), statistics.median(onnx_times)
-        if batch == 64:
-            expected, got = eager().numpy(), onnx()
-            row["top1"] = float((expected.argmax(1) == got.argmax(1)).mean())
-            row["diff"] = float(np.abs(expected - got).max())
-    return row
+        found = engines(model, card, device, threads, cache)
+    test = FashionMNIST("test", card)
+    images = np.stack([test[i][0].numpy() for i in range(max(BATCHES))])
+    rows = {label: {"model": name, "input": f"1x{size}x{size}", "engine": label} for label in found}
+    for batch in BATCHES:
+        pixels = images[:batch]
+        times = {label: [] for label in found}
+        for run in found.values():
+            run(pixels)  # warm-up: allocations, kernel selection, TensorRT engine builds
+        for _ in range(rounds):  # alternate, so every engine sees the same machine load
+            for label, run in found.items():
+                times[label].append(seconds_per_call(lambda run=run: run(pixels)))
+        for label in found:
+            rows[label][f"seconds_{batch}"] = statistics.median(times[label])
+    reference = found["eager fp32"](images)
+    for label, run in found.items():
+        got = run(images)
+        rows[label]["top1"] = float((got.argmax(1) == reference.argmax(1)).mean())
+        rows[label]["diff"] = float(np.abs(got - reference).max())
+    return list(rows.values())
 
 
-def table(rows: list[dict], threads: int) -> str:
+def device_name(device: str, threads: int) -> str:
+    if device == "cuda":
+        return f"GPU {torch.cuda.get_device_name()}"
+    return (
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {threads} threads for each engine"
+    )
+
+
+def table(rows: list[dict], device: str, threads: int) -> str:
     lines = [
-        (f"Device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {threads} threads for each engine; "
-         f"torch {torch.__version__}, onnxruntime {ort.__version__}; {time.strftime('%Y-%m-%d')}. "
-         f"Random weights (speed does not depend on their values); medians of alternating rounds."),
+        (f"Device: {device_name(device, threads)}; torch {torch.__version__}, onnxruntime {ort.__version__}; "
+         f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/export_speed.py --device {device} --write BENCHMARKS.md`. "
+         f"Random weights (speed does not depend on their values), real Fashion-MNIST test images; medians of alternating rounds."),
         "",
-        "| model | input | eager b1 ms | ONNX b1 ms | b1 speed-up | eager b64 img/s | ONNX b64 img/s | b64 speed-up | top-1 agree | max abs diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | input | engine | b1 ms | b1 vs eager | b64 img/s | b64 vs eager | b64 vs onnx fp32 | top-1 agree | max abs diff |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['input']} | {r['eager_1'] * 1e3:.2f} | {r['onnx_1'] * 1e3:.2f} | {r['eager_1'] / r['onnx_1']:.2f}x "
-            f"| {64 / r['eager_64']:,.0f} | {64 / r['onnx_64']:,.0f} | {r['eager_64'] / r['onnx_64']:.2f}x | {r['top1']:.3f} | {r['diff']:.1e} |"
-        )  # fmt: skip
+        lines.append(row_line(r, {x["engine"]: x for x in rows if x["model"] == r["model"]}))
     return "\n".join(lines)
 
 
+def row_line(r: dict, same_model: dict[str, dict]) -> str:
+    def ratio(other: str, batch: int) -> str:  # how many times faster than ``other``; none against eager or itself
+        base = same_model.get(other)
+        if base is None or r["engine"] in (other, "eager fp32"):
+            return "—"
+        return f"{base[f'seconds_{batch}'] / r[f'seconds_{batch}']:.2f}x"
+
+    return (f"| {r['model']} | {r['input']} | {r['engine']} | {r['seconds_1'] * 1e3:.2f} | {ratio('eager fp32', 1)} "
+            f"| {64 / r['seconds_64']:,.0f} | {ratio('eager fp32', 64)} | {ratio('onnx fp32', 64)} "
+            f"| {r['top1']:.3f} | {r['diff']:.1e} |")  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.rounds < 1 or args.threads < 1:
+        raise SystemExit(f"error: --rounds and --threads must be at least 1, got {args.rounds}, {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but PyTorch sees no GPU")
+    if args.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise SystemExit(
+            f"error: --device cuda, but this onnxruntime has only {ort.get_available_providers()} (install onnxruntime-gpu)"
+        )
+    torch.set_num_threads(args.threads)
     rows = []
-    for name in args.models:
-        rows.append(measure(name, args.threads, args.rounds))
-        print(table(rows[-1:], args.threads).splitlines()[-1], flush=True)
-    text = table(rows, args.threads)
+    with tempfile.TemporaryDirectory(prefix="export-speed-") as cache:
+        for name in args.models:
+            mine = measure(name, args.device, args.threads, args.rounds, Path(cache))
+            rows += mine
+            for r in mine:
+                print(row_line(r, {x["engine"]: x for x in mine}), flush=True)
+    text = table(rows, args.device, args.threads)
     print(text)
     if args.write:
-        document = args.write.read_text()
-        if START not in document or END not in document:
-            raise SystemExit(f"error: {args.write} lacks the markers {START} and {END}")
-        before, rest = document.split(START, 1)
-        args.write.write_text(f"{before}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+        section, heading = SECTIONS[args.device]
+        write_section(args.write, section, text, heading)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import onnxruntime as ort
 import torch
 from classify_load import LEVEL_HEADER, level_cells, run_level, summarize  # this script's folder is on sys.path
 from PIL import Image
+from report import write_section
 
 from model_store import ModelCard, image_bytes_to_input
 from serving.engine import OnnxClassifier
@@ -56,7 +57,6 @@ from training.checkpoint import save_checkpoint
 from training.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- serving:start -->", "<!-- serving:end -->"
 SECTION = "## HTTP serving: the BentoML service vs a hand-written FastAPI server vs in-process"
 MODELS = ("lenet", "resnet18")
 TARGETS = ("service", "baseline", "inprocess")
@@ -334,16 +334,6 @@ def report(rows: list[dict], subjects: list[Subject], args: argparse.Namespace) 
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the text between the markers, or append the section with its markers."""
-    document = path.read_text() if path.exists() else ""
-    if START in document and END in document:
-        before, rest = document.split(START, 1)
-        path.write_text(f"{before}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
-    else:
-        path.write_text(f"{document.rstrip()}\n\n{SECTION}\n\n{START}\n{text}\n{END}\n")
-
-
 def main(args: argparse.Namespace) -> None:
     if min(args.concurrency) < 1 or args.seconds <= 0 or args.images < 1:
         raise SystemExit("error: --concurrency levels, --seconds and --images must be positive")
@@ -366,7 +356,7 @@ def main(args: argparse.Namespace) -> None:
     text = report(rows, subjects, args)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, "serving", text, SECTION)
 
 
 if __name__ == "__main__":
