@@ -137,3 +137,24 @@ def test_bad_int8_options_fail_in_one_line_and_write_nothing(checkpoint, tmp_pat
     result = run_cli("-m", "export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx"), *flags)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_parity_reports_the_graphs_own_accuracy_not_pytorchs(checkpoint, fashion_test):
+    from onnx import numpy_helper
+
+    from export.onnx_export import compare_with_torch, export_graph, serialize
+    from training.checkpoint import load_model
+
+    model, card, _ = load_model(checkpoint)
+    proto = export_graph(model, card)[0]
+    # A graph that strays from PyTorch on purpose: the last layer's bias for class 0 made huge, so the
+    # graph answers 0 for every image while PyTorch mostly does not.
+    bias_name = proto.graph.node[-1].input[2]
+    bias = next(t for t in proto.graph.initializer if t.name == bias_name)
+    values = numpy_helper.to_array(bias).copy()
+    values[0] += 1e4
+    bias.CopyFrom(numpy_helper.from_array(values, bias_name))
+    pixels = fashion_test[0][:500, None]
+    report = compare_with_torch(model, serialize(proto), pixels, (1, 256), labels=np.zeros(500, dtype=np.int64))
+    assert report["accuracy_onnx"] == 1.0
+    assert report["accuracy_torch"] == pytest.approx(report["top1_agreement"]) and report["accuracy_torch"] < 0.5
