@@ -154,7 +154,7 @@ def test_parity_reports_the_graphs_own_accuracy_not_pytorchs(checkpoint, fashion
     values = numpy_helper.to_array(bias).copy()
     values[0] += 1e4
     bias.CopyFrom(numpy_helper.from_array(values, bias_name))
-    pixels = fashion_test[0][:500, None]
+    pixels = fashion_test[0][:500, None].copy()  # the fixture is read-only; torch wants writable arrays
     report = compare_with_torch(model, serialize(proto), pixels, (1, 256), labels=np.zeros(500, dtype=np.int64))
     assert report["accuracy_onnx"] == 1.0
     assert report["accuracy_torch"] == pytest.approx(report["top1_agreement"]) and report["accuracy_torch"] < 0.5
