@@ -37,7 +37,7 @@ from report import write_section  # this script's folder is on sys.path
 from export.onnx_export import export_graph, serialize
 from export.quantize import calibration_sample, quantize_int8
 from model_store import ModelCard
-from training.data import FashionMNIST
+from training.data import FashionMNIST, stack_items
 from training.models import build_model, default_size, list_models
 
 SECTIONS = {
@@ -143,7 +143,7 @@ def measure(name: str, device: str, threads: int, rounds: int, cache: Path) -> l
         warnings.simplefilter("ignore")
         found = engines(model, card, device, threads, cache)
     test = FashionMNIST("test", card)
-    images = np.stack([test[i][0].numpy() for i in range(max(BATCHES))])
+    images = stack_items(test, range(max(BATCHES)))[0]
     rows = {label: {"model": name, "input": f"1x{size}x{size}", "engine": label} for label in found}
     for batch in BATCHES:
         pixels = images[:batch]

@@ -18,19 +18,17 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from export_speed import device_name, onnx_engine, seconds_per_call  # this script's folder is on sys.path
 from report import write_section
 
 from export.onnx_export import compare_with_torch, export_graph, serialize
-from export.quantize import calibration_sample, quantize_int8
+from export.quantize import DEFAULT_CALIBRATION_IMAGES, calibration_sample, quantize_int8
 from training.checkpoint import load_model
-from training.data import run_splits
+from training.data import run_splits, stack_items
 
 SECTION, HEADING = "int8-accuracy", "## int8 on trained weights: accuracy, size, speed (CPU)"
-CALIBRATION_IMAGES = 512  # the export's default
 BATCH = 64
 GRAPHS = ("fp32", "int8, 7-bit weights (the export's)", "int8, 8-bit weights")
 
@@ -49,9 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def measure(checkpoint: Path, threads: int, rounds: int) -> list[dict]:
     model, card, payload = load_model(checkpoint)
     train, test = run_splits(card, payload.get("args", {}))
-    pixels = np.stack([test[i][0].numpy() for i in range(len(test))])
-    labels = np.array([test[i][1] for i in range(len(test))])
-    calibration = calibration_sample(train, CALIBRATION_IMAGES)
+    pixels, labels = stack_items(test, range(len(test)))
+    calibration = calibration_sample(train, DEFAULT_CALIBRATION_IMAGES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         proto = export_graph(model, card)[0]

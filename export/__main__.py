@@ -11,15 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, export_graph, serialize, with_card
-from export.quantize import calibration_sample, quantize_int8
+from export.quantize import DEFAULT_CALIBRATION_IMAGES, SETTINGS, calibration_sample, quantize_int8
 from model_store import ModelCard
 from model_store.files import atomic_output, file_sha256
 from training.checkpoint import load_model
-from training.data import run_splits
+from training.data import run_splits, stack_items
 
 MAX_ABS_LOGIT_DIFF = 1e-4  # fp32 graph vs PyTorch eval, on any image
 FP16_MIN_TOP1 = 0.999  # fp16 graph: top-1 agreement with fp32 PyTorch
@@ -36,8 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="compute in float16, for GPU serving; logits stay float32 (default: off)")
     precision.add_argument("--int8", action="store_true",
                            help="quantize weights and activations to 8 bits, for CPU serving; logits stay float32 (default: off)")  # fmt: skip
-    parser.add_argument("--calibration-images", type=int, default=512,
-                        help="--int8: training images that set the activation ranges (default: 512)")  # fmt: skip
+    parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+                        help=f"--int8: training images that set the activation ranges (default: {DEFAULT_CALIBRATION_IMAGES})")  # fmt: skip
     parser.add_argument("--float-input", action="store_true",
                         help="take normalized float32 input instead of uint8 pixels (default: off)")  # fmt: skip
     parser.add_argument("--verify-images", type=int, default=1000, help="Fashion-MNIST test images to verify on (default: 1000)")
@@ -54,7 +53,7 @@ def main(args: argparse.Namespace) -> ModelCard:
     model, card, payload = load_model(args.checkpoint)
     train, evaluation = run_splits(card, payload.get("args", {}), args.data_dir)
     count = min(args.verify_images, len(evaluation)) if card.dataset == "fashion-mnist" else len(evaluation)  # folders: all of it
-    pixels, labels = stack(evaluation, range(count))
+    pixels, labels = stack_items(evaluation, range(count))
 
     proto, folded = export_graph(model, card, args.opset, args.float_input, args.fp16)
     print(f"eval mode: {folded['batchnorm_folded']} BatchNorm folded into conv/linear weights, "
@@ -68,8 +67,7 @@ def main(args: argparse.Namespace) -> ModelCard:
             with torch.no_grad():
                 calibration = model.normalize(torch.from_numpy(calibration)).numpy()
         proto = quantize_int8(proto, calibration)
-        quantization = {"calibration_images": len(calibration), "calibration_split": "train", "calibration_method": "minmax",
-                        "weights": "int8 per channel, 7-bit range", "activations": "uint8 per tensor"}  # fmt: skip
+        quantization = {"calibration_images": len(calibration), **SETTINGS}
         print(f"int8: calibrated on {len(calibration)} {card.dataset} training images")
     parity = compare_with_torch(model, serialize(proto), pixels, (1, args.verify_batch_size), labels)
     print(f"verified on {parity['images']} {card.dataset} evaluation images at batch sizes {parity['batch_sizes']}: "
@@ -89,12 +87,6 @@ def main(args: argparse.Namespace) -> ModelCard:
         f.write(serialize(with_card(proto, card)))
     print(f"ok: wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
     return card
-
-
-def stack(dataset, indices) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 inputs [N, C, H, W] and labels [N] of the chosen items."""
-    items = [dataset[int(i)] for i in indices]
-    return np.stack([pixels.numpy() for pixels, _ in items]), np.array([label for _, label in items])
 
 
 def check_parity(parity: dict, precision: str) -> None:

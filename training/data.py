@@ -193,7 +193,7 @@ def load_data(args: argparse.Namespace, arch: str, arch_args: dict, size: int) -
         mean, std = mean * channels, std * channels  # a grayscale set has the same statistics on each channel
     else:
         step = max(1, len(train) // 1000)  # at most 1,000 evenly spaced images for the statistics
-        mean, std = channel_stats(np.stack([train[i][0].numpy() for i in range(0, len(train), step)]))
+        mean, std = channel_stats(stack_items(train, range(0, len(train), step))[0])
     # Only mean and std change, and to_input does not read them: the datasets already preprocess right.
     card = dataclasses.replace(card, mean=mean, std=std)
     train, test = _limit(train, args.train_limit), _limit(test, args.test_limit)
@@ -212,6 +212,12 @@ def splits(args: argparse.Namespace, card: ModelCard, scanned: tuple | None = No
             raise ValueError(f"{args.data_dir} now has classes {classes}, the model was trained on {list(card.class_names)}")
         return ImageFolder(train_items, card), ImageFolder(val_items, card)
     return SyntheticShapes(args.synthetic_size, card, args.seed), SyntheticShapes(max(64, args.synthetic_size // 4), card, args.seed + 1)
+
+
+def stack_items(dataset: Dataset, indices) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen items of a preprocessed dataset as arrays: uint8 inputs [N, C, H, W] and labels [N]."""
+    items = [dataset[int(i)] for i in indices]
+    return np.stack([pixels.numpy() for pixels, _ in items]), np.array([label for _, label in items])
 
 
 def run_splits(card: ModelCard, run_args: dict, data_dir: Path | None = None) -> tuple[Dataset, Dataset]:
