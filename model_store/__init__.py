@@ -5,6 +5,6 @@ Importing this package is cheap and torch-free; the BentoML store functions live
 """
 
 from model_store.card import ModelCard
-from model_store.preprocess import ImageError, decode_image, image_bytes_to_input, to_input
+from model_store.preprocess import ImageError, decode_image, image_bytes_to_input, load_image, open_image, to_input
 
-__all__ = ["ImageError", "ModelCard", "decode_image", "image_bytes_to_input", "to_input"]
+__all__ = ["ImageError", "ModelCard", "decode_image", "image_bytes_to_input", "load_image", "open_image", "to_input"]

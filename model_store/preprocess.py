@@ -42,8 +42,12 @@ class ImageError(ValueError):
     """The bytes are not an image this system can use; the message says why, for the caller."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode and fully load an image, refusing empty, unknown, oversized and truncated input."""
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read an image's header, refusing empty, unknown, oversized, animated and unsupported-mode input.
+
+    Nothing is decoded yet (:func:`load_image` does that), so a decompression bomb is refused here
+    for the cost of its header.
+    """
     if not data:
         raise ImageError("empty image: 0 bytes received")
     try:
@@ -58,7 +62,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             f"not a supported image: {len(data)} bytes that are none of {', '.join(SUPPORTED_FORMATS)}"
         ) from None
     width, height = image.size
-    # Opening reads only the header, so this refuses a decompression bomb before it is decoded.
     if width * height > max_pixels:
         raise ImageError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels:,}")
     if image.mode not in SUPPORTED_MODES:
@@ -68,11 +71,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     frames = getattr(image, "n_frames", 1)
     if frames > 1:  # which frame would be the answer's? The client must choose.
         raise ImageError(f"animated {image.format} with {frames} frames; send a single still image")
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode an image opened by :func:`open_image`, refusing a truncated or corrupt body."""
     try:
         image.load()
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         raise ImageError(f"corrupt or truncated {image.format} image: {err}") from None
     return image
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode and fully load an image: :func:`open_image`, then :func:`load_image`."""
+    return load_image(open_image(data, max_pixels))
 
 
 def _signature_format(data: bytes) -> str | None:

@@ -29,13 +29,15 @@ class ServingConfig:
     decode_threads: int = os.cpu_count() or 1  # parallel decode + resize (Pillow releases the GIL)
     ort_threads: int = 0  # ONNX Runtime intra-op threads on CPU; 0: one per core
     log_requests: bool = True  # one JSON log line per classify request
+    tracing: bool = False  # OpenTelemetry spans for classify requests, through BentoML's request layer (exporter: BentoML's tracing config)
+    workers: int = 1  # service processes, each with its own copy of the models and its own batches
 
     def __post_init__(self) -> None:
         if not self.models or any(not tag.strip() for tag in self.models):
             raise ValueError(f"SERVING_MODELS must list at least one model tag, got {','.join(self.models)!r}")
         if self.device not in DEVICES:
             raise ValueError(f"SERVING_DEVICE must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in ("max_batch_size", "max_body_bytes", "max_pixels", "max_batch_images", "max_concurrency", "decode_threads"):
+        for name in ("max_batch_size", "max_body_bytes", "max_pixels", "max_batch_images", "max_concurrency", "decode_threads", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV[name]} must be at least 1, got {getattr(self, name)}")
         for name in ("batch_wait_ms", "ort_threads"):

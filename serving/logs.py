@@ -28,4 +28,6 @@ def log_event(event: str, level: int = logging.INFO, **fields) -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     if logger.isEnabledFor(level):
-        logger.log(level, {"event": event, **fields})
+        # makeRecord + handle, not logger.log: that would walk the stack for a file and line the
+        # JSON never shows, on every request.
+        logger.handle(logger.makeRecord(logger.name, level, "", 0, {"event": event, **fields}, None, None))

@@ -1,4 +1,4 @@
-"""Reading classify requests: the images, top_k and model asked for, or a BadRequest that says what to fix.
+"""Reading classify requests: the images, top_k and model asked for, or a RequestError that says what to fix.
 
 BentoML's own file parameters are not used for the image: they fetch any URL given as a string
 and answer 500 for bytes that are not an image. Parsing here keeps every client mistake a 4xx.
@@ -7,25 +7,18 @@ and answer 500 for bytes that are not an image. Parsing here keeps every client 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator, ClassVar
+from typing import AsyncIterator
 
-from bentoml import IODescriptor
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+
+from serving.errors import BodyTooLarge, ClientGone, RequestError, UnsupportedMediaType
 
 DEFAULT_TOP_K = 3
 IMAGE_FIELD, IMAGES_FIELD = "image", "images"
 HOW_TO = f"send multipart/form-data with the file in field {IMAGE_FIELD!r}, or the image itself as the body with an image/* content type"
 HOW_TO_BATCH = f"send multipart/form-data with one file per {IMAGES_FIELD!r} field"
-
-
-class BadRequest(Exception):
-    """A client mistake: answered with ``status`` and ``{"error": message}``; ``reason`` labels the metric."""
-
-    def __init__(self, message: str, status: int = 400, reason: str = "bad_request"):
-        super().__init__(message)
-        self.status, self.reason = status, reason
 
 
 @dataclass(frozen=True)
@@ -49,17 +42,17 @@ async def read_classify_request(request: Request, max_bytes: int) -> ClassifyReq
     if media_type.startswith("image/") or media_type == "application/octet-stream":
         data = b"".join([chunk async for chunk in _limited(request, max_bytes)])
         if not data:
-            raise BadRequest(f"empty request body; {HOW_TO}")
+            raise RequestError(f"empty request body; {HOW_TO}")
         query = request.query_params
         return ClassifyRequest([Upload("body", data)], query.get("top_k"), query.get("model"))
-    raise BadRequest(f"unsupported content type {media_type or '(none)'!r}; {HOW_TO}", 415, "unsupported_type")
+    raise UnsupportedMediaType(f"unsupported content type {media_type or '(none)'!r}; {HOW_TO}")
 
 
 async def read_batch_request(request: Request, max_bytes: int, max_images: int) -> ClassifyRequest:
     """Up to ``max_images`` images, each in its own multipart ``images`` field, in order."""
     media_type = _check_body(request, max_bytes)
     if media_type != "multipart/form-data":
-        raise BadRequest(f"unsupported content type {media_type or '(none)'!r}; {HOW_TO_BATCH}", 415, "unsupported_type")
+        raise UnsupportedMediaType(f"unsupported content type {media_type or '(none)'!r}; {HOW_TO_BATCH}")
     return await _read_form(request, IMAGES_FIELD, max_images, max_bytes, HOW_TO_BATCH)
 
 
@@ -69,7 +62,7 @@ def _check_body(request: Request, max_bytes: int) -> str:
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     if declared == "0":
-        raise BadRequest("empty request body; " + HOW_TO)
+        raise RequestError("empty request body; " + HOW_TO)
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
@@ -80,22 +73,22 @@ async def _read_form(request: Request, field: str, max_files: int, max_bytes: in
         form = await parser.parse()
     except MultiPartException as err:
         if str(err).startswith("Too many files"):
-            raise BadRequest(f"too many images: at most {max_files} per request, got more; split the request") from None
-        raise BadRequest(f"malformed multipart body: {err}; {how_to}") from None
+            raise RequestError(f"too many images: at most {max_files} per request, got more; split the request") from None
+        raise RequestError(f"malformed multipart body: {err}; {how_to}") from None
     try:
         values = form.getlist(field)
         if not values:
-            raise BadRequest(f"missing field {field!r}; {how_to}")
+            raise RequestError(f"missing field {field!r}; {how_to}")
         uploads = []
         for value in values:
             if not isinstance(value, UploadFile):
                 # A text value is never fetched as a URL: the server makes no requests on a client's behalf.
-                raise BadRequest(f"field {field!r} must be a file upload, not a text value; {how_to}")
+                raise RequestError(f"field {field!r} must be a file upload, not a text value; {how_to}")
             uploads.append(Upload(value.filename or f"{field}[{len(uploads)}]", await value.read()))
         top_k, model = form.get("top_k"), form.get("model")
         for name, value in (("top_k", top_k), ("model", model)):
             if value is not None and not isinstance(value, str):
-                raise BadRequest(f"field {name!r} must be a text value, not a file")
+                raise RequestError(f"field {name!r} must be a text value, not a file")
     finally:
         await form.close()  # uploads over 1 MB were spooled to a temp file
     query = request.query_params
@@ -108,58 +101,24 @@ def parse_top_k(value: str | None, num_classes: int) -> int:
     try:
         k = int(value)
     except (TypeError, ValueError):
-        raise BadRequest(f"top_k must be an integer from 1 to {num_classes}, got {value!r}") from None
+        raise RequestError(f"top_k must be an integer from 1 to {num_classes}, got {value!r}") from None
     if not 1 <= k <= num_classes:
-        raise BadRequest(f"top_k must be from 1 to {num_classes}, got {k}")
+        raise RequestError(f"top_k must be from 1 to {num_classes}, got {k}")
     return k
 
 
 async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
     """The body stream, refused with 413 as soon as it passes ``max_bytes`` (chunked bodies included)."""
     seen = 0
-    async for chunk in request.stream():
-        seen += len(chunk)
-        if seen > max_bytes:
-            raise _too_large(max_bytes)
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > max_bytes:
+                raise _too_large(max_bytes)
+            yield chunk
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected before its request body was read") from None
 
 
-def _too_large(max_bytes: int) -> BadRequest:
-    return BadRequest(f"request body exceeds the limit of {max_bytes:,} bytes", 413, "too_large")
-
-
-class _UnreadBody(IODescriptor):
-    """A BentoML input spec that leaves the body unread for :func:`read_classify_request` and
-    :func:`read_batch_request`; its schema documents the multipart form in the OpenAPI document."""
-
-    media_type: ClassVar[str] = "multipart/form-data"
-    form_schema: ClassVar[dict] = {}
-
-    @classmethod
-    async def from_http_request(cls, request: Request, serde) -> _UnreadBody:
-        return cls()
-
-    @classmethod
-    def model_json_schema(cls, *args, **kwargs) -> dict:
-        return cls.form_schema
-
-
-_OPTIONS = {
-    "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K, "description": "how many classes to list (1 to the number of classes)"},
-    "model": {"type": "string", "description": "a model name or name:version from GET /models (default: the service's default model)"},
-}  # fmt: skip
-_FILE = {"type": "string", "format": "binary", "description": "an image: PNG, JPEG, BMP, GIF, TIFF or WEBP"}
-
-
-class ClassifyForm(_UnreadBody):
-    form_schema: ClassVar[dict] = {
-        "title": "ClassifyForm", "type": "object", "required": [IMAGE_FIELD],
-        "properties": {IMAGE_FIELD: _FILE, **_OPTIONS},
-    }  # fmt: skip
-
-
-class ClassifyBatchForm(_UnreadBody):
-    form_schema: ClassVar[dict] = {
-        "title": "ClassifyBatchForm", "type": "object", "required": [IMAGES_FIELD],
-        "properties": {IMAGES_FIELD: {"type": "array", "items": _FILE, "description": "the images, answered in this order"}, **_OPTIONS},
-    }  # fmt: skip
+def _too_large(max_bytes: int) -> BodyTooLarge:
+    return BodyTooLarge(f"request body exceeds the limit of {max_bytes:,} bytes")

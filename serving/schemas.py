@@ -1,7 +1,9 @@
-"""The service's answers, as pydantic models: they are the OpenAPI document's response schemas.
+"""What the OpenAPI document says of the classify routes: the multipart forms they read and the
+answers they give (pydantic models).
 
-The handlers return plain dicts (built by ``serving.engine.top_k``); these classes only describe
-them, so documenting a field costs nothing per request.
+The handlers read the body themselves (``serving.requests``) and return plain dicts (built by
+``serving.engine.top_k``); these classes only describe them, so documenting a field costs nothing
+per request.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from typing import ClassVar
 
 from bentoml import IODescriptor
 from pydantic import BaseModel, Field
+from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from serving.requests import DEFAULT_TOP_K, IMAGE_FIELD, IMAGES_FIELD
 
 
 class Ranked(BaseModel):
@@ -54,6 +59,7 @@ class ModelInfo(BaseModel):
     default: bool
     provider: str = Field(description="the ONNX Runtime execution provider running it")
     provider_error: str | None = Field(None, description="set when a GPU was asked for and not used")
+    precision: str = Field(description="what the graph computes in: float32, float16 or int8 (python -m export --fp16 / --int8)")
     card: dict = Field(description="the model card: classes, input size, preprocessing, metrics, export settings")
 
 
@@ -84,3 +90,40 @@ class ClassifyOutput(_JsonAnswer):
 
 class ClassifyBatchOutput(_JsonAnswer):
     answer: ClassVar[type[BaseModel]] = ClassifyBatchAnswer
+
+
+class _UnreadBody(IODescriptor):
+    """A BentoML input spec that leaves the body unread for :func:`read_classify_request` and
+    :func:`read_batch_request`; its schema documents the multipart form in the OpenAPI document."""
+
+    media_type: ClassVar[str] = "multipart/form-data"
+    form_schema: ClassVar[dict] = {}
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde) -> _UnreadBody:
+        return cls()
+
+    @classmethod
+    def model_json_schema(cls, *args, **kwargs) -> dict:
+        return cls.form_schema
+
+
+_OPTIONS = {
+    "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K, "description": "how many classes to list (1 to the number of classes)"},
+    "model": {"type": "string", "description": "a model name or name:version from GET /models (default: the service's default model)"},
+}  # fmt: skip
+_FILE = {"type": "string", "format": "binary", "description": "an image: PNG, JPEG, BMP, GIF, TIFF or WEBP"}
+
+
+class ClassifyForm(_UnreadBody):
+    form_schema: ClassVar[dict] = {
+        "title": "ClassifyForm", "type": "object", "required": [IMAGE_FIELD],
+        "properties": {IMAGE_FIELD: _FILE, **_OPTIONS},
+    }  # fmt: skip
+
+
+class ClassifyBatchForm(_UnreadBody):
+    form_schema: ClassVar[dict] = {
+        "title": "ClassifyBatchForm", "type": "object", "required": [IMAGES_FIELD],
+        "properties": {IMAGES_FIELD: {"type": "array", "items": _FILE, "description": "the images, answered in this order"}, **_OPTIONS},
+    }  # fmt: skip

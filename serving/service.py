@@ -4,10 +4,12 @@
     POST /classify_batch   several images -> one answer each, in order
     GET  /models           the models served, their cards, the default
 
-Requests are read and decoded on their own (decodes run in parallel on a thread pool), so a bad
-image is answered 4xx before it can touch a batch; the decoded inputs of concurrent requests are
-then run through ONNX Runtime together (``serving.batching``), per model. The card inside each
-ONNX file, not this code, says how to preprocess and what the classes are.
+Every request passes ``serving.edge`` first (auth, admission), which also answers the classify
+routes itself; the ``@bentoml.api`` methods below declare them for the OpenAPI document and
+BentoML's clients, and serve them when tracing is on. Images are decoded on their own, so a bad
+one is answered 4xx before it can touch a batch; the decoded inputs of concurrent requests then
+run through ONNX Runtime together (``serving.batching``), per model. The card inside each ONNX
+file, not this code, says how to preprocess and what the classes are.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from fastapi import FastAPI
 
 with bentoml.importing():
     from serving.config import ServingConfig
-    from serving.gate import Gate
+    from serving.edge import CLASSIFY, CLASSIFY_BATCH, MODELS, respond
     from serving.handlers import Handlers
     from serving.logs import log_event
     from serving.model_set import ModelSet
-    from serving.requests import ClassifyBatchForm, ClassifyForm
-    from serving.schemas import ClassifyBatchOutput, ClassifyOutput, ModelsAnswer
+    from serving.schemas import ClassifyBatchForm, ClassifyBatchOutput, ClassifyForm, ClassifyOutput, ModelsAnswer
+    from serving.server import lean_service
 
 CONFIG = ServingConfig.from_env()  # a bad setting stops the service here, naming the variable
 models_app = FastAPI()  # GET routes; BentoML's own APIs are POST-only
@@ -32,34 +34,40 @@ models_app = FastAPI()  # GET routes; BentoML's own APIs are POST-only
 
 class Classifier:
     def __init__(self) -> None:
-        self.models = ModelSet(CONFIG)
+        self.models = ModelSet.from_store(CONFIG)
         self.handlers = Handlers(self.models, CONFIG)
         for model in self.models.models:
-            log_event("serving", model=model.tag, arch=model.engine.card.arch, provider=model.engine.provider,
-                      default=model is self.models.default, provider_error=model.engine.provider_error)  # fmt: skip
+            log_event(
+                "serving",
+                model=model.tag,
+                arch=model.engine.card.arch,
+                provider=model.engine.provider,
+                default=model is self.models.default,
+                provider_error=model.engine.provider_error,
+            )
         # Warm up in the background: /livez answers meanwhile, /readyz only once it is done.
         threading.Thread(target=self.models.warm_up, name="warm-up", daemon=True).start()
 
     def __is_ready__(self) -> bool:
         return self.models.ready
 
-    @bentoml.api(route="/classify", input_spec=ClassifyForm, output_spec=ClassifyOutput)
+    @bentoml.api(route=CLASSIFY, input_spec=ClassifyForm, output_spec=ClassifyOutput)
     async def classify(self, ctx: bentoml.Context) -> dict:
         """Classify one image: multipart field `image`, or the image as the raw body with an image/* type.
         Optional `top_k` (default 3) and `model` (default: the service's default), as form fields or query parameters."""
-        ctx.response.status_code, body = await self.handlers.answer("/classify", ctx.request, self.handlers.classify)
+        ctx.response.status_code, body = await respond(self.handlers, CLASSIFY, ctx.request)
         return body
 
-    @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchForm, output_spec=ClassifyBatchOutput)
+    @bentoml.api(route=CLASSIFY_BATCH, input_spec=ClassifyBatchForm, output_spec=ClassifyBatchOutput)
     async def classify_batch(self, ctx: bentoml.Context) -> dict:
         """Classify several images (repeated multipart field `images`), answered in order; a bad image gets
         its own `error` and the others are still classified."""
-        ctx.response.status_code, body = await self.handlers.answer("/classify_batch", ctx.request, self.handlers.classify_batch)
+        ctx.response.status_code, body = await respond(self.handlers, CLASSIFY_BATCH, ctx.request)
         return body
 
-    @models_app.get("/models", response_model=ModelsAnswer)
+    @models_app.get(MODELS, response_model=ModelsAnswer)
     def list_models(self) -> dict:
-        """Every model this service answers with: its card, provider, and which one is the default."""
+        """Every model this service answers with: its card, provider, precision, and which one is the default."""
         return self.models.describe()
 
 
@@ -69,9 +77,10 @@ for _index, _tag in enumerate(CONFIG.models):
 
 Classifier = bentoml.asgi_app(models_app)(
     bentoml.service(
-        workers=1,  # one process owns the models and batches across all its requests
+        service_class=lean_service(CONFIG),
+        workers=CONFIG.workers,  # each process owns a copy of the models and batches its own requests
         traffic={"timeout": CONFIG.timeout_s + 30},  # ours answers 504 first; BentoML's is the backstop
-        logging={"access": {"enabled": False}},  # replaced by the JSON request log (serving/handlers.py)
+        logging={"access": {"enabled": False}},  # replaced by the JSON request log (serving/edge.py)
+        **({"tracing": {"sample_rate": 1.0}} if CONFIG.tracing else {}),  # BentoML's own config may override
     )(Classifier)
 )
-Classifier.add_asgi_middleware(Gate, max_concurrency=CONFIG.max_concurrency, token=CONFIG.auth_token)

@@ -1,5 +1,5 @@
 import asyncio
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -8,19 +8,44 @@ from serving.batching import MicroBatcher
 
 
 def test_concurrent_submits_are_batched_and_each_gets_its_own_row():
-    sizes = []
+    sizes, running = [], threading.Event()
+    go = threading.Event()
 
-    def slow_double(batch: np.ndarray) -> np.ndarray:
-        time.sleep(0.05)  # while the first batch runs, the others queue up
+    def gated_double(batch: np.ndarray) -> np.ndarray:
+        running.set()
+        go.wait(10)  # the first batch runs until every other submit has queued
         return batch * 2
 
     async def main():
-        batcher = MicroBatcher(slow_double, max_batch_size=8, on_batch=lambda size, waits, seconds: sizes.append(size))
-        return await asyncio.gather(*(batcher.submit(np.array([i])) for i in range(20)))
+        batcher = MicroBatcher(gated_double, max_batch_size=8, on_batch=lambda size, waits, seconds: sizes.append(size))
+        first = asyncio.create_task(batcher.submit(np.array([0])))
+        await asyncio.to_thread(running.wait, 10)
+        rest = [asyncio.create_task(batcher.submit(np.array([i]))) for i in range(1, 20)]
+        await asyncio.sleep(0)  # let them all queue
+        go.set()
+        return await asyncio.gather(first, *rest)
 
     results = asyncio.run(main())
     assert [int(r[0]) for r in results] == [2 * i for i in range(20)]
-    assert sum(sizes) == 20 and max(sizes) == 8 and len(sizes) < 20
+    assert sizes == [1, 8, 8, 3]
+
+
+def test_small_batches_run_on_the_event_loop_and_larger_ones_on_a_thread():
+    threads = []
+
+    def record(batch: np.ndarray) -> np.ndarray:
+        threads.append((len(batch), threading.get_ident()))
+        return batch
+
+    async def main():
+        batcher = MicroBatcher(record, max_batch_size=8, inline_max=2)
+        await batcher.submit(np.array([0]))
+        await asyncio.gather(*(batcher.submit(np.array([i])) for i in range(3)))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert [size for size, _ in threads] == [1, 3]
+    assert threads[0][1] == loop_thread and threads[1][1] != loop_thread
 
 
 def test_a_failing_batch_fails_its_requests_and_the_batcher_keeps_going():

@@ -32,6 +32,7 @@ def test_models_lists_every_served_model_with_its_card(server):
     assert card["class_names"][9] == "Ankle boot" and (card["in_channels"], card["height"], card["width"]) == (1, 28, 28)
     assert card["metrics"]["test_acc"] > 0.9 and card["export"]["opset"] == 18
     assert default["provider"] == "CPUExecutionProvider" and default["provider_error"] is None
+    assert default["precision"] == "float32"
 
 
 def test_a_request_picks_its_model_and_gets_that_models_answer(server, fashion_test, exported):
@@ -147,3 +148,25 @@ def test_logs_are_json_lines_with_model_version_and_provider(server, server_log,
     assert warmed[0]["batch_sizes"] == [1, 2, 4, 8, 16, 32, 64]
     requests = [e for e in events if e["event"] == "request" and e["status"] == 200]
     assert requests and requests[-1]["model"].startswith("test-lenet:") and requests[-1]["provider"] == "CPUExecutionProvider"
+
+
+@pytest.fixture(scope="module")
+def traced(bentoml_home, served_models, tmp_path_factory) -> str:
+    from tests.conftest import bentoml_serve
+
+    log = tmp_path_factory.mktemp("traced") / "serve.log"
+    with bentoml_serve(bentoml_home, log, {"SERVING_MODELS": served_models, "SERVING_TRACING": "true"}) as url:
+        yield url
+
+
+def test_with_tracing_on_requests_go_through_bentomls_layer_with_the_same_answers(server, traced, fashion_test):
+    image = png_bytes(fashion_test[0][0])
+    for path, kwargs in [
+        ("/classify", {"files": {"image": ("x.png", image, "image/png")}, "data": {"top_k": "4"}}),
+        ("/classify_batch", {"files": [("images", ("x.png", image, "image/png")), ("images", ("j.png", b"junk", "image/png"))]}),
+        ("/classify", {"content": b"junk", "headers": {"Content-Type": "image/png"}}),
+        ("/classify", {"content": image, "headers": {"Content-Type": "image/png"}, "params": {"model": "nope"}}),
+    ]:
+        lean, through_bentoml = post(server, path, **kwargs), post(traced, path, **kwargs)
+        assert (through_bentoml.status_code, through_bentoml.json()) == (lean.status_code, lean.json()), path
+        assert "x-bentoml-request-id" in through_bentoml.headers and "x-bentoml-request-id" not in lean.headers

@@ -35,6 +35,8 @@ def test_without_the_bearer_token_the_api_is_a_401(strict, headers):
     for response in (
         httpx.post(f"{strict}/classify", content=image(), headers={"Content-Type": "image/png", **headers}),
         httpx.get(f"{strict}/models", headers=headers),
+        httpx.get(f"{strict}/schema.json", headers=headers),
+        httpx.get(f"{strict}/no/such/route", headers=headers),  # fails closed: not even a 404 without the token
     ):
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
         assert "bearer token" in response.json()["error"]
@@ -43,7 +45,7 @@ def test_without_the_bearer_token_the_api_is_a_401(strict, headers):
 def test_with_the_token_it_answers_and_probes_need_none(strict):
     assert classify(strict, content=image(), headers={"Content-Type": "image/png"}).status_code == 200
     assert httpx.get(f"{strict}/models", headers=AUTH).status_code == 200
-    for path in ("/readyz", "/livez", "/metrics"):
+    for path in ("/readyz", "/livez", "/metrics", "/docs.json", "/"):
         assert httpx.get(f"{strict}{path}").status_code == 200, path
 
 

@@ -1,0 +1,62 @@
+"""What can go wrong with a request, as domain errors, and the one table that turns each into HTTP.
+
+Domain code (request parsing, model lookup, decoding) raises these and knows nothing of status
+codes; ``serving.edge`` maps them with :data:`HTTP_ERRORS`. Anything not in the table is a bug of
+ours, never the client's: the edge answers it 500 with an id and logs its traceback under that id.
+"""
+
+from __future__ import annotations
+
+from model_store import ImageError
+
+
+class RequestError(ValueError):
+    """The request is malformed or asks for something impossible; the message says how to fix it."""
+
+
+class BodyTooLarge(RequestError):
+    """The body is larger than the service accepts."""
+
+
+class UnsupportedMediaType(RequestError):
+    """The body's content type is not one the route reads."""
+
+
+class ClientGone(RequestError):
+    """The client hung up before its request was read; no one will read the answer."""
+
+
+class UnknownModel(LookupError):
+    """The request names a model this service does not serve."""
+
+
+class Unauthorized(PermissionError):
+    """No bearer token, or the wrong one, on a path that needs it."""
+
+
+class Overloaded(RuntimeError):
+    """More requests are in flight than the service admits; retry shortly, or elsewhere."""
+
+
+# (error type, HTTP status, reason label of classify_rejected_total). First match wins, so a
+# subclass comes before its base. TimeoutError is raised by the request's own deadline.
+HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (Unauthorized, 401, "unauthorized"),
+    (UnknownModel, 404, "unknown_model"),
+    (BodyTooLarge, 413, "too_large"),
+    (UnsupportedMediaType, 415, "unsupported_type"),
+    (ClientGone, 499, "disconnected"),  # nginx's code for it: the status only labels the metric and log
+    (ImageError, 400, "bad_image"),
+    (RequestError, 400, "bad_request"),
+    (Overloaded, 503, "overloaded"),
+    (TimeoutError, 504, "timeout"),
+)
+INTERNAL = (500, "internal")
+
+
+def http_status(error: BaseException) -> tuple[int, str]:
+    """(status, reason) for an error: its row of :data:`HTTP_ERRORS`, or 500 ``internal``."""
+    for kind, status, reason in HTTP_ERRORS:
+        if isinstance(error, kind):
+            return status, reason
+    return INTERNAL

@@ -1,0 +1,271 @@
+"""The serving edge in process, through httpx.ASGITransport: the gate, admission, the error table,
+the catch-all 500, timeouts and metrics, on the shipped ONNX graph. No server process, no sleeps:
+requests that must stay in flight are held by events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from model_store.store import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
+from serving import logs
+from serving.config import ServingConfig
+from serving.edge import CLASSIFY, CLASSIFY_BATCH, OPEN_PATHS, Edge
+from serving.errors import HTTP_ERRORS, http_status
+from serving.handlers import Handlers
+from serving.model_set import ModelSet
+from tests.conftest import png_bytes
+
+TOKEN = "t0ken"
+
+
+class BentoStandIn:
+    """Where the edge sends what it does not answer itself (BentoML's app, in the service)."""
+
+    def __init__(self):
+        self.paths = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        self.paths.append(scope["path"])
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b"bentoml"})
+
+
+def make_edge(hot: bool = True, **settings) -> tuple[Edge, Handlers, BentoStandIn]:
+    config = ServingConfig(**settings)
+    models = ModelSet(config, [(DEFAULT_MODEL_NAME, "shipped", DEFAULT_MODEL_FILE)])
+    handlers = Handlers(models, config)
+    fallback = BentoStandIn()
+    return Edge(fallback, config, lambda: handlers, hot=hot), handlers, fallback
+
+
+def client(edge: Edge) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=edge), base_url="http://edge")
+
+
+def sample(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(scope="module")
+def images(fashion_test) -> list[bytes]:
+    return [png_bytes(image) for image in fashion_test[0][:16]]
+
+
+def test_answers_are_the_engines_through_both_routes(images, fashion_test):
+    edge, handlers, _ = make_edge()
+    expected = handlers.models.default.engine.predict(fashion_test[0][:16, None])
+
+    async def main():
+        async with client(edge) as http:
+            singles = [await http.post(CLASSIFY, files={"image": ("x.png", image, "image/png")}) for image in images]
+            files = [("images", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)]
+            batch = await http.post(CLASSIFY_BATCH, files=files, data={"top_k": "10"})
+        return singles, batch
+
+    singles, batch = asyncio.run(main())
+    for answer, probabilities, result in zip(singles, expected, batch.json()["results"]):
+        assert answer.status_code == 200 and answer.json()["index"] == int(probabilities.argmax())
+        assert answer.json()["probability"] == pytest.approx(float(probabilities.max()), abs=1e-6)
+        assert [r["probability"] for r in result["top_k"]] == pytest.approx(sorted(probabilities, reverse=True), abs=1e-6)
+
+
+@pytest.mark.parametrize("path", [CLASSIFY, CLASSIFY_BATCH, "/models", "/schema.json", "/v2/models/x/infer", "/a/route/added/later", "/static_content/../models"])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", TOKEN, f"bearer {TOKEN}", f"Bearer {TOKEN} "])
+def test_with_a_token_set_every_path_but_the_open_ones_needs_it(path, authorization):
+    edge, _, fallback = make_edge(auth_token=TOKEN)
+    before = sample("classify_rejected_total", reason="unauthorized")
+    headers = {"Authorization": authorization} if authorization else {}
+
+    async def main():
+        async with client(edge) as http:
+            return await http.post(path, headers=headers, content=b"x")
+
+    response = asyncio.run(main())
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert "bearer token" in response.json()["error"] and fallback.paths == []
+    assert sample("classify_rejected_total", reason="unauthorized") == before + 1
+
+
+def test_open_paths_need_no_token_and_the_right_token_opens_the_rest(images):
+    edge, _, fallback = make_edge(auth_token=TOKEN)
+
+    async def main():
+        async with client(edge) as http:
+            opened = [await http.get(path) for path in sorted(OPEN_PATHS) + ["/static_content/swagger-ui.css"]]
+            models = await http.get("/models", headers={"Authorization": f"Bearer {TOKEN}"})
+            answer = await http.post(CLASSIFY, files={"image": ("x.png", images[0], "image/png")}, headers={"Authorization": f"Bearer {TOKEN}"})
+        return opened, models, answer
+
+    opened, models, answer = asyncio.run(main())
+    assert [r.status_code for r in opened] == [299] * len(opened)  # handed to BentoML, unchecked
+    assert models.status_code == 299 and answer.status_code == 200
+    assert fallback.paths == [*sorted(OPEN_PATHS), "/static_content/swagger-ui.css", "/models"]
+
+
+def request_scope(path: str = CLASSIFY, method: str = "POST") -> dict:
+    return {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": [(b"content-type", b"image/png")], "http_version": "1.1", "scheme": "http",
+            "server": ("edge", 80), "client": ("127.0.0.1", 1), "root_path": ""}  # fmt: skip
+
+
+async def call(edge: Edge, body: bytes = b"", release: asyncio.Event | None = None, scope: dict | None = None):
+    """One request straight through the ASGI interface, its body held back until ``release`` is set;
+    returns (status, headers, body)."""
+    sent = []
+
+    async def receive():
+        if release is not None:
+            await release.wait()
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await edge(scope or request_scope(), receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_past_max_concurrency_a_request_is_refused_503_until_a_slot_frees(images):
+    edge, _, _ = make_edge(max_concurrency=2)
+    before = sample("classify_rejected_total", reason="overloaded")
+
+    async def main():
+        release = asyncio.Event()
+        held = [asyncio.create_task(call(edge, images[0], release)) for _ in range(2)]
+        while edge.in_flight < 2:
+            await asyncio.sleep(0)
+        refused = await call(edge, images[0])
+        release.set()
+        return refused, await asyncio.gather(*held), await call(edge, images[0])
+
+    refused, held, after = asyncio.run(main())
+    assert refused[0] == 503 and refused[1][b"retry-after"] == b"1"
+    assert "2 requests already in flight" in json.loads(refused[2])["error"]
+    assert [status for status, _, _ in held] == [200, 200] and after[0] == 200 and edge.in_flight == 0
+    assert sample("classify_rejected_total", reason="overloaded") == before + 1
+
+
+def test_a_request_past_its_deadline_is_a_504_and_the_service_recovers(images):
+    edge, handlers, _ = make_edge(timeout_s=0.2)
+    model = handlers.models.default
+    unblock, engine = threading.Event(), model.batcher.infer
+
+    def stuck(batch):
+        unblock.wait(10)
+        return engine(batch)
+
+    model.batcher.infer = stuck
+    status, _, body = asyncio.run(call(edge, images[0]))
+    unblock.set()
+    assert status == 504 and "not answered within 0.2 s (SERVING_TIMEOUT_S)" in json.loads(body)["error"]
+    model.batcher.infer = engine
+    assert asyncio.run(call(edge, images[0]))[0] == 200
+
+
+def test_an_unexpected_error_is_a_500_with_an_id_that_leads_to_its_logged_traceback(images):
+    edge, handlers, _ = make_edge()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logs.logger.addHandler(handler)
+
+    def broken(batch):
+        raise RuntimeError("the engine broke")
+
+    handlers.models.default.batcher.infer = broken
+    before = (sample("classify_requests_total", route=CLASSIFY, status="500"), sample("classify_rejected_total", reason="internal"))
+    try:
+        status, _, raw = asyncio.run(call(edge, images[0]))
+    finally:
+        logs.logger.removeHandler(handler)
+    body = json.loads(raw)
+    assert status == 500 and body["error"] == "internal error" and len(body["id"]) == 16
+    logged = [r.msg for r in records if r.msg["event"] == "internal_error"]
+    assert logged and logged[0]["id"] == body["id"] and "RuntimeError: the engine broke" in logged[0]["traceback"]
+    after = (sample("classify_requests_total", route=CLASSIFY, status="500"), sample("classify_rejected_total", reason="internal"))
+    assert after == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, reason, message",
+    [
+        ({"content": b"x" * 2000, "headers": {"Content-Type": "image/png"}}, 413, "too_large", "exceeds the limit of 1,000 bytes"),
+        ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "unsupported_type", "unsupported content type 'application/json'"),
+        ({"content": b"not an image", "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "not a supported image"),
+        ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "bad_request", "empty request body"),
+        ({"content": b"x", "headers": {"Content-Type": "image/png"}, "params": {"model": "resnet"}}, 404, "unknown_model", "unknown model 'resnet'"),
+        ({"content": b"x", "headers": {"Content-Type": "image/png"}, "params": {"top_k": "11"}}, 400, "bad_request", "top_k must be from 1 to 10"),
+    ],
+)
+def test_each_client_mistake_gets_its_status_and_reason(kwargs, status, reason, message):
+    edge, _, _ = make_edge(max_body_bytes=1000)
+    before = sample("classify_rejected_total", reason=reason), sample("classify_requests_total", route=CLASSIFY, status=str(status))
+
+    async def main():
+        async with client(edge) as http:
+            return await http.post(CLASSIFY, **kwargs)
+
+    response = asyncio.run(main())
+    assert response.status_code == status and message in response.json()["error"]
+    after = sample("classify_rejected_total", reason=reason), sample("classify_requests_total", route=CLASSIFY, status=str(status))
+    assert after == (before[0] + 1, before[1] + 1)
+
+
+def test_the_error_table_maps_subclasses_before_their_bases_and_nothing_else_to_4xx():
+    for kind, status, reason in HTTP_ERRORS:
+        assert http_status(kind("x")) == (status, reason)
+    assert http_status(KeyError("x")) == (500, "internal") and http_status(ValueError("x")) == (500, "internal")
+
+
+def test_a_client_that_hangs_up_mid_body_is_counted_not_an_error():
+    edge, _, _ = make_edge()
+    before = sample("classify_rejected_total", reason="disconnected")
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(edge(request_scope(), receive, send))
+    assert sent[0]["status"] == 499 and sample("classify_rejected_total", reason="disconnected") == before + 1
+
+
+def test_other_methods_and_tracing_mode_go_through_bentoml(images):
+    edge, _, fallback = make_edge(hot=False, max_concurrency=1)
+    assert asyncio.run(call(edge, images[0]))[0] == 299 and fallback.paths == [CLASSIFY]
+    edge, _, fallback = make_edge()
+    assert asyncio.run(call(edge, scope=request_scope(method="GET")))[0] == 299 and fallback.paths == [CLASSIFY]
+
+
+def test_settings_come_from_the_environment_and_a_bad_one_names_its_variable():
+    config = ServingConfig.from_env({"SERVING_MODELS": "a:latest, b:v1", "SERVING_TRACING": "yes", "SERVING_WORKERS": "2", "SERVING_TIMEOUT_S": "2.5"})
+    assert config.models == ("a:latest", "b:v1") and config.tracing and config.workers == 2 and config.timeout_s == 2.5
+    for environ, message in [
+        ({"SERVING_WORKERS": "0"}, "SERVING_WORKERS must be at least 1, got 0"),
+        ({"SERVING_TRACING": "maybe"}, "SERVING_TRACING must be true or false, got 'maybe'"),
+        ({"SERVING_DEVICE": "tpu"}, "SERVING_DEVICE must be one of auto, cpu, cuda, got 'tpu'"),
+        ({"SERVING_ORT_THREADS": "-1"}, "SERVING_ORT_THREADS must be 0 or more, got -1"),
+        ({"SERVING_TIMEOUT_S": "soon"}, "SERVING_TIMEOUT_S must be a number, got 'soon'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ServingConfig.from_env(environ)
+
+
+def test_models_say_their_precision():
+    _, handlers, _ = make_edge()
+    described = handlers.models.describe()["models"][0]
+    assert described["precision"] == "float32" and described["name"] == DEFAULT_MODEL_NAME
+    assert isinstance(handlers.models.default.engine.predict(np.zeros((1, 1, 28, 28), np.uint8)), np.ndarray)
