@@ -120,10 +120,13 @@ def engines(model: torch.nn.Module, card: ModelCard, device: str, threads: int, 
         shape = f"{card.in_channels}x{card.height}x{card.width}"
         for label, fp16 in (("tensorrt fp32", False), ("tensorrt fp16", True)):
             options = {
-                "trt_fp16_enable": fp16, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache / label),
-                "trt_profile_min_shapes": f"pixels:1x{shape}", "trt_profile_opt_shapes": f"pixels:{max(BATCHES)}x{shape}",
+                "trt_fp16_enable": fp16,
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache / label),
+                "trt_profile_min_shapes": f"pixels:1x{shape}",
+                "trt_profile_opt_shapes": f"pixels:{max(BATCHES)}x{shape}",
                 "trt_profile_max_shapes": f"pixels:{max(BATCHES)}x{shape}",
-            }  # fmt: skip
+            }
             try:
                 found[label] = onnx_engine(
                     graph, [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"], threads
@@ -136,8 +139,15 @@ def engines(model: torch.nn.Module, card: ModelCard, device: str, threads: int, 
 def measure(name: str, device: str, threads: int, rounds: int, cache: Path) -> list[dict]:
     torch.manual_seed(0)
     size = default_size(name)
-    card = ModelCard(arch=name, class_names=[str(i) for i in range(10)], in_channels=1, height=size, width=size,
-                     mean=(0.29,), std=(0.35,))  # fmt: skip
+    card = ModelCard(
+        arch=name,
+        class_names=[str(i) for i in range(10)],
+        in_channels=1,
+        height=size,
+        width=size,
+        mean=(0.29,),
+        std=(0.35,),
+    )
     model = build_model(card).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,13 +183,15 @@ def device_name(device: str, threads: int) -> str:
 
 def table(rows: list[dict], device: str, threads: int) -> str:
     lines = [
-        (f"Device: {device_name(device, threads)}; torch {torch.__version__}, onnxruntime {ort.__version__}; "
-         f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/export_speed.py --device {device} --write BENCHMARKS.md`. "
-         f"Random weights (speed does not depend on their values), real Fashion-MNIST test images; medians of alternating rounds."),
+        (
+            f"Device: {device_name(device, threads)}; torch {torch.__version__}, onnxruntime {ort.__version__}; "
+            f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/export_speed.py --device {device} --write BENCHMARKS.md`. "
+            f"Random weights (speed does not depend on their values), real Fashion-MNIST test images; medians of alternating rounds."
+        ),
         "",
         "| model | input | engine | b1 ms | b1 vs eager | b64 img/s | b64 vs eager | b64 vs onnx fp32 | top-1 agree | max abs diff |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
     for r in rows:
         lines.append(row_line(r, {x["engine"]: x for x in rows if x["model"] == r["model"]}))
     return "\n".join(lines)
@@ -192,9 +204,11 @@ def row_line(r: dict, same_model: dict[str, dict]) -> str:
             return "—"
         return f"{base[f'seconds_{batch}'] / r[f'seconds_{batch}']:.2f}x"
 
-    return (f"| {r['model']} | {r['input']} | {r['engine']} | {r['seconds_1'] * 1e3:.2f} | {ratio('eager fp32', 1)} "
-            f"| {64 / r['seconds_64']:,.0f} | {ratio('eager fp32', 64)} | {ratio('onnx fp32', 64)} "
-            f"| {r['top1']:.3f} | {r['diff']:.1e} |")  # fmt: skip
+    return (
+        f"| {r['model']} | {r['input']} | {r['engine']} | {r['seconds_1'] * 1e3:.2f} | {ratio('eager fp32', 1)} "
+        f"| {64 / r['seconds_64']:,.0f} | {ratio('eager fp32', 64)} | {ratio('onnx fp32', 64)} "
+        f"| {r['top1']:.3f} | {r['diff']:.1e} |"
+    )
 
 
 def main(args: argparse.Namespace) -> None:

@@ -59,8 +59,15 @@ def measure(checkpoint: Path, threads: int, rounds: int) -> list[dict]:
     for label, graph in graphs.items():
         data = serialize(graph)
         parity = compare_with_torch(model, data, pixels, (256,), labels)
-        rows[label] = {"model": card.arch, "checkpoint": str(checkpoint), "input": f"{card.in_channels}x{card.height}x{card.width}",
-                       "graph": label, "kib": len(data) / 1024, "parity": parity, "engine": onnx_engine(data, ["CPUExecutionProvider"], threads)}  # fmt: skip
+        rows[label] = {
+            "model": card.arch,
+            "checkpoint": str(checkpoint),
+            "input": f"{card.in_channels}x{card.height}x{card.width}",
+            "graph": label,
+            "kib": len(data) / 1024,
+            "parity": parity,
+            "engine": onnx_engine(data, ["CPUExecutionProvider"], threads),
+        }
     batch = pixels[:BATCH]
     times = {label: [] for label in rows}
     for row in rows.values():
@@ -76,20 +83,24 @@ def measure(checkpoint: Path, threads: int, rounds: int) -> list[dict]:
 
 def table(rows: list[dict], threads: int, checkpoints: list[Path]) -> str:
     lines = [
-        (f"Device: {device_name('cpu', threads)}; torch {torch.__version__}, onnxruntime {ort.__version__}; "
-         f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/int8_accuracy.py --checkpoints "
-         f"{' '.join(map(str, checkpoints))} --write BENCHMARKS.md`. Accuracy and agreement on every test image, at batch 256; "
-         f"throughput at batch {BATCH}, medians of alternating rounds."),
+        (
+            f"Device: {device_name('cpu', threads)}; torch {torch.__version__}, onnxruntime {ort.__version__}; "
+            f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/int8_accuracy.py --checkpoints "
+            f"{' '.join(map(str, checkpoints))} --write BENCHMARKS.md`. Accuracy and agreement on every test image, at batch 256; "
+            f"throughput at batch {BATCH}, medians of alternating rounds."
+        ),
         "",
         f"| model | input | graph | size KiB | accuracy | PyTorch accuracy | top-1 agree | max abs diff | b{BATCH} img/s | vs fp32 |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
     for r in rows:
         fp32 = next(x for x in rows if x["checkpoint"] == r["checkpoint"] and x["graph"] == GRAPHS[0])
         p = r["parity"]
-        lines.append(f"| {r['model']} | {r['input']} | {r['graph']} | {r['kib']:,.0f} | {p['accuracy_onnx']:.4f} | {p['accuracy_torch']:.4f} "
-                     f"| {p['top1_agreement']:.4f} | {p['max_abs_logit_diff']:.1e} | {r['images_per_second']:,.0f} "
-                     f"| {r['images_per_second'] / fp32['images_per_second']:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['input']} | {r['graph']} | {r['kib']:,.0f} | {p['accuracy_onnx']:.4f} | {p['accuracy_torch']:.4f} "
+            f"| {p['top1_agreement']:.4f} | {p['max_abs_logit_diff']:.1e} | {r['images_per_second']:,.0f} "
+            f"| {r['images_per_second'] / fp32['images_per_second']:.2f}x |"
+        )
     return "\n".join(lines)
 
 

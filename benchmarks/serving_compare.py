@@ -1,81 +1,109 @@
-"""Serving benchmark: the BentoML service vs a hand-written FastAPI server vs the in-process limit.
+"""Serving benchmark: the service against what a user would run instead, side by side in one run.
 
-    python benchmarks/serving_compare.py                    # LeNet and ResNet-18, concurrency 1 8 32 128, 10 s each
-    python benchmarks/serving_compare.py --models lenet --concurrency 1 8 --seconds 2 --targets service inprocess
-    python benchmarks/serving_compare.py --write BENCHMARKS.md
+    python benchmarks/serving_compare.py                                   # LeNet, c=1 32 128; 15 s, 2 rounds
+    python benchmarks/serving_compare.py --resnet18-checkpoint runs/resnet18-224/last.pt   # + ResNet-18 rows
+    python benchmarks/serving_compare.py --subjects lenet --concurrency 32 --seconds 5 --rounds 1 --targets service floor
+    python benchmarks/serving_compare.py ... --write BENCHMARKS.md
 
-Run from the repository root. For each model, at each concurrency level, in one run on one machine:
+Run from the repository root; needs `wrk` (apt-get install wrk) and the bench extra (LitServe).
+Targets, each its own server process tree on loopback, all started before timing and loaded in
+turn (every target at one level, then the next round), so a shared machine's drift hits them alike:
 
-- service: ``bentoml serve`` of serving/service.py with both models registered in a temporary
-  BentoML home ($SERVING_MODELS); every request names its model in the form field ``model``.
-- baseline: benchmarks/fastapi_baseline.py under uvicorn (one worker): PyTorch eager, one image
-  per request, the same architecture (ResNet-18: the same weights).
-- inprocess: no HTTP. Decode + preprocess in a thread pool, then ``OnnxClassifier.predict`` on a
-  batch as large as the concurrency (at most 64, the service's largest batch): what the service's
-  engine does with no server around it.
+- service: ``bentoml serve`` of serving/service.py, one worker (``service-2w``: two; ``service-nolog``:
+  SERVING_LOG_REQUESTS=false; ``service-traced``: SERVING_TRACING=true; ``service-int8``: the int8 graph).
+- fastapi: the hand-written FastAPI + PyTorch eager server (benchmarks/fastapi_baseline.py), one image per request.
+- litserve-1ms / litserve-5ms: LitServe with its batching (max 64) at two batch timeouts (benchmarks/litserve_peer.py).
+- floor: bare Starlette, batch 1 on the event loop, nothing else (benchmarks/starlette_floor.py).
 
-The targets alternate level by level (all three at concurrency 1, then all three at 8, ...), so the
-drift of a shared machine hits them alike. Client, servers and the in-process run share the cores.
-Every server is started here, in its own process group, and killed when the run ends or fails; they
-inherit this environment, so SERVING_* settings set here reach the service.
+The load client is wrk, posting real Fashion-MNIST test images as multipart forms in a closed loop
+(benchmarks/wrk_load.py); server CPU per request is read from /proc for each target's process tree.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import io
-import itertools
 import os
 import platform
 import shlex
-import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable, Iterator
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import torch
-from classify_load import LEVEL_HEADER, level_cells, run_level, summarize  # this script's folder is on sys.path
 from PIL import Image
-from report import write_section
+from report import write_section  # this script's folder is on sys.path
+from wrk_load import Bodies, run_wrk, write_bodies
 
-from model_store import ModelCard, image_bytes_to_input
-from serving.engine import OnnxClassifier
-from training.checkpoint import save_checkpoint
+from model_store import ModelCard
+from training.checkpoint import read_checkpoint, save_checkpoint
 from training.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "## HTTP serving: the BentoML service vs a hand-written FastAPI server vs in-process"
-MODELS = ("lenet", "resnet18")
-TARGETS = ("service", "baseline", "inprocess")
-LABELS = {"service": "service", "baseline": "baseline", "inprocess": "in-process"}
-MAX_BATCH = 64  # the service's default largest batch: the in-process batch is never larger
+SECTION = "## HTTP serving: the service against a hand-written server, LitServe and a bare floor"
 READY_SECONDS = 300  # importing torch and building ResNet-18 on a loaded 2-core machine is slow
+LEVELS = {"lenet": [1, 32, 128], "resnet18": [32]}
+EXTRA_AT = 32  # service-2w, -nolog and -traced run at this level only: they answer one question each
+TARGETS = (
+    "service",
+    "service-2w",
+    "service-nolog",
+    "service-traced",
+    "service-int8",
+    "fastapi",
+    "litserve-1ms",
+    "litserve-5ms",
+    "floor",
+)
+DESCRIPTIONS = {
+    "service": "`bentoml serve`, 1 worker, defaults",
+    "service-2w": "`bentoml serve`, SERVING_WORKERS=2",
+    "service-nolog": "`bentoml serve`, SERVING_LOG_REQUESTS=false",
+    "service-traced": "`bentoml serve`, SERVING_TRACING=true (sampled 1.0, no exporter)",
+    "service-int8": "`bentoml serve`, the `python -m export --int8` graph",
+    "fastapi": "FastAPI + PyTorch eager, uvicorn, 1 worker, one image per request",
+    "litserve-1ms": "LitServe 0.2.19, max batch 64, batch_timeout 1 ms",
+    "litserve-5ms": "LitServe 0.2.19, max batch 64, batch_timeout 5 ms",
+    "floor": "bare Starlette + uvicorn, batch 1 on the event loop, no limits, metrics or logs",
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="models (default: lenet resnet18)"
+        "--subjects",
+        nargs="+",
+        choices=list(LEVELS),
+        default=None,
+        help="models (default: lenet, and resnet18 when --resnet18-checkpoint is given)",
     )
     parser.add_argument(
-        "--concurrency", type=int, nargs="+", default=[1, 8, 32, 128], help="levels (default: 1 8 32 128)"
+        "--resnet18-checkpoint",
+        type=Path,
+        default=None,
+        help="a trained 3x224x224 ResNet-18 checkpoint: its fp32 and verified int8 graphs are served",
     )
-    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each level and target (default: 10)")
     parser.add_argument(
-        "--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to measure (default: all)"
+        "--concurrency", type=int, nargs="+", default=None, help="levels (default: lenet 1 32 128, resnet18 32)"
+    )
+    parser.add_argument(
+        "--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to run (default: all)"
+    )
+    parser.add_argument("--seconds", type=float, default=15.0, help="duration of each run (default: 15)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of each target at each level; medians reported (default: 2)"
     )
     parser.add_argument("--images", type=int, default=256, help="distinct test images to cycle through (default: 256)")
     parser.add_argument(
@@ -84,22 +112,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ServerError(Exception):
-    """A server did not start, or answered the warm-up wrongly; its log has been printed."""
+@dataclass(frozen=True)
+class Subject:
+    key: str
+    title: str
+    onnx: Path  # the fp32 graph
+    int8: Path | None  # the verified int8 graph, if there is one
+    checkpoint: Path  # the PyTorch weights FastAPI serves
+    bodies: Bodies
 
 
 @dataclass(frozen=True)
-class Subject:
-    """One model as all three targets see it."""
-
-    key: str  # the --models name
-    store_name: str  # its name in the BentoML store, and the `model` form field of every request
-    onnx: Path  # the graph the service and the in-process run load
-    checkpoint: Path  # the PyTorch weights the baseline loads
-    card: ModelCard
-    images: list[bytes]  # encoded test images
-    content_type: str
-    title: str  # for the report: what the model is, its input, and how the weights relate
+class Running:
+    url: str  # the classify endpoint
+    pid: int  # the root of the server's process tree
+    batches: Callable[[], tuple[float, float]] | None  # (batches, images) so far, where the server counts them
 
 
 def fashion_images(count: int) -> np.ndarray:
@@ -114,43 +141,67 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def prepare_lenet(workdir: Path, count: int) -> Subject:
-    from model_store.store import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, read_onnx_card
+def fashion_pngs(count: int) -> list[bytes]:
+    return [encode(Image.fromarray(a), "PNG") for a in fashion_images(count)]
 
-    # The shipped ONNX holds no PyTorch weights (its BatchNorms are folded), so the baseline gets the
-    # same architecture and card with random weights: the time per image does not depend on their values.
+
+def prepare_lenet(workdir: Path, args: argparse.Namespace) -> Subject:
+    from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
+
+    # The shipped ONNX holds no PyTorch weights (its BatchNorms are folded), so FastAPI gets the
+    # same architecture with random weights: the time per image does not depend on their values.
     card = dataclasses.replace(read_onnx_card(DEFAULT_MODEL_FILE), metrics={}, export={})
     torch.manual_seed(0)
     save_checkpoint(workdir / "lenet.pt", build_model(card), card)
     return Subject(
-        "lenet", DEFAULT_MODEL_NAME, DEFAULT_MODEL_FILE, workdir / "lenet.pt", card,
-        [encode(Image.fromarray(a), "PNG") for a in fashion_images(count)], "image/png",
-        f"LeNet ({card.arch}), 1x28x28, Fashion-MNIST test images as PNG. Service and in-process: the shipped "
-        "model; baseline: the same architecture with random weights (the shipped ONNX has no PyTorch weights)",
-    )  # fmt: skip
+        "lenet",
+        f"LeNet ({card.arch}), 1x28x28, Fashion-MNIST test images as PNG (~0.7 KB). The shipped graph; "
+        "FastAPI: the same architecture with random weights (the shipped ONNX holds no PyTorch weights)",
+        DEFAULT_MODEL_FILE,
+        None,
+        workdir / "lenet.pt",
+        write_bodies(workdir / "lenet-bodies", fashion_pngs(args.images), "image/png"),
+    )
 
 
-def prepare_resnet18(workdir: Path, count: int) -> Subject:
-    from export.onnx_export import export_graph, serialize, with_card
-
-    # Class names no other model has: the label of a warm-up answer proves the service routed to this model.
-    card = ModelCard(arch="resnet18", class_names=[f"resnet18-{i}" for i in range(10)], in_channels=3, height=224,
-                     width=224, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), dataset="random weights, seed 0")  # fmt: skip
-    torch.manual_seed(0)
-    model = build_model(card).eval()
-    print("exporting resnet18 (random weights, seed 0) to ONNX ...", flush=True)
-    proto, _ = export_graph(model, card)
-    onnx_path = workdir / "bench-resnet18.onnx"
-    onnx_path.write_bytes(serialize(with_card(proto, card)))
-    save_checkpoint(workdir / "resnet18.pt", model, card)
+def prepare_resnet18(workdir: Path, args: argparse.Namespace) -> Subject:
+    checkpoint = args.resnet18_checkpoint
+    card = ModelCard.from_dict(read_checkpoint(checkpoint)["card"])
+    if (card.arch, card.in_channels, card.height, card.width) != ("resnet18", 3, 224, 224):
+        raise SystemExit(
+            f"error: {checkpoint} is a {card.arch} at {card.in_channels}x{card.height}x{card.width}; want resnet18 3x224x224"
+        )
+    graphs = {}
+    for name, flags in (("fp32", []), ("int8", ["--int8"])):
+        graphs[name] = workdir / f"resnet18-{name}.onnx"
+        print(f"exporting {checkpoint} ({name}), verified against PyTorch ...", flush=True)
+        command = [
+            sys.executable,
+            "-m",
+            "export",
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(graphs[name]),
+            "--verify-images",
+            "256",
+            *flags,
+        ]
+        subprocess.run(command, cwd=REPO, check=True)
     # Fashion-MNIST upscaled to 224x224 RGB, so decoding costs what a real photo of that size would.
-    images = [encode(Image.fromarray(a).resize((224, 224), Image.Resampling.BILINEAR).convert("RGB"), "JPEG")
-              for a in fashion_images(count)]  # fmt: skip
+    jpegs = [
+        encode(Image.fromarray(a).resize((224, 224), Image.Resampling.BILINEAR).convert("RGB"), "JPEG")
+        for a in fashion_images(args.images)
+    ]
     return Subject(
-        "resnet18", "bench-resnet18", onnx_path, workdir / "resnet18.pt", card, images, "image/jpeg",
-        "ResNet-18, 3x224x224, Fashion-MNIST test images upscaled to 224x224 RGB JPEG. "
-        "Random weights (seed 0), the same in all three targets",
-    )  # fmt: skip
+        "resnet18",
+        f"ResNet-18, 3x224x224, Fashion-MNIST test images upscaled to 224x224 RGB JPEG (~9 KB); weights "
+        f"{checkpoint} in every target, int8: its verified `python -m export --int8` graph",
+        graphs["fp32"],
+        graphs["int8"],
+        checkpoint,
+        write_bodies(workdir / "resnet18-bodies", jpegs, "image/jpeg"),
+    )
 
 
 def free_port() -> int:
@@ -159,200 +210,307 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tail(path: Path, chars: int = 4000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
-
-
 @contextlib.contextmanager
-def server(name: str, command: list[str], env: dict[str, str], port: int, ready_path: str, logdir: Path):
-    """Start ``command`` in its own process group; yield its URL once ``ready_path`` answers 200; kill the group."""
+def process(name: str, command: list[str], env: dict[str, str], ready_url: str, logdir: Path) -> Iterator[int]:
+    """Start ``command`` in its own process group; yield its pid once ``ready_url`` answers 200; kill the group."""
     log = logdir / f"{name}.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(
+        child = subprocess.Popen(
             command, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + READY_SECONDS
         while True:
-            if process.poll() is not None:
-                raise ServerError(f"{name} exited with {process.returncode} before it was ready")
+            if child.poll() is not None:
+                raise SystemExit(f"error: {name} exited with {child.returncode}:\n{log.read_text()[-3000:]}")
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise ServerError(f"{name} not ready after {READY_SECONDS} s")
+                raise SystemExit(f"error: {name} not ready after {READY_SECONDS} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url
-    except Exception:
-        print(f"--- {name} log, last lines ---\n{tail(log)}", file=sys.stderr)
-        raise
+        yield child.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(child.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            child.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
 
 
-def start_service(subjects: list[Subject], workdir: Path) -> contextlib.AbstractContextManager[str]:
-    """`bentoml serve` from the repo root with every subject registered in the private $BENTOML_HOME."""
-    from model_store.store import register
+def metric_sums(url: str, name: str) -> tuple[float, float]:
+    """(count, sum) of a histogram on a service's /metrics, over all its label sets and workers."""
+    count = total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + "_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
 
-    tags = []
-    for subject in subjects:
-        tag = str(register(subject.onnx, subject.store_name).tag)
-        print(f"registered {subject.onnx.name} as {tag}", flush=True)
-        tags.append(tag)
+
+@contextlib.contextmanager
+def start(target: str, subject: Subject, workdir: Path) -> Iterator[Running]:
     port = free_port()
-    env = {"SERVING_MODELS": ",".join(tags), "BENTOML_DO_NOT_TRACK": "True"}
-    command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return server("service", command, env, port, "/readyz", workdir)
+    base = f"http://127.0.0.1:{port}"
+    python = sys.executable
+    if target.startswith("service"):
+        # A BentoML home per service: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir
+        # when it starts, which would wipe the metrics of every other service sharing that home.
+        home = workdir / f"bentoml-{target}-{subject.key}"
+        graph = subject.int8 if target == "service-int8" else subject.onnx
+        name = f"bench-{subject.key}"
+        register = [python, "-m", "model_store", "register", str(graph), "--name", name]
+        subprocess.run(
+            register, cwd=REPO, env={**os.environ, "BENTOML_HOME": str(home)}, check=True, capture_output=True
+        )
+        env = {
+            "SERVING_MODELS": f"{name}:latest",
+            "BENTOML_HOME": str(home),
+            "BENTOML_DO_NOT_TRACK": "True",
+            **{
+                "service-2w": {"SERVING_WORKERS": "2"},
+                "service-nolog": {"SERVING_LOG_REQUESTS": "false"},
+                "service-traced": {"SERVING_TRACING": "true"},
+            }.get(target, {}),
+        }
+        command = [python, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        with process(f"{target}-{subject.key}", command, env, base + "/readyz", workdir) as pid:
+            yield Running(base + "/classify", pid, lambda: metric_sums(base, "classify_batch_size"))
+    elif target == "fastapi":
+        command = [
+            python,
+            "-m",
+            "uvicorn",
+            "benchmarks.fastapi_baseline:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--no-access-log",
+        ]
+        with process(
+            f"fastapi-{subject.key}",
+            command,
+            {"BASELINE_CHECKPOINT": str(subject.checkpoint)},
+            base + "/healthz",
+            workdir,
+        ) as pid:
+            yield Running(base + "/classify", pid, None)
+    elif target.startswith("litserve"):
+        stats = workdir / f"{target}-{subject.key}.json"
+        env = {
+            "LITSERVE_ONNX": str(subject.onnx),
+            "LITSERVE_BATCH_TIMEOUT": "0.001" if target == "litserve-1ms" else "0.005",
+            "LITSERVE_STATS": str(stats),
+            "PYTHONPATH": str(REPO),
+        }
+        command = [python, "benchmarks/litserve_peer.py", "--port", str(port)]
+        with process(f"{target}-{subject.key}", command, env, base + "/health", workdir) as pid:
+            yield Running(base + "/classify", pid, lambda: _litserve_batches(stats))
+    else:
+        command = [
+            python,
+            "-m",
+            "uvicorn",
+            "benchmarks.starlette_floor:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+        ]
+        with process(
+            f"floor-{subject.key}", command, {"FLOOR_ONNX": str(subject.onnx)}, base + "/healthz", workdir
+        ) as pid:
+            yield Running(base + "/classify", pid, None)
 
 
-def start_baseline(subject: Subject, workdir: Path) -> contextlib.AbstractContextManager[str]:
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "benchmarks.fastapi_baseline:app", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1", "--log-level", "warning"]  # fmt: skip
-    return server(
-        f"baseline-{subject.key}", command, {"BASELINE_CHECKPOINT": str(subject.checkpoint)}, port, "/healthz", workdir
+def _litserve_batches(stats: Path) -> tuple[float, float]:
+    import json
+
+    time.sleep(1.1)  # the worker writes its counts once a second
+    counts = json.loads(stats.read_text()) if stats.exists() else {"batches": 0, "images": 0}
+    return counts["batches"], counts["images"]
+
+
+def measure(
+    subject: Subject, levels: list[int], targets: list[str], args: argparse.Namespace, workdir: Path
+) -> list[dict]:
+    wanted = [t for t in targets if t != "service-int8" or subject.int8 is not None]
+    rows: dict[tuple[int, str], list[dict]] = {}
+    with contextlib.ExitStack() as stack:
+        running = {t: stack.enter_context(start(t, subject, workdir)) for t in wanted}
+        for target, server in running.items():  # warm every server up, and prove it answers
+            run_wrk(server.url, subject.bodies, 4, 2, server.pid)
+        for concurrency in levels:
+            here = [
+                t
+                for t in wanted
+                if concurrency == EXTRA_AT or t not in ("service-2w", "service-nolog", "service-traced")
+            ]
+            for round_ in range(args.rounds):
+                for target in here:
+                    server = running[target]
+                    before = server.batches() if server.batches else None
+                    result = run_wrk(server.url, subject.bodies, concurrency, args.seconds, server.pid)
+                    if before is not None:
+                        after = server.batches()
+                        batches = after[0] - before[0]
+                        result["mean_batch"] = (after[1] - before[1]) / batches if batches else float("nan")
+                    else:
+                        result["mean_batch"] = 1.0  # one image per model call, by construction
+                    rows.setdefault((concurrency, target), []).append(result)
+                    print(f"{subject.key} c={concurrency} {target} round {round_ + 1}: {cells(result)}", flush=True)
+    return [{**median_of(results), "target": target, "subject": subject.key} for (c, target), results in rows.items()]
+
+
+def median_of(results: list[dict]) -> dict:
+    merged = {
+        key: statistics.median(r[key] for r in results) for key in results[0] if key not in ("errors", "requests")
+    }
+    return {**merged, "errors": sum(r["errors"] for r in results), "requests": sum(r["requests"] for r in results)}
+
+
+HEADER = (
+    "| c | target | req/s | p50 ms | p99 ms | server CPU ms/req | server cores | mean batch | errors | client cores |"
+)
+
+
+def cells(r: dict) -> str:
+    rate = f"{r['rps']:,.0f}" if r["rps"] >= 100 else f"{r['rps']:.1f}"
+    return (
+        f"{rate} | {r['p50']:.2f} | {r['p99']:.2f} | {r['server_cpu_ms']:.3f} | {r['server_cores']:.2f} | "
+        f"{r['mean_batch']:.1f} | {r['errors']} | {r['client_cores']:.2f}"
     )
 
 
-async def check(url: str, subject: Subject, target: str) -> None:
-    """A few requests before timing: they warm the server and prove it answers with this model's classes."""
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        for image in subject.images[:8]:
-            files = {"image": ("x", image, subject.content_type)}
-            response = await client.post("/classify", files=files, data={"model": subject.store_name})
-            label = response.json().get("label") if response.status_code == 200 else None
-            if label not in subject.card.class_names:
-                raise ServerError(
-                    f"{target} did not answer with {subject.store_name}'s classes (does it serve $SERVING_MODELS and "
-                    f"read the form field `model`?): {response.status_code} {response.text[:300]}"
-                )
-
-
-def run_inprocess(
-    engine: OnnxClassifier, images: list[bytes], concurrency: int, seconds: float, pool: ThreadPoolExecutor
-) -> dict:
-    """Decode + preprocess a batch in the pool (PIL releases the GIL), then one ONNX Runtime call."""
-    batch_size = min(concurrency, MAX_BATCH)
-
-    def step(first: int) -> None:
-        batch = [images[(first + k) % len(images)] for k in range(batch_size)]
-        engine.predict(np.stack(list(pool.map(image_bytes_to_input, batch, itertools.repeat(engine.card)))))
-
-    step(0)  # warm-up: the first run of a batch shape allocates
-    latencies: list[float] = []
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        start = time.perf_counter()
-        step(len(latencies) * batch_size)
-        latencies.append(time.perf_counter() - start)
-    elapsed = time.perf_counter() - started
-    return summarize(concurrency, latencies, 0, elapsed, count=len(latencies) * batch_size)
-
-
-def measure(subject: Subject, args: argparse.Namespace, service_url: str | None, workdir: Path) -> list[dict]:
-    rows = []
-    with contextlib.ExitStack() as stack:
-        urls = {"service": service_url}
-        if "baseline" in args.targets:
-            urls["baseline"] = stack.enter_context(start_baseline(subject, workdir))
-            asyncio.run(check(urls["baseline"], subject, "baseline"))
-        engine = OnnxClassifier(subject.onnx) if "inprocess" in args.targets else None
-        pool = stack.enter_context(ThreadPoolExecutor(os.cpu_count()))
-        for concurrency, target in itertools.product(args.concurrency, [t for t in TARGETS if t in args.targets]):
-            if target == "inprocess":
-                r = run_inprocess(engine, subject.images, concurrency, args.seconds, pool)
-            else:
-                r = asyncio.run(run_level(urls[target], subject.images, concurrency, args.seconds,
-                                          subject.content_type, {"model": subject.store_name}))  # fmt: skip
-                if r["errors"]:  # counted in the table; the log says why
-                    log = workdir / ("service.log" if target == "service" else f"baseline-{subject.key}.log")
-                    print(f"--- {r['errors']} errors; {log.name}, last lines ---\n{tail(log, 2000)}", file=sys.stderr)
-            rows.append({**r, "model": subject.key, "target": target})
-            print(f"{subject.key} c={concurrency} {target}: | {level_cells(r)} |", flush=True)
-    return rows
-
-
 def device() -> str:
-    cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
         names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    text = f"CPU {cpu}, {os.cpu_count()} cores"
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=False
-        )
-        if query.returncode == 0 and query.stdout.strip():
-            text = f"GPU {', '.join(query.stdout.strip().splitlines())}; {text}"
-    return text
+        if names:
+            return f"CPU {names[0]}, {os.cpu_count()} cores"
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores"
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """Each goal of the serving issue, met or missed, with its figure."""
+    at = {(r["subject"], r["concurrency"], r["target"]): r for r in rows}
+    lines = ["| goal | figure | |", "|---|---|---|"]
+
+    def check(goal: str, keys: list[tuple], figure: Callable[..., tuple[str, bool]]) -> None:
+        if all(k in at for k in keys):
+            text, met = figure(*(at[k] for k in keys))
+            lines.append(f"| {goal} | {text} | {'met' if met else '**missed**'} |")
+        else:
+            lines.append(f"| {goal} | not measured in this run | |")
+
+    def best_litserve(subject: str, c: int) -> list[tuple]:
+        options = [k for k in ((subject, c, "litserve-1ms"), (subject, c, "litserve-5ms")) if k in at]
+        return [max(options, key=lambda k: at[k]["rps"])] if options else [(subject, c, "litserve")]
+
+    ratio = lambda a, b: a["rps"] / b["rps"]  # noqa: E731
+    check(
+        "LeNet c=32: >= 3x the hand-written server",
+        [("lenet", 32, "service"), ("lenet", 32, "fastapi")],
+        lambda s, f: (f"{ratio(s, f):.2f}x", ratio(s, f) >= 3),
+    )
+    check(
+        "LeNet c=32: >= 2.5x LitServe (its best timeout)",
+        [("lenet", 32, "service"), *best_litserve("lenet", 32)],
+        lambda s, ls: (f"{ratio(s, ls):.2f}x", ratio(s, ls) >= 2.5),
+    )
+    check(
+        "LeNet c=32: >= 90% of the bare floor",
+        [("lenet", 32, "service"), ("lenet", 32, "floor")],
+        lambda s, f: (f"{ratio(s, f):.0%}", ratio(s, f) >= 0.9),
+    )
+    check("LeNet c=32: p99 <= 40 ms", [("lenet", 32, "service")], lambda s: (f"{s['p99']:.1f} ms", s["p99"] <= 40))
+    check(
+        "LeNet c=32: <= 0.6 ms server CPU per request",
+        [("lenet", 32, "service")],
+        lambda s: (f"{s['server_cpu_ms']:.3f} ms", s["server_cpu_ms"] <= 0.6),
+    )
+    check(
+        "LeNet c=1: p50 <= the hand-written server's",
+        [("lenet", 1, "service"), ("lenet", 1, "fastapi")],
+        lambda s, f: (f"{s['p50']:.2f} vs {f['p50']:.2f} ms", s["p50"] <= f["p50"]),
+    )
+    check("LeNet c=1: p99 <= 5 ms", [("lenet", 1, "service")], lambda s: (f"{s['p99']:.2f} ms", s["p99"] <= 5))
+    check(
+        "LeNet c=128: p99 <= 4x the c=32 p99, no errors",
+        [("lenet", 128, "service"), ("lenet", 32, "service")],
+        lambda a, b: (
+            f"{a['p99']:.1f} ms = {a['p99'] / b['p99']:.1f}x; {a['errors']} errors",
+            a["p99"] <= 4 * b["p99"] and a["errors"] == 0,
+        ),
+    )
+    check(
+        "ResNet-18 c=32: >= 2x the hand-written server",
+        [("resnet18", 32, "service"), ("resnet18", 32, "fastapi")],
+        lambda s, f: (f"{ratio(s, f):.2f}x", ratio(s, f) >= 2),
+    )
+    check(
+        "ResNet-18 c=32: int8 >= 2.5x LitServe on fp32",
+        [("resnet18", 32, "service-int8"), *best_litserve("resnet18", 32)],
+        lambda s, ls: (f"{ratio(s, ls):.2f}x", ratio(s, ls) >= 2.5),
+    )
+    return lines
 
 
 def report(rows: list[dict], subjects: list[Subject], args: argparse.Namespace) -> str:
     packages = ", ".join(
-        f"{p} {version(p)}" for p in ("torch", "onnxruntime", "bentoml", "fastapi", "uvicorn", "httpx")
+        f"{p} {version(p)}" for p in ("onnxruntime", "bentoml", "litserve", "fastapi", "uvicorn", "torch")
     )
-    engines = {
-        "service": f"one BentoML worker, ONNX Runtime, micro-batches of up to {MAX_BATCH}",
-        "baseline": f"uvicorn, one worker, PyTorch eager on {'cuda' if torch.cuda.is_available() else 'cpu'}, one image per request",
-        "inprocess": "no HTTP, the service's engine on batches of the concurrency (at most 64); its requests are images, its latencies per batch",
-    }  # fmt: skip
-    providers = ", ".join(ort.get_available_providers())
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("[")[0].strip()
     lines = [
-        f"Device: {device()}. Date: {time.strftime('%Y-%m-%d')}. Command: `python {shlex.join(sys.argv)}`. {packages} ({providers}).",
-        f"Each level ran {args.seconds:g} s per target, with the load client on the same machine "
-        f"(client CPU: the cores it used, of {os.cpu_count()}). Targets: "
-        + "; ".join(f"{LABELS[t]}: {engines[t]}" for t in TARGETS if t in args.targets) + ".",
-    ]  # fmt: skip
+        f"Device: {device()}, shared by the servers and the client. Date: {time.strftime('%Y-%m-%d')}. "
+        f"Command: `python {shlex.join(sys.argv)}`. Client: {wrk}, closed loop, multipart forms "
+        f"(benchmarks/multipart.lua). {packages}. Each figure is the median of {args.rounds} runs of "
+        f"{args.seconds:g} s; the targets take turns. Server CPU: user + system time of the target's whole "
+        "process tree (/proc), per answered request. Mean batch: images per model call.",
+        "",
+        "Targets: "
+        + "; ".join(f"**{t}**: {DESCRIPTIONS[t]}" for t in TARGETS if any(r["target"] == t for r in rows))
+        + ".",
+        "",
+        "**Goals**",
+        "",
+        *goals(rows),
+    ]
     for subject in subjects:
-        mine = [r for r in rows if r["model"] == subject.key]
-        lines += [
-            "",
-            f"**{subject.title}.**",
-            "",
-            f"| concurrency | target | {LEVEL_HEADER} | client CPU |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in mine:
-            batch = f" (batch {min(r['concurrency'], MAX_BATCH)})" if r["target"] == "inprocess" else ""
-            client = f"{r['client_cpu']:.2f}" if "client_cpu" in r else "—"
-            lines.append(f"| {r['concurrency']} | {LABELS[r['target']]}{batch} | {level_cells(r)} | {client} |")
-        pairs = [(a, b) for a, b in (("service", "baseline"), ("service", "inprocess")) if {a, b} <= set(args.targets)]
-        if pairs:
-            lines += ["", "| concurrency | " + " | ".join(f"{LABELS[a]} / {LABELS[b]} throughput" for a, b in pairs) + " |",
-                      "|---:|" + "---:|" * len(pairs)]  # fmt: skip
-            for concurrency in args.concurrency:
-                rps = {r["target"]: r["rps"] for r in mine if r["concurrency"] == concurrency}
-                ratios = [f"{rps[a] / rps[b]:.2f}x" if rps[b] else "n/a" for a, b in pairs]
-                lines.append(f"| {concurrency} | " + " | ".join(ratios) + " |")
+        mine = sorted(
+            (r for r in rows if r["subject"] == subject.key),
+            key=lambda r: (r["concurrency"], TARGETS.index(r["target"])),
+        )
+        lines += ["", f"**{subject.title}.**", "", HEADER, "|---:|---|" + "---:|" * 8]
+        lines += [f"| {r['concurrency']} | {r['target']} | {cells(r)} |" for r in mine]
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> None:
-    if min(args.concurrency) < 1 or args.seconds <= 0 or args.images < 1:
-        raise SystemExit("error: --concurrency levels, --seconds and --images must be positive")
+    subjects_wanted = args.subjects or (["lenet", "resnet18"] if args.resnet18_checkpoint else ["lenet"])
+    if "resnet18" in subjects_wanted and args.resnet18_checkpoint is None:
+        raise SystemExit(
+            "error: resnet18 needs --resnet18-checkpoint (a trained 3x224x224 ResNet-18: the int8 export verifies against it)"
+        )
+    if args.seconds <= 0 or args.rounds < 1 or args.images < 1:
+        raise SystemExit("error: --seconds, --rounds and --images must be positive")
     prepare = {"lenet": prepare_lenet, "resnet18": prepare_resnet18}
-    try:
-        with tempfile.TemporaryDirectory(prefix="serving-compare-") as tmp, contextlib.ExitStack() as stack:
-            workdir = Path(tmp)
-            # A private model store for this run, never the user's: BentoML reads the variable at its first
-            # store access (in start_service), and the servers inherit it.
-            os.environ["BENTOML_HOME"] = str(workdir / "bentoml")
-            subjects = [prepare[key](workdir, args.images) for key in dict.fromkeys(args.models)]
-            service_url = None
-            if "service" in args.targets:
-                service_url = stack.enter_context(start_service(subjects, workdir))
-                for subject in subjects:  # every model, before any timing: a misrouted request fails now
-                    asyncio.run(check(service_url, subject, "service"))
-            rows = [row for subject in subjects for row in measure(subject, args, service_url, workdir)]
-    except ServerError as err:  # a server that did not start or answer; its log was printed above
-        raise SystemExit(f"error: {err}") from None
+    with tempfile.TemporaryDirectory(prefix="serving-compare-") as tmp:
+        workdir = Path(tmp)
+        subjects = [prepare[key](workdir, args) for key in subjects_wanted]
+        rows = [
+            row for s in subjects for row in measure(s, args.concurrency or LEVELS[s.key], args.targets, args, workdir)
+        ]
     text = report(rows, subjects, args)
     print(text)
     if args.write:

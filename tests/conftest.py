@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,9 +50,24 @@ def checkpoint(tmp_path_factory, fashion_test) -> Path:
 
     out = tmp_path_factory.mktemp("run")
     args = get_args_parser().parse_args(
-        ["train", "--model", "lenet_bn", "--model-arg", "activation=relu", "--model-arg", "pool=max",
-         "--epochs", "2", "--train-limit", "3000", "--test-limit", "1000", "--output-dir", str(out)]
-    )  # fmt: skip
+        [
+            "train",
+            "--model",
+            "lenet_bn",
+            "--model-arg",
+            "activation=relu",
+            "--model-arg",
+            "pool=max",
+            "--epochs",
+            "2",
+            "--train-limit",
+            "3000",
+            "--test-limit",
+            "1000",
+            "--output-dir",
+            str(out),
+        ]
+    )
     main(args)
     return out / "last.pt"
 
@@ -73,9 +89,13 @@ def free_port() -> int:
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env={**os.environ, **(env or {})},
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -90,21 +110,33 @@ def bentoml_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def served_models(bentoml_home, exported) -> str:
     """SERVING_MODELS for the test server: the shipped default first, then the test's own export."""
-    result = run_cli("-m", "model_store", "register", str(exported), "--name", "test-lenet", env={"BENTOML_HOME": str(bentoml_home)})
+    result = run_cli(
+        "-m", "model_store", "register", str(exported), "--name", "test-lenet", env={"BENTOML_HOME": str(bentoml_home)}
+    )
     assert result.returncode == 0, result.stderr
     return "fashion-lenet:latest,test-lenet:latest"
 
 
 @contextlib.contextmanager
 def bentoml_serve(bentoml_home: Path, log: Path, env: dict[str, str]):
-    """`bentoml serve` from the repo root, as the README runs it, once /readyz is green; yields its URL."""
+    """`bentoml serve` from the repo root, as the README runs it, once /readyz is green; yields its URL.
+
+    Each server gets its own copy of the BentoML home: `bentoml serve` empties
+    $BENTOML_HOME/prometheus_multiproc_dir at start, which would wipe the metrics of a server
+    already running from the same home.
+    """
     port = free_port()
+    home = log.parent / "bentoml"
+    shutil.copytree(bentoml_home / "models", home / "models")
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env={**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True", **env},
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            cwd=REPO,
+            env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
