@@ -12,6 +12,8 @@ serve: $(VENV)/.serving
 	$(BIN)/bentoml serve --port $(PORT)
 
 test: $(VENV)/.full data
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 # Reproduces the shipped model_store/default/fashion-lenet.onnx (about 2 minutes on 2 CPU cores).

@@ -27,38 +27,66 @@ INT8_MAX_ACCURACY_DROP = 0.005  # ... and accuracy on the true labels at most ha
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export", description="Export a checkpoint to a verified ONNX graph.")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by `python -m training train`")
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description="Export a checkpoint to a verified ONNX graph."
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="a checkpoint written by `python -m training train`"
+    )
     parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="compute in float16, for GPU serving; logits stay float32 (default: off)")
-    precision.add_argument("--int8", action="store_true",
-                           help="quantize weights and activations to 8 bits, for CPU serving; logits stay float32 (default: off)")  # fmt: skip
-    parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
-                        help=f"--int8: training images that set the activation ranges (default: {DEFAULT_CALIBRATION_IMAGES})")  # fmt: skip
-    parser.add_argument("--float-input", action="store_true",
-                        help="take normalized float32 input instead of uint8 pixels (default: off)")  # fmt: skip
-    parser.add_argument("--verify-images", type=int, default=1000, help="Fashion-MNIST test images to verify on (default: 1000)")
-    parser.add_argument("--verify-batch-size", type=int, default=256, help="the large verification batch (default: 256)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="where the training data is now (default: as trained)")
+    precision.add_argument(
+        "--fp16", action="store_true", help="compute in float16, for GPU serving; logits stay float32 (default: off)"
+    )
+    precision.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize weights and activations to 8 bits, for CPU serving; logits stay float32 (default: off)",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=DEFAULT_CALIBRATION_IMAGES,
+        help=f"--int8: training images that set the activation ranges (default: {DEFAULT_CALIBRATION_IMAGES})",
+    )
+    parser.add_argument(
+        "--float-input",
+        action="store_true",
+        help="take normalized float32 input instead of uint8 pixels (default: off)",
+    )
+    parser.add_argument(
+        "--verify-images", type=int, default=1000, help="Fashion-MNIST test images to verify on (default: 1000)"
+    )
+    parser.add_argument(
+        "--verify-batch-size", type=int, default=256, help="the large verification batch (default: 256)"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="where the training data is now (default: as trained)"
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> ModelCard:
     if args.verify_images < 1 or args.verify_batch_size < 1:
-        raise ValueError(f"--verify-images and --verify-batch-size must be at least 1, got {args.verify_images}, {args.verify_batch_size}")
+        raise ValueError(
+            f"--verify-images and --verify-batch-size must be at least 1, got {args.verify_images}, {args.verify_batch_size}"
+        )
     if args.int8 and args.calibration_images < 1:
         raise ValueError(f"--calibration-images must be at least 1, got {args.calibration_images}")
     model, card, payload = load_model(args.checkpoint)
     train, evaluation = run_splits(card, payload.get("args", {}), args.data_dir)
-    count = min(args.verify_images, len(evaluation)) if card.dataset == "fashion-mnist" else len(evaluation)  # folders: all of it
+    count = (
+        min(args.verify_images, len(evaluation)) if card.dataset == "fashion-mnist" else len(evaluation)
+    )  # folders: all of it
     pixels, labels = stack_items(evaluation, range(count))
 
     proto, folded = export_graph(model, card, args.opset, args.float_input, args.fp16)
-    print(f"eval mode: {folded['batchnorm_folded']} BatchNorm folded into conv/linear weights, "
-          f"{folded['batchnorm_to_scale_shift']} turned into a constant scale and shift, "
-          f"{folded['dropout_removed']} Dropout removed")  # fmt: skip
+    print(
+        f"eval mode: {folded['batchnorm_folded']} BatchNorm folded into conv/linear weights, "
+        f"{folded['batchnorm_to_scale_shift']} turned into a constant scale and shift, "
+        f"{folded['dropout_removed']} Dropout removed"
+    )
     precision = "float16" if args.fp16 else "int8" if args.int8 else "float32"
     quantization = None
     if args.int8:
@@ -70,16 +98,23 @@ def main(args: argparse.Namespace) -> ModelCard:
         quantization = {"calibration_images": len(calibration), **SETTINGS}
         print(f"int8: calibrated on {len(calibration)} {card.dataset} training images")
     parity = compare_with_torch(model, serialize(proto), pixels, (1, args.verify_batch_size), labels)
-    print(f"verified on {parity['images']} {card.dataset} evaluation images at batch sizes {parity['batch_sizes']}: "
-          f"top-1 agreement {parity['top1_agreement']:.4f}, max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
-          f"accuracy {parity['accuracy_onnx']:.4f} (PyTorch fp32: {parity['accuracy_torch']:.4f})")  # fmt: skip
+    print(
+        f"verified on {parity['images']} {card.dataset} evaluation images at batch sizes {parity['batch_sizes']}: "
+        f"top-1 agreement {parity['top1_agreement']:.4f}, max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
+        f"accuracy {parity['accuracy_onnx']:.4f} (PyTorch fp32: {parity['accuracy_torch']:.4f})"
+    )
     check_parity(parity, precision)
     export_info = {
-        "opset": args.opset, "precision": precision,
+        "opset": args.opset,
+        "precision": precision,
         "input": "normalized float32 [N, C, H, W]" if args.float_input else "pixels uint8 [N, C, H, W]",
-        "output": "logits float32 [N, classes]", "checkpoint": args.checkpoint.name,
-        "checkpoint_sha256": file_sha256(args.checkpoint), "torch": torch.__version__, "eval_mode": folded, "parity": parity,
-    }  # fmt: skip
+        "output": "logits float32 [N, classes]",
+        "checkpoint": args.checkpoint.name,
+        "checkpoint_sha256": file_sha256(args.checkpoint),
+        "torch": torch.__version__,
+        "eval_mode": folded,
+        "parity": parity,
+    }
     if quantization:
         export_info["quantization"] = quantization
     card = ModelCard.from_dict({**card.to_dict(), "export": export_info})
@@ -93,13 +128,19 @@ def check_parity(parity: dict, precision: str) -> None:
     """Fail loudly where the graph strays from PyTorch beyond its precision's documented bound."""
     agreement, drop = parity["top1_agreement"], parity["accuracy_torch"] - parity["accuracy_onnx"]
     if precision == "float16" and agreement < FP16_MIN_TOP1:
-        raise ExportError(f"the fp16 graph agrees with PyTorch fp32 on only {agreement:.4f} of top-1 (bound {FP16_MIN_TOP1})")
+        raise ExportError(
+            f"the fp16 graph agrees with PyTorch fp32 on only {agreement:.4f} of top-1 (bound {FP16_MIN_TOP1})"
+        )
     if precision == "int8" and (agreement < INT8_MIN_TOP1 or drop > INT8_MAX_ACCURACY_DROP):
-        raise ExportError(f"the int8 graph agrees with PyTorch fp32 on {agreement:.4f} of top-1 and loses {drop:.4f} of accuracy "
-                          f"(bounds: at least {INT8_MIN_TOP1}, at most {INT8_MAX_ACCURACY_DROP}); "
-                          f"try more --calibration-images, or export without --int8")  # fmt: skip
+        raise ExportError(
+            f"the int8 graph agrees with PyTorch fp32 on {agreement:.4f} of top-1 and loses {drop:.4f} of accuracy "
+            f"(bounds: at least {INT8_MIN_TOP1}, at most {INT8_MAX_ACCURACY_DROP}); "
+            f"try more --calibration-images, or export without --int8"
+        )
     if precision == "float32" and (agreement < 1.0 or parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF):
-        raise ExportError(f"ONNX Runtime disagrees with PyTorch beyond the bounds (top-1 1.0, |diff| <= {MAX_ABS_LOGIT_DIFF})")
+        raise ExportError(
+            f"ONNX Runtime disagrees with PyTorch beyond the bounds (top-1 1.0, |diff| <= {MAX_ABS_LOGIT_DIFF})"
+        )
 
 
 def cli(argv: list[str] | None = None) -> int:

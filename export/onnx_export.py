@@ -66,10 +66,16 @@ def export_graph(
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not control
         program = torch.onnx.export(
-            ExportedModel(model, float_input, fp16).eval(), (example,), dynamo=True, opset_version=opset,
-            external_data=False, input_names=[FLOAT_INPUT_NAME if float_input else INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
-        )  # fmt: skip
+            ExportedModel(model, float_input, fp16).eval(),
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            external_data=False,
+            input_names=[FLOAT_INPUT_NAME if float_input else INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            verbose=False,
+        )
     proto = program.model_proto
     batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     rewritten = batchnorm_to_affine(proto)
@@ -93,7 +99,9 @@ def batchnorm_to_affine(proto: onnx.ModelProto) -> int:
     y = (x - mean) / sqrt(var + eps) * gamma + beta = x * scale + shift, per channel (axis 1).
     """
     initializers = {t.name: t for t in proto.graph.initializer}
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim) for v in onnx.shape_inference.infer_shapes(proto).graph.value_info
+    }
     nodes, count = [], 0
     for node in proto.graph.node:
         if node.op_type != "BatchNormalization":
@@ -107,10 +115,14 @@ def batchnorm_to_affine(proto: onnx.ModelProto) -> int:
         scale = gamma / np.sqrt(var + epsilon)
         shape = (-1,) + (1,) * (ranks[x] - 2)  # broadcast over the dimensions after the channels
         for suffix, value in (("scale", scale), ("shift", beta - mean * scale)):
-            proto.graph.initializer.append(onnx.numpy_helper.from_array(value.astype(np.float32).reshape(shape), f"{node.name}_{suffix}"))
+            proto.graph.initializer.append(
+                onnx.numpy_helper.from_array(value.astype(np.float32).reshape(shape), f"{node.name}_{suffix}")
+            )
         scaled = f"{node.name}_scaled"
         nodes.append(onnx.helper.make_node("Mul", [x, f"{node.name}_scale"], [scaled], name=f"{node.name}_mul"))
-        nodes.append(onnx.helper.make_node("Add", [scaled, f"{node.name}_shift"], [node.output[0]], name=f"{node.name}_add"))
+        nodes.append(
+            onnx.helper.make_node("Add", [scaled, f"{node.name}_shift"], [node.output[0]], name=f"{node.name}_add")
+        )
         count += 1
     if count:
         del proto.graph.node[:]
@@ -134,9 +146,12 @@ def with_card(proto: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
 
 
 def compare_with_torch(
-    model: nn.Sequential, graph: bytes, pixels: np.ndarray, batch_sizes: tuple[int, ...] = (1, 256),
+    model: nn.Sequential,
+    graph: bytes,
+    pixels: np.ndarray,
+    batch_sizes: tuple[int, ...] = (1, 256),
     labels: np.ndarray | None = None,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Run PyTorch eval (fp32) and ONNX Runtime (all graph optimizations on) on the same images.
 
     ``pixels`` are uint8 inputs; a float-input graph gets them normalized by the model's own

@@ -29,8 +29,12 @@ from training.data import stack_items
 CALIBRATION_BATCH = 32
 DEFAULT_CALIBRATION_IMAGES = 512
 # What quantize_int8 does, as the model card records it.
-SETTINGS = {"calibration_split": "train", "calibration_method": "minmax", "weights": "int8 per channel, 7-bit range",
-            "activations": "uint8 per tensor"}  # fmt: skip
+SETTINGS = {
+    "calibration_split": "train",
+    "calibration_method": "minmax",
+    "weights": "int8 per channel, 7-bit range",
+    "activations": "uint8 per tensor",
+}
 
 
 def calibration_sample(dataset, count: int, seed: int = 0) -> np.ndarray:
@@ -70,9 +74,15 @@ def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray, reduce_range:
         logging.getLogger().setLevel(max(quiet, logging.WARNING))  # the quantizer logs each step at INFO
         try:
             quantize_static(
-                tmp / "prepared.onnx", tmp / "int8.onnx", _Batches(input_name, calibration), quant_format=QuantFormat.QDQ,
-                per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            )  # fmt: skip
+                tmp / "prepared.onnx",
+                tmp / "int8.onnx",
+                _Batches(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         finally:
             logging.getLogger().setLevel(quiet)
         return onnx.load_model(tmp / "int8.onnx")

@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model_store", description="Exported models in BentoML's model store.")
+    parser = argparse.ArgumentParser(
+        prog="python -m model_store", description="Exported models in BentoML's model store."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     register = commands.add_parser("register", help="add an exported .onnx file (written by `python -m export`)")
     register.add_argument("onnx", type=Path, help="the .onnx file")

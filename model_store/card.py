@@ -54,17 +54,13 @@ class ModelCard:
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) != self.in_channels:
-                raise ValueError(
-                    f"model card: {name} has {len(values)} values for {self.in_channels} channel(s)"
-                )
+                raise ValueError(f"model card: {name} has {len(values)} values for {self.in_channels} channel(s)")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"model card: std must be positive, got {self.std!r}")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"model card: resize {self.resize!r} is not one of {RESIZE_MODES}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"model card: interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}"
-            )
+            raise ValueError(f"model card: interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
 
     @property
     def num_classes(self) -> int:
@@ -90,9 +86,7 @@ class ModelCard:
         missing = sorted(
             f.name
             for f in dataclasses.fields(cls)
-            if f.name not in data
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
+            if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         )
         if missing:
             raise ValueError(f"model card: missing field(s) {missing}")

@@ -26,9 +26,14 @@ SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YC
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RGB; beyond is a bomb
 # Magic bytes, to tell a damaged image of a supported format from bytes that are no image at all.
 _SIGNATURES = {
-    b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
-    b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
-}  # fmt: skip
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,

@@ -32,18 +32,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("folder", type=Path, help="folder to score, recursively")
     parser.add_argument("--output", type=Path, required=True, help="CSV file to write")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", default="fashion-lenet:latest", help="BentoML store tag (default: fashion-lenet:latest)")
+    source.add_argument(
+        "--model", default="fashion-lenet:latest", help="BentoML store tag (default: fashion-lenet:latest)"
+    )
     source.add_argument("--onnx", type=Path, default=None, help="an exported .onnx file instead of a store tag")
     parser.add_argument("--batch-size", type=int, default=256, help="images per inference call (default: 256)")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: 3)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads (default: CPU count)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="decoding threads (default: CPU count)"
+    )
     return parser
 
 
 def list_files(folder: Path) -> list[Path]:
     """Every regular, non-hidden file below ``folder``, in a stable order."""
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -55,7 +61,9 @@ def _load(path: Path, card: ModelCard) -> np.ndarray | str:
         return str(err)
 
 
-def score(classifier: OnnxClassifier, files: list[Path], batch_size: int, k: int, workers: int) -> Iterator[tuple[Path, dict | str]]:
+def score(
+    classifier: OnnxClassifier, files: list[Path], batch_size: int, k: int, workers: int
+) -> Iterator[tuple[Path, dict | str]]:
     """(path, prediction or error) for each file, in order; decoding of batch i+1 overlaps inference of batch i."""
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     with ThreadPoolExecutor(workers) as pool:
@@ -67,7 +75,10 @@ def score(classifier: OnnxClassifier, files: list[Path], batch_size: int, k: int
             good = [x for x in loaded if not isinstance(x, str)]
             probabilities = iter(classifier.predict(np.stack(good)) if good else [])
             for path, item in zip(chunk, loaded):
-                yield path, item if isinstance(item, str) else top_k(next(probabilities), classifier.card.class_names, k)
+                yield (
+                    path,
+                    item if isinstance(item, str) else top_k(next(probabilities), classifier.card.class_names, k),
+                )
 
 
 def main(args: argparse.Namespace) -> tuple[int, int]:
@@ -98,8 +109,10 @@ def main(args: argparse.Namespace) -> tuple[int, int]:
             else:
                 ranked = ";".join(f"{r['label']}:{r['probability']:.4f}" for r in result["top_k"])
                 writer.writerow((name, result["label"], f"{result['probability']:.6f}", ranked, ""))
-    print(f"scored {len(files) - failed} of {len(files)} files ({failed} failed) with {classifier.card.arch} on "
-          f"{classifier.provider}; wrote {args.output}")  # fmt: skip
+    print(
+        f"scored {len(files) - failed} of {len(files)} files ({failed} failed) with {classifier.card.arch} on "
+        f"{classifier.provider}; wrote {args.output}"
+    )
     return len(files) - failed, failed
 
 

@@ -37,7 +37,15 @@ class ServingConfig:
             raise ValueError(f"SERVING_MODELS must list at least one model tag, got {','.join(self.models)!r}")
         if self.device not in DEVICES:
             raise ValueError(f"SERVING_DEVICE must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in ("max_batch_size", "max_body_bytes", "max_pixels", "max_batch_images", "max_concurrency", "decode_threads", "workers"):
+        for name in (
+            "max_batch_size",
+            "max_body_bytes",
+            "max_pixels",
+            "max_batch_images",
+            "max_concurrency",
+            "decode_threads",
+            "workers",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV[name]} must be at least 1, got {getattr(self, name)}")
         for name in ("batch_wait_ms", "ort_threads"):

@@ -71,7 +71,9 @@ class Edge:
         if path not in HOT_ROUTES:
             return await self.app(scope, receive, send)
         if self.in_flight >= self.config.max_concurrency:
-            message = f"server busy: {self.config.max_concurrency} requests already in flight; retry after {RETRY_AFTER_S} s"
+            message = (
+                f"server busy: {self.config.max_concurrency} requests already in flight; retry after {RETRY_AFTER_S} s"
+            )
             return await self.refuse(send, Overloaded(message), [(b"retry-after", str(RETRY_AFTER_S).encode())])
         self.in_flight += 1
         metrics.in_flight.inc()
@@ -105,11 +107,19 @@ async def respond(handlers: Handlers, route: str, request: Request) -> tuple[int
         status, reason = http_status(err)
         metrics.rejected.labels(reason=reason).inc()
         if isinstance(err, TimeoutError):
-            body = {"error": f"not answered within {config.timeout_s:g} s (SERVING_TIMEOUT_S); the server is overloaded, retry later"}
+            body = {
+                "error": f"not answered within {config.timeout_s:g} s (SERVING_TIMEOUT_S); the server is overloaded, retry later"
+            }
         elif status == 500:
             error_id = uuid.uuid4().hex[:16]
-            log_event("internal_error", logging.ERROR, id=error_id, route=route,
-                      error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())  # fmt: skip
+            log_event(
+                "internal_error",
+                logging.ERROR,
+                id=error_id,
+                route=route,
+                error=f"{type(err).__name__}: {err}",
+                traceback=traceback.format_exc(),
+            )
             body = {"error": "internal error", "id": error_id}
         else:
             body = {"error": str(err)}

@@ -68,12 +68,16 @@ class OnnxClassifier:
                 "onnxruntime-gpu, a visible GPU and matching CUDA/cuDNN libraries)"
             )
             logger.error("%s", self.provider_error)
-        logger.info("loaded %s (%s, %d classes) on %s", Path(path).name, self.card.arch, self.card.num_classes, self.provider)
+        logger.info(
+            "loaded %s (%s, %d classes) on %s", Path(path).name, self.card.arch, self.card.num_classes, self.provider
+        )
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         expected = (self.card.in_channels, self.card.height, self.card.width)
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != expected:
-            raise ValueError(f"expected uint8 input of shape [N, {', '.join(map(str, expected))}], got {pixels.dtype} {pixels.shape}")
+            raise ValueError(
+                f"expected uint8 input of shape [N, {', '.join(map(str, expected))}], got {pixels.dtype} {pixels.shape}"
+            )
         feed = pixels.astype(np.float32) * self._scale + self._shift if self.normalize else pixels
         if self.provider == GPU_PROVIDER:
             # I/O binding: one host->device copy of the batch and the logits allocated on the device,

@@ -57,7 +57,10 @@ class Handlers:
     async def decode(self, upload: Upload, model: ServedModel) -> np.ndarray:
         start = time.perf_counter()
         card, max_pixels = model.engine.card, self.config.max_pixels
-        small = len(upload.data) <= INLINE_MAX_BYTES and (image := open_image(upload.data, max_pixels)).width * image.height <= INLINE_MAX_PIXELS
+        small = (
+            len(upload.data) <= INLINE_MAX_BYTES
+            and (image := open_image(upload.data, max_pixels)).width * image.height <= INLINE_MAX_PIXELS
+        )
         if small:
             pixels = to_input(load_image(image), card)
         else:

@@ -12,31 +12,46 @@ _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 # Per request, recorded by serving.edge: the hot routes bypass BentoML's request metrics. Labels
 # come from fixed sets (the two routes, the statuses the edge answers), so clients cannot grow them.
 requests = bentoml.metrics.Counter(
-    name="classify_requests", documentation="classify requests answered, by route and status",
+    name="classify_requests",
+    documentation="classify requests answered, by route and status",
     labelnames=["route", "status"],
-)  # fmt: skip
+)
 request_seconds = bentoml.metrics.Histogram(
-    name="classify_request_seconds", documentation="time from a classify request's start to its answer",
-    labelnames=["route"], buckets=_SECONDS,
-)  # fmt: skip
+    name="classify_request_seconds",
+    documentation="time from a classify request's start to its answer",
+    labelnames=["route"],
+    buckets=_SECONDS,
+)
 batch_size = bentoml.metrics.Histogram(
-    name="classify_batch_size", documentation="images per ONNX Runtime call",
-    labelnames=["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf")),
-)  # fmt: skip
+    name="classify_batch_size",
+    documentation="images per ONNX Runtime call",
+    labelnames=["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf")),
+)
 queue_seconds = bentoml.metrics.Histogram(
-    name="classify_queue_seconds", documentation="time an image waited for its batch to start",
-    labelnames=["model"], buckets=_SECONDS,
-)  # fmt: skip
+    name="classify_queue_seconds",
+    documentation="time an image waited for its batch to start",
+    labelnames=["model"],
+    buckets=_SECONDS,
+)
 inference_seconds = bentoml.metrics.Histogram(
-    name="classify_inference_seconds", documentation="time of one ONNX Runtime call (one batch)",
-    labelnames=["model"], buckets=_SECONDS,
-)  # fmt: skip
+    name="classify_inference_seconds",
+    documentation="time of one ONNX Runtime call (one batch)",
+    labelnames=["model"],
+    buckets=_SECONDS,
+)
 decode_seconds = bentoml.metrics.Histogram(
-    name="classify_decode_seconds", documentation="time to decode and resize one image", buckets=_SECONDS,
-)  # fmt: skip
+    name="classify_decode_seconds",
+    documentation="time to decode and resize one image",
+    buckets=_SECONDS,
+)
 rejected = bentoml.metrics.Counter(
-    name="classify_rejected", documentation="requests or images refused, by reason", labelnames=["reason"],
-)  # fmt: skip
+    name="classify_rejected",
+    documentation="requests or images refused, by reason",
+    labelnames=["reason"],
+)
 in_flight = bentoml.metrics.Gauge(
-    name="classify_in_flight", documentation="classify requests being served now", multiprocess_mode="livesum",
-)  # fmt: skip
+    name="classify_in_flight",
+    documentation="classify requests being served now",
+    multiprocess_mode="livesum",
+)

@@ -33,11 +33,15 @@ class ServedModel:
 
     def describe(self, default: bool) -> dict:
         return {
-            "name": self.name, "version": self.version, "tag": self.tag, "default": default,
-            "provider": self.engine.provider, "provider_error": self.engine.provider_error,
+            "name": self.name,
+            "version": self.version,
+            "tag": self.tag,
+            "default": default,
+            "provider": self.engine.provider,
+            "provider_error": self.engine.provider_error,
             "precision": self.engine.card.export.get("precision", "float32"),
             "card": self.engine.card.to_dict(),
-        }  # fmt: skip
+        }
 
 
 # A batch that runs in less than this runs on the event loop: a hop to a thread and back costs
@@ -89,15 +93,23 @@ class ModelSet:
     def warm_up(self) -> None:
         """Run every batch size, then let each batcher run on the event loop the batch sizes that
         take less than a thread hop costs (:data:`INLINE_BUDGET_S`, best of ten runs)."""
-        sizes = sorted({min(2**i, self.config.max_batch_size) for i in range(self.config.max_batch_size.bit_length() + 1)})
+        sizes = sorted(
+            {min(2**i, self.config.max_batch_size) for i in range(self.config.max_batch_size.bit_length() + 1)}
+        )
         for model in self.models:
             seconds = model.engine.warm_up(sizes)  # the first run of each shape selects kernels, allocates
             for size in sizes:
                 if min(model.engine.warm_up([size])[size] for _ in range(10)) > INLINE_BUDGET_S:
                     break
                 model.batcher.inline_max = size
-            log_event("warmed_up", model=model.tag, provider=model.engine.provider, batch_sizes=sizes,
-                      seconds=round(sum(seconds.values()), 3), inline_max=model.batcher.inline_max)  # fmt: skip
+            log_event(
+                "warmed_up",
+                model=model.tag,
+                provider=model.engine.provider,
+                batch_sizes=sizes,
+                seconds=round(sum(seconds.values()), 3),
+                inline_max=model.batcher.inline_max,
+            )
         # What is alive now (modules, graphs, BentoML's app) lives as long as the process: the
         # collector need never scan it again, which keeps its full collections short under load.
         gc.freeze()
@@ -108,7 +120,9 @@ class ModelSet:
 
 
 def _observer(name: str):
-    batch_size, queue, inference = (h.labels(model=name) for h in (metrics.batch_size, metrics.queue_seconds, metrics.inference_seconds))
+    batch_size, queue, inference = (
+        h.labels(model=name) for h in (metrics.batch_size, metrics.queue_seconds, metrics.inference_seconds)
+    )
 
     def on_batch(size: int, waits: list[float], seconds: float) -> None:
         batch_size.observe(size)
@@ -117,4 +131,3 @@ def _observer(name: str):
             queue.observe(wait)
 
     return on_batch
-

@@ -73,7 +73,9 @@ async def _read_form(request: Request, field: str, max_files: int, max_bytes: in
         form = await parser.parse()
     except MultiPartException as err:
         if str(err).startswith("Too many files"):
-            raise RequestError(f"too many images: at most {max_files} per request, got more; split the request") from None
+            raise RequestError(
+                f"too many images: at most {max_files} per request, got more; split the request"
+            ) from None
         raise RequestError(f"malformed multipart body: {err}; {how_to}") from None
     try:
         values = form.getlist(field)

@@ -59,7 +59,9 @@ class ModelInfo(BaseModel):
     default: bool
     provider: str = Field(description="the ONNX Runtime execution provider running it")
     provider_error: str | None = Field(None, description="set when a GPU was asked for and not used")
-    precision: str = Field(description="what the graph computes in: float32, float16 or int8 (python -m export --fp16 / --int8)")
+    precision: str = Field(
+        description="what the graph computes in: float32, float16 or int8 (python -m export --fp16 / --int8)"
+    )
     card: dict = Field(description="the model card: classes, input size, preprocessing, metrics, export settings")
 
 
@@ -109,21 +111,36 @@ class _UnreadBody(IODescriptor):
 
 
 _OPTIONS = {
-    "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K, "description": "how many classes to list (1 to the number of classes)"},
-    "model": {"type": "string", "description": "a model name or name:version from GET /models (default: the service's default model)"},
-}  # fmt: skip
+    "top_k": {
+        "type": "integer",
+        "minimum": 1,
+        "default": DEFAULT_TOP_K,
+        "description": "how many classes to list (1 to the number of classes)",
+    },
+    "model": {
+        "type": "string",
+        "description": "a model name or name:version from GET /models (default: the service's default model)",
+    },
+}
 _FILE = {"type": "string", "format": "binary", "description": "an image: PNG, JPEG, BMP, GIF, TIFF or WEBP"}
 
 
 class ClassifyForm(_UnreadBody):
     form_schema: ClassVar[dict] = {
-        "title": "ClassifyForm", "type": "object", "required": [IMAGE_FIELD],
+        "title": "ClassifyForm",
+        "type": "object",
+        "required": [IMAGE_FIELD],
         "properties": {IMAGE_FIELD: _FILE, **_OPTIONS},
-    }  # fmt: skip
+    }
 
 
 class ClassifyBatchForm(_UnreadBody):
     form_schema: ClassVar[dict] = {
-        "title": "ClassifyBatchForm", "type": "object", "required": [IMAGES_FIELD],
-        "properties": {IMAGES_FIELD: {"type": "array", "items": _FILE, "description": "the images, answered in this order"}, **_OPTIONS},
-    }  # fmt: skip
+        "title": "ClassifyBatchForm",
+        "type": "object",
+        "required": [IMAGES_FIELD],
+        "properties": {
+            IMAGES_FIELD: {"type": "array", "items": _FILE, "description": "the images, answered in this order"},
+            **_OPTIONS,
+        },
+    }

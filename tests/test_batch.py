@@ -23,8 +23,17 @@ def test_scores_a_folder_reports_broken_files_and_keeps_going(tmp_path, fashion_
     (folder / "broken.png").write_bytes(png_bytes(images[0])[:40])
     output = tmp_path / "out" / "predictions.csv"
 
-    result = run_cli("-m", "serving.batch", str(folder), "--output", str(output), "--batch-size", "32", "--onnx",
-                     "model_store/default/fashion-lenet.onnx")  # fmt: skip
+    result = run_cli(
+        "-m",
+        "serving.batch",
+        str(folder),
+        "--output",
+        str(output),
+        "--batch-size",
+        "32",
+        "--onnx",
+        "model_store/default/fashion-lenet.onnx",
+    )
     assert result.returncode == 0, result.stderr
     assert "scored 121 of 123 files (2 failed)" in result.stdout
     rows = {row["path"]: row for row in csv.DictReader(open(output))}
@@ -41,11 +50,28 @@ def test_scores_a_folder_reports_broken_files_and_keeps_going(tmp_path, fashion_
 def test_bad_arguments_fail_in_one_line(tmp_path):
     missing = run_cli("-m", "serving.batch", str(tmp_path / "nope"), "--output", str(tmp_path / "o.csv"))
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: folder")
-    bad_k = run_cli("-m", "serving.batch", str(tmp_path), "--output", str(tmp_path / "o.csv"), "--top-k", "11",
-                    "--onnx", "model_store/default/fashion-lenet.onnx")  # fmt: skip
+    bad_k = run_cli(
+        "-m",
+        "serving.batch",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o.csv"),
+        "--top-k",
+        "11",
+        "--onnx",
+        "model_store/default/fashion-lenet.onnx",
+    )
     assert bad_k.returncode == 2 and "--top-k must be from 1 to 10" in bad_k.stderr
-    unknown = run_cli("-m", "serving.batch", str(tmp_path), "--output", str(tmp_path / "o.csv"), "--model", "no-such:v1",
-                      env={"BENTOML_HOME": str(tmp_path / "home")})  # fmt: skip
+    unknown = run_cli(
+        "-m",
+        "serving.batch",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o.csv"),
+        "--model",
+        "no-such:v1",
+        env={"BENTOML_HOME": str(tmp_path / "home")},
+    )
     assert unknown.returncode == 2 and "not in the BentoML model store" in unknown.stderr
     assert not (tmp_path / "o.csv").exists()
 

@@ -75,7 +75,9 @@ def test_max_wait_fills_a_batch_that_would_otherwise_run_at_size_one():
     sizes = []
 
     async def main(max_wait_s: float):
-        batcher = MicroBatcher(lambda b: b, max_batch_size=8, max_wait_s=max_wait_s, on_batch=lambda size, *_: sizes.append(size))
+        batcher = MicroBatcher(
+            lambda b: b, max_batch_size=8, max_wait_s=max_wait_s, on_batch=lambda size, *_: sizes.append(size)
+        )
 
         async def late(i: int):
             await asyncio.sleep(0.005 * i)  # arrivals spread over 35 ms, each after the last batch started

@@ -15,11 +15,20 @@ from tests.conftest import run_cli
         ("bentofile.gpu.yaml", "onnxruntime-gpu==1.31.1", "FROM nvidia/cuda:12.8.1-cudnn-runtime", "cuda"),
     ],
 )
-def test_bento_is_torch_free_and_packages_every_served_model(bentoml_home, served_models, bentofile, runtime, base_image, device):
+def test_bento_is_torch_free_and_packages_every_served_model(
+    bentoml_home, served_models, bentofile, runtime, base_image, device
+):
     result = run_cli(
-        "-m", "bentoml", "build", "-f", bentofile, ".", "--output", "tag",
+        "-m",
+        "bentoml",
+        "build",
+        "-f",
+        bentofile,
+        ".",
+        "--output",
+        "tag",
         env={"BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True", "SERVING_MODELS": served_models},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")

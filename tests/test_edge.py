@@ -76,10 +76,23 @@ def test_answers_are_the_engines_through_both_routes(images, fashion_test):
     for answer, probabilities, result in zip(singles, expected, batch.json()["results"]):
         assert answer.status_code == 200 and answer.json()["index"] == int(probabilities.argmax())
         assert answer.json()["probability"] == pytest.approx(float(probabilities.max()), abs=1e-6)
-        assert [r["probability"] for r in result["top_k"]] == pytest.approx(sorted(probabilities, reverse=True), abs=1e-6)
+        assert [r["probability"] for r in result["top_k"]] == pytest.approx(
+            sorted(probabilities, reverse=True), abs=1e-6
+        )
 
 
-@pytest.mark.parametrize("path", [CLASSIFY, CLASSIFY_BATCH, "/models", "/schema.json", "/v2/models/x/infer", "/a/route/added/later", "/static_content/../models"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        CLASSIFY,
+        CLASSIFY_BATCH,
+        "/models",
+        "/schema.json",
+        "/v2/models/x/infer",
+        "/a/route/added/later",
+        "/static_content/../models",
+    ],
+)
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong", TOKEN, f"bearer {TOKEN}", f"Bearer {TOKEN} "])
 def test_with_a_token_set_every_path_but_the_open_ones_needs_it(path, authorization):
     edge, _, fallback = make_edge(auth_token=TOKEN)
@@ -103,7 +116,11 @@ def test_open_paths_need_no_token_and_the_right_token_opens_the_rest(images):
         async with client(edge) as http:
             opened = [await http.get(path) for path in sorted(OPEN_PATHS) + ["/static_content/swagger-ui.css"]]
             models = await http.get("/models", headers={"Authorization": f"Bearer {TOKEN}"})
-            answer = await http.post(CLASSIFY, files={"image": ("x.png", images[0], "image/png")}, headers={"Authorization": f"Bearer {TOKEN}"})
+            answer = await http.post(
+                CLASSIFY,
+                files={"image": ("x.png", images[0], "image/png")},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
         return opened, models, answer
 
     opened, models, answer = asyncio.run(main())
@@ -113,9 +130,19 @@ def test_open_paths_need_no_token_and_the_right_token_opens_the_rest(images):
 
 
 def request_scope(path: str = CLASSIFY, method: str = "POST") -> dict:
-    return {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
-            "headers": [(b"content-type", b"image/png")], "http_version": "1.1", "scheme": "http",
-            "server": ("edge", 80), "client": ("127.0.0.1", 1), "root_path": ""}  # fmt: skip
+    return {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"image/png")],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("edge", 80),
+        "client": ("127.0.0.1", 1),
+        "root_path": "",
+    }
 
 
 async def call(edge: Edge, body: bytes = b"", release: asyncio.Event | None = None, scope: dict | None = None):
@@ -184,7 +211,10 @@ def test_an_unexpected_error_is_a_500_with_an_id_that_leads_to_its_logged_traceb
         raise RuntimeError("the engine broke")
 
     handlers.models.default.batcher.infer = broken
-    before = (sample("classify_requests_total", route=CLASSIFY, status="500"), sample("classify_rejected_total", reason="internal"))
+    before = (
+        sample("classify_requests_total", route=CLASSIFY, status="500"),
+        sample("classify_rejected_total", reason="internal"),
+    )
     try:
         status, _, raw = asyncio.run(call(edge, images[0]))
     finally:
@@ -193,24 +223,55 @@ def test_an_unexpected_error_is_a_500_with_an_id_that_leads_to_its_logged_traceb
     assert status == 500 and body["error"] == "internal error" and len(body["id"]) == 16
     logged = [r.msg for r in records if r.msg["event"] == "internal_error"]
     assert logged and logged[0]["id"] == body["id"] and "RuntimeError: the engine broke" in logged[0]["traceback"]
-    after = (sample("classify_requests_total", route=CLASSIFY, status="500"), sample("classify_rejected_total", reason="internal"))
+    after = (
+        sample("classify_requests_total", route=CLASSIFY, status="500"),
+        sample("classify_rejected_total", reason="internal"),
+    )
     assert after == (before[0] + 1, before[1] + 1)
 
 
 @pytest.mark.parametrize(
     "kwargs, status, reason, message",
     [
-        ({"content": b"x" * 2000, "headers": {"Content-Type": "image/png"}}, 413, "too_large", "exceeds the limit of 1,000 bytes"),
-        ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "unsupported_type", "unsupported content type 'application/json'"),
-        ({"content": b"not an image", "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "not a supported image"),
+        (
+            {"content": b"x" * 2000, "headers": {"Content-Type": "image/png"}},
+            413,
+            "too_large",
+            "exceeds the limit of 1,000 bytes",
+        ),
+        (
+            {"content": b"{}", "headers": {"Content-Type": "application/json"}},
+            415,
+            "unsupported_type",
+            "unsupported content type 'application/json'",
+        ),
+        (
+            {"content": b"not an image", "headers": {"Content-Type": "image/png"}},
+            400,
+            "bad_image",
+            "not a supported image",
+        ),
         ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "bad_request", "empty request body"),
-        ({"content": b"x", "headers": {"Content-Type": "image/png"}, "params": {"model": "resnet"}}, 404, "unknown_model", "unknown model 'resnet'"),
-        ({"content": b"x", "headers": {"Content-Type": "image/png"}, "params": {"top_k": "11"}}, 400, "bad_request", "top_k must be from 1 to 10"),
+        (
+            {"content": b"x", "headers": {"Content-Type": "image/png"}, "params": {"model": "resnet"}},
+            404,
+            "unknown_model",
+            "unknown model 'resnet'",
+        ),
+        (
+            {"content": b"x", "headers": {"Content-Type": "image/png"}, "params": {"top_k": "11"}},
+            400,
+            "bad_request",
+            "top_k must be from 1 to 10",
+        ),
     ],
 )
 def test_each_client_mistake_gets_its_status_and_reason(kwargs, status, reason, message):
     edge, _, _ = make_edge(max_body_bytes=1000)
-    before = sample("classify_rejected_total", reason=reason), sample("classify_requests_total", route=CLASSIFY, status=str(status))
+    before = (
+        sample("classify_rejected_total", reason=reason),
+        sample("classify_requests_total", route=CLASSIFY, status=str(status)),
+    )
 
     async def main():
         async with client(edge) as http:
@@ -218,7 +279,10 @@ def test_each_client_mistake_gets_its_status_and_reason(kwargs, status, reason, 
 
     response = asyncio.run(main())
     assert response.status_code == status and message in response.json()["error"]
-    after = sample("classify_rejected_total", reason=reason), sample("classify_requests_total", route=CLASSIFY, status=str(status))
+    after = (
+        sample("classify_rejected_total", reason=reason),
+        sample("classify_requests_total", route=CLASSIFY, status=str(status)),
+    )
     assert after == (before[0] + 1, before[1] + 1)
 
 
@@ -251,7 +315,14 @@ def test_other_methods_and_tracing_mode_go_through_bentoml(images):
 
 
 def test_settings_come_from_the_environment_and_a_bad_one_names_its_variable():
-    config = ServingConfig.from_env({"SERVING_MODELS": "a:latest, b:v1", "SERVING_TRACING": "yes", "SERVING_WORKERS": "2", "SERVING_TIMEOUT_S": "2.5"})
+    config = ServingConfig.from_env(
+        {
+            "SERVING_MODELS": "a:latest, b:v1",
+            "SERVING_TRACING": "yes",
+            "SERVING_WORKERS": "2",
+            "SERVING_TIMEOUT_S": "2.5",
+        }
+    )
     assert config.models == ("a:latest", "b:v1") and config.tracing and config.workers == 2 and config.timeout_s == 2.5
     for environ, message in [
         ({"SERVING_WORKERS": "0"}, "SERVING_WORKERS must be at least 1, got 0"),

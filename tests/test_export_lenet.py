@@ -38,7 +38,10 @@ def test_card_travels_in_metadata_with_the_parity_figures(exported, checkpoint):
 def test_cli_prints_the_parity_figures(checkpoint, tmp_path):
     result = run_cli("-m", "export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx"))
     assert result.returncode == 0, result.stderr
-    assert "verified on 1000 fashion-mnist evaluation images" in result.stdout and "top-1 agreement 1.0000" in result.stdout
+    assert (
+        "verified on 1000 fashion-mnist evaluation images" in result.stdout
+        and "top-1 agreement 1.0000" in result.stdout
+    )
     assert "eval mode: 4 BatchNorm folded into conv/linear weights" in result.stdout
     assert "ok: wrote" in result.stdout
 

@@ -22,8 +22,16 @@ def synthetic_checkpoint(name: str, path) -> None:
     """A model with non-trivial BatchNorm statistics, recorded as trained on the synthetic set."""
     torch.manual_seed(0)
     size = small_size(name)
-    card = ModelCard(arch=name, class_names=[f"shape{i}" for i in range(10)], in_channels=1, height=size, width=size,
-                     mean=(0.2,), std=(0.3,), dataset="synthetic")  # fmt: skip
+    card = ModelCard(
+        arch=name,
+        class_names=[f"shape{i}" for i in range(10)],
+        in_channels=1,
+        height=size,
+        width=size,
+        mean=(0.2,),
+        std=(0.3,),
+        dataset="synthetic",
+    )
     model = build_model(card).train()
     with torch.no_grad():
         for _ in range(2):  # moves running mean/var away from 0/1, so folding them is really tested
@@ -34,8 +42,18 @@ def synthetic_checkpoint(name: str, path) -> None:
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_exports_without_batchnorm_or_dropout_and_matches_pytorch(name, tmp_path):
     synthetic_checkpoint(name, tmp_path / "model.pt")
-    card = main(get_args_parser().parse_args(
-        ["--checkpoint", str(tmp_path / "model.pt"), "--output", str(tmp_path / "model.onnx"), "--verify-batch-size", "32"]))  # fmt: skip
+    card = main(
+        get_args_parser().parse_args(
+            [
+                "--checkpoint",
+                str(tmp_path / "model.pt"),
+                "--output",
+                str(tmp_path / "model.onnx"),
+                "--verify-batch-size",
+                "32",
+            ]
+        )
+    )
     graph = onnx.load(str(tmp_path / "model.onnx"))
     ops = Counter(node.op_type for node in graph.graph.node)
     assert ops["BatchNormalization"] == 0 and ops["Dropout"] == 0
@@ -78,7 +96,10 @@ def test_a_checkpoint_for_another_architecture_fails_with_the_documented_message
     torch.save(payload, tmp_path / "wrong.pt")
     result = run_cli("-m", "export", "--checkpoint", str(tmp_path / "wrong.pt"), "--output", str(tmp_path / "m.onnx"))
     assert result.returncode == 2
-    assert result.stderr.startswith("error: checkpoint") and "weights do not fit a resnet18 with 10 classes" in result.stderr
+    assert (
+        result.stderr.startswith("error: checkpoint")
+        and "weights do not fit a resnet18 with 10 classes" in result.stderr
+    )
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -130,9 +151,11 @@ def test_int8_bounds_fail_loudly():
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--int8", "--fp16"], "argument --fp16: not allowed with argument --int8"),
-     (["--int8", "--calibration-images", "0"], "error: --calibration-images must be at least 1, got 0")],
-)  # fmt: skip
+    [
+        (["--int8", "--fp16"], "argument --fp16: not allowed with argument --int8"),
+        (["--int8", "--calibration-images", "0"], "error: --calibration-images must be at least 1, got 0"),
+    ],
+)
 def test_bad_int8_options_fail_in_one_line_and_write_nothing(checkpoint, tmp_path, flags, message):
     result = run_cli("-m", "export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx"), *flags)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -37,7 +37,9 @@ def test_rgb_input_and_gradients_reach_every_parameter(name):
     size = small_size(name)
     model = get_model(name, in_channels=3, num_classes=4).train()
     nn.CrossEntropyLoss()(model(torch.randn(2, 3, size, size)), torch.tensor([0, 3])).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()
+    ]
     assert not missing, f"no gradient reached {missing}"
 
 
@@ -47,8 +49,15 @@ def test_a_few_steps_on_synthetic_data_reduce_the_loss(name):
 
     torch.manual_seed(0)
     size = small_size(name)
-    card = ModelCard(arch=name, class_names=[f"c{i}" for i in range(4)], in_channels=1, height=size, width=size,
-                     mean=(0.2,), std=(0.3,))  # fmt: skip
+    card = ModelCard(
+        arch=name,
+        class_names=[f"c{i}" for i in range(4)],
+        in_channels=1,
+        height=size,
+        width=size,
+        mean=(0.2,),
+        std=(0.3,),
+    )
     data = SyntheticShapes(16, card, seed=0)
     pixels, labels = torch.stack([data[i][0] for i in range(16)]), torch.tensor([data[i][1] for i in range(16)])
     model = build_model(card).train()

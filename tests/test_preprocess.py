@@ -69,7 +69,9 @@ def test_transparency_is_composited_onto_black_the_colour_of_the_padding():
 
 def test_an_animated_image_is_refused_rather_than_guessing_a_frame():
     buffer = io.BytesIO()
-    Image.new("L", (8, 8)).save(buffer, format="GIF", save_all=True, append_images=[Image.new("L", (8, 8), v) for v in (100, 200)])
+    Image.new("L", (8, 8)).save(
+        buffer, format="GIF", save_all=True, append_images=[Image.new("L", (8, 8), v) for v in (100, 200)]
+    )
     with pytest.raises(ImageError, match="animated GIF with 3 frames; send a single still image"):
         decode_image(buffer.getvalue())
 

@@ -41,13 +41,22 @@ def test_top_k_is_ranked_and_can_be_asked_for(server, fashion_test):
     probabilities = [entry["probability"] for entry in five["top_k"]]
     assert len(probabilities) == 5 and probabilities == sorted(probabilities, reverse=True)
     assert 0 < sum(probabilities) <= 1.0001
-    assert len(classify(server, content=image, headers={"Content-Type": "image/png"}, params={"top_k": 10}).json()["top_k"]) == 10
+    assert (
+        len(
+            classify(server, content=image, headers={"Content-Type": "image/png"}, params={"top_k": 10}).json()["top_k"]
+        )
+        == 10
+    )
 
 
 def test_concurrent_requests_are_batched(server, fashion_test):
     image = png_bytes(fashion_test[0][0])
     with ThreadPoolExecutor(32) as pool:
-        codes = list(pool.map(lambda _: classify(server, content=image, headers={"Content-Type": "image/png"}).status_code, range(128)))
+        codes = list(
+            pool.map(
+                lambda _: classify(server, content=image, headers={"Content-Type": "image/png"}).status_code, range(128)
+            )
+        )
     assert codes == [200] * 128
     total = count = 0.0
     for line in httpx.get(f"{server}/metrics").text.splitlines():
@@ -68,10 +77,26 @@ TRUNCATED = png_bytes(__import__("numpy").full((28, 28), 7, "uint8"))[:50]
         ({"content": b"definitely not a png", "headers": {"Content-Type": "image/png"}}, 400, "not a supported image"),
         ({"files": {"image": ("x.png", TRUNCATED, "image/png")}}, 400, "corrupt or truncated PNG"),
         ({"files": {"picture": ("x.png", TRUNCATED, "image/png")}}, 400, "missing field 'image'"),
-        ({"data": {"image": "http://127.0.0.1:9/x.png"}, "files": {"other": ("o", b"o")}}, 400, "must be a file upload"),
-        ({"content": b"%PDF-1.4\n", "headers": {"Content-Type": "application/pdf"}}, 415, "unsupported content type 'application/pdf'"),
-        ({"content": b'{"image": "x"}', "headers": {"Content-Type": "application/json"}}, 415, "unsupported content type"),
-        ({"content": b"GIF89a" + b"\0" * 30, "headers": {"Content-Type": "image/gif"}}, 400, "corrupt or truncated GIF"),
+        (
+            {"data": {"image": "http://127.0.0.1:9/x.png"}, "files": {"other": ("o", b"o")}},
+            400,
+            "must be a file upload",
+        ),
+        (
+            {"content": b"%PDF-1.4\n", "headers": {"Content-Type": "application/pdf"}},
+            415,
+            "unsupported content type 'application/pdf'",
+        ),
+        (
+            {"content": b'{"image": "x"}', "headers": {"Content-Type": "application/json"}},
+            415,
+            "unsupported content type",
+        ),
+        (
+            {"content": b"GIF89a" + b"\0" * 30, "headers": {"Content-Type": "image/gif"}},
+            400,
+            "corrupt or truncated GIF",
+        ),
         ({"content": b"\0" * (11 * 1024 * 1024), "headers": {"Content-Type": "image/png"}}, 413, "exceeds the limit"),
     ],
 )
@@ -83,7 +108,9 @@ def test_bad_input_gets_a_json_4xx_naming_the_problem(server, kwargs, status, me
 
 @pytest.mark.parametrize("top_k", ["0", "11", "three"])
 def test_bad_top_k_is_a_400(server, fashion_test, top_k):
-    response = classify(server, files={"image": ("a.png", png_bytes(fashion_test[0][0]), "image/png")}, data={"top_k": top_k})
+    response = classify(
+        server, files={"image": ("a.png", png_bytes(fashion_test[0][0]), "image/png")}, data={"top_k": top_k}
+    )
     assert response.status_code == 400 and "top_k must be" in response.json()["error"]
 
 

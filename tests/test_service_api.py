@@ -29,7 +29,11 @@ def test_models_lists_every_served_model_with_its_card(server):
     default = listing["models"][0]
     assert default["default"] and not listing["models"][1]["default"] and listing["default"] == default["tag"]
     card = default["card"]
-    assert card["class_names"][9] == "Ankle boot" and (card["in_channels"], card["height"], card["width"]) == (1, 28, 28)
+    assert card["class_names"][9] == "Ankle boot" and (card["in_channels"], card["height"], card["width"]) == (
+        1,
+        28,
+        28,
+    )
     assert card["metrics"]["test_acc"] > 0.9 and card["export"]["opset"] == 18
     assert default["provider"] == "CPUExecutionProvider" and default["provider_error"] is None
     assert default["precision"] == "float32"
@@ -41,17 +45,30 @@ def test_a_request_picks_its_model_and_gets_that_models_answer(server, fashion_t
     images = fashion_test[0][:8]
     expected = OnnxClassifier(exported, device="cpu").predict(images[:, None])
     for image, probabilities in zip(images, expected):
-        answer = post(server, "/classify", files={"image": ("x.png", png_bytes(image), "image/png")}, data={"model": "test-lenet"}).json()
+        answer = post(
+            server, "/classify", files={"image": ("x.png", png_bytes(image), "image/png")}, data={"model": "test-lenet"}
+        ).json()
         assert answer["model"] == "test-lenet" and answer["index"] == int(probabilities.argmax())
         assert answer["probability"] == pytest.approx(float(probabilities.max()), abs=1e-5)
-    by_query = post(server, "/classify", content=png_bytes(images[0]), headers={"Content-Type": "image/png"}, params={"model": "test-lenet"})
+    by_query = post(
+        server,
+        "/classify",
+        content=png_bytes(images[0]),
+        headers={"Content-Type": "image/png"},
+        params={"model": "test-lenet"},
+    )
     assert by_query.json()["model"] == "test-lenet"
     default = post(server, "/classify", files={"image": ("x.png", png_bytes(images[0]), "image/png")}).json()
     assert default["model"] == "fashion-lenet" and len(default["version"]) == 16
 
 
 def test_an_unknown_model_is_a_404_naming_the_choices(server, fashion_test):
-    response = post(server, "/classify", files={"image": ("x.png", png_bytes(fashion_test[0][0]), "image/png")}, data={"model": "resnet"})
+    response = post(
+        server,
+        "/classify",
+        files={"image": ("x.png", png_bytes(fashion_test[0][0]), "image/png")},
+        data={"model": "resnet"},
+    )
     assert response.status_code == 404
     assert "unknown model 'resnet'" in response.json()["error"] and "test-lenet:" in response.json()["error"]
 
@@ -64,7 +81,9 @@ def test_classify_batch_answers_in_order_and_fails_images_one_by_one(server, fas
     results = answer["results"]
     assert [r["filename"] for r in results] == ["0.png", "1.png", "2.png", "junk.png", "3.png", "4.png", "5.png"]
     assert "not a supported image" in results[3]["error"]
-    singles = [post(server, "/classify", files={"image": ("x.png", png_bytes(image), "image/png")}).json() for image in images]
+    singles = [
+        post(server, "/classify", files={"image": ("x.png", png_bytes(image), "image/png")}).json() for image in images
+    ]
     good = results[:3] + results[4:]
     assert [r["label"] for r in good] == [s["label"] for s in singles]
     assert all(len(r["top_k"]) == 2 for r in good) and answer["model"] == "fashion-lenet"
@@ -75,7 +94,11 @@ def test_classify_batch_answers_in_order_and_fails_images_one_by_one(server, fas
     [
         ({"content": b"\x89PNG", "headers": {"Content-Type": "image/png"}}, 415, "one file per 'images' field"),
         ({"files": {"image": ("x.png", b"x", "image/png")}}, 400, "missing field 'images'"),
-        ({"files": [("images", ("x.png", b"x", "image/png"))], "data": {"top_k": "99"}}, 400, "top_k must be from 1 to 10"),
+        (
+            {"files": [("images", ("x.png", b"x", "image/png"))], "data": {"top_k": "99"}},
+            400,
+            "top_k must be from 1 to 10",
+        ),
     ],
 )
 def test_classify_batch_refuses_malformed_requests(server, kwargs, status, message):
@@ -101,7 +124,10 @@ def modes() -> dict[str, bytes]:
 
 
 def test_every_image_mode_is_converted_the_way_training_saw_it(server):
-    answers = {name: post(server, "/classify", content=data, headers={"Content-Type": "image/png"}).json() for name, data in modes().items()}
+    answers = {
+        name: post(server, "/classify", content=data, headers={"Content-Type": "image/png"}).json()
+        for name, data in modes().items()
+    }
     assert all("label" in a for a in answers.values()), answers
     reference = answers["L"]["top_k"]
     for name in ("16-bit", "RGBA", "palette"):  # lossless encodings of the same pixels: the same answer
@@ -111,7 +137,10 @@ def test_every_image_mode_is_converted_the_way_training_saw_it(server):
 @pytest.mark.parametrize(
     "data, message",
     [
-        (encoded(Image.new("L", (28, 28)), "GIF", save_all=True, append_images=[Image.new("L", (28, 28), 255)]), "animated GIF with 2 frames"),
+        (
+            encoded(Image.new("L", (28, 28)), "GIF", save_all=True, append_images=[Image.new("L", (28, 28), 255)]),
+            "animated GIF with 2 frames",
+        ),
         (encoded(Image.fromarray(np.ones((28, 28), np.float32)), "TIFF"), "unsupported image mode 'F'"),
     ],
 )
@@ -141,13 +170,22 @@ def test_metrics_report_queue_decode_inference_and_rejections(server, fashion_te
 
 
 def test_logs_are_json_lines_with_model_version_and_provider(server, server_log, fashion_test):
-    post(server, "/classify", files={"image": ("x.png", png_bytes(fashion_test[0][0]), "image/png")}, data={"model": "test-lenet"})
+    post(
+        server,
+        "/classify",
+        files={"image": ("x.png", png_bytes(fashion_test[0][0]), "image/png")},
+        data={"model": "test-lenet"},
+    )
     events = [json.loads(line) for line in server_log.read_text().splitlines() if line.startswith("{")]
     warmed = [e for e in events if e["event"] == "warmed_up"]
     assert {e["model"].split(":")[0] for e in warmed} == {"fashion-lenet", "test-lenet"}
     assert warmed[0]["batch_sizes"] == [1, 2, 4, 8, 16, 32, 64]
     requests = [e for e in events if e["event"] == "request" and e["status"] == 200]
-    assert requests and requests[-1]["model"].startswith("test-lenet:") and requests[-1]["provider"] == "CPUExecutionProvider"
+    assert (
+        requests
+        and requests[-1]["model"].startswith("test-lenet:")
+        and requests[-1]["provider"] == "CPUExecutionProvider"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +201,10 @@ def test_with_tracing_on_requests_go_through_bentomls_layer_with_the_same_answer
     image = png_bytes(fashion_test[0][0])
     for path, kwargs in [
         ("/classify", {"files": {"image": ("x.png", image, "image/png")}, "data": {"top_k": "4"}}),
-        ("/classify_batch", {"files": [("images", ("x.png", image, "image/png")), ("images", ("j.png", b"junk", "image/png"))]}),
+        (
+            "/classify_batch",
+            {"files": [("images", ("x.png", image, "image/png")), ("images", ("j.png", b"junk", "image/png"))]},
+        ),
         ("/classify", {"content": b"junk", "headers": {"Content-Type": "image/png"}}),
         ("/classify", {"content": image, "headers": {"Content-Type": "image/png"}, "params": {"model": "nope"}}),
     ]:

@@ -11,9 +11,13 @@ from tests.conftest import bentoml_serve, png_bytes
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STRICT = {
-    "SERVING_AUTH_TOKEN": TOKEN, "SERVING_MAX_CONCURRENCY": "2", "SERVING_TIMEOUT_S": "2",
-    "SERVING_MAX_BODY_BYTES": "200000", "SERVING_MAX_PIXELS": "10000", "SERVING_MAX_BATCH_IMAGES": "3",
-}  # fmt: skip
+    "SERVING_AUTH_TOKEN": TOKEN,
+    "SERVING_MAX_CONCURRENCY": "2",
+    "SERVING_TIMEOUT_S": "2",
+    "SERVING_MAX_BODY_BYTES": "200000",
+    "SERVING_MAX_PIXELS": "10000",
+    "SERVING_MAX_BATCH_IMAGES": "3",
+}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,9 @@ async def slow_body(seconds: float):
 
 def test_overload_is_a_503_with_retry_after_and_a_slow_request_a_504(strict):
     async def main():
-        async with httpx.AsyncClient(base_url=strict, headers={**AUTH, "Content-Type": "image/png"}, timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=strict, headers={**AUTH, "Content-Type": "image/png"}, timeout=30
+        ) as client:
             slow = [asyncio.create_task(client.post("/classify", content=slow_body(4))) for _ in range(2)]
             await asyncio.sleep(1)  # both slow requests are in flight: the server is at SERVING_MAX_CONCURRENCY
             refused = await client.post("/classify", content=image())
@@ -80,12 +86,22 @@ def test_overload_is_a_503_with_retry_after_and_a_slow_request_a_504(strict):
     assert "2 requests already in flight" in refused.json()["error"]
     assert [r.status_code for r in slow] == [504, 504]  # SERVING_TIMEOUT_S=2, body took 4 s
     assert "not answered within 2 s" in slow[0].json()["error"]
-    assert classify(strict, content=image(), headers={"Content-Type": "image/png"}).status_code == 200  # and it recovers
+    assert (
+        classify(strict, content=image(), headers={"Content-Type": "image/png"}).status_code == 200
+    )  # and it recovers
 
 
 def test_a_bad_setting_stops_the_service_at_start_naming_it(bentoml_home):
     from tests.conftest import run_cli
 
-    result = run_cli("-m", "bentoml", "serve", "--port", "1", env={"BENTOML_HOME": str(bentoml_home), "SERVING_MAX_BATCH_SIZE": "lots"}, timeout=120)
+    result = run_cli(
+        "-m",
+        "bentoml",
+        "serve",
+        "--port",
+        "1",
+        env={"BENTOML_HOME": str(bentoml_home), "SERVING_MAX_BATCH_SIZE": "lots"},
+        timeout=120,
+    )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].endswith("SERVING_MAX_BATCH_SIZE must be an integer, got 'lots'")

@@ -29,8 +29,11 @@ def test_register_refuses_files_without_a_card(tmp_path, exported):
     onnx.save(bare, str(tmp_path / "bare.onnx"))
     (tmp_path / "junk.onnx").write_bytes(b"junk")
     env = {"BENTOML_HOME": str(tmp_path / "home")}
-    for path, message in [("bare.onnx", "carries no 'model_card' metadata"), ("junk.onnx", "not a loadable ONNX model"),
-                          ("missing.onnx", "does not exist")]:  # fmt: skip
+    for path, message in [
+        ("bare.onnx", "carries no 'model_card' metadata"),
+        ("junk.onnx", "not a loadable ONNX model"),
+        ("missing.onnx", "does not exist"),
+    ]:
         result = run_cli("-m", "model_store", "register", str(tmp_path / path), "--name", "x", env=env)
         assert result.returncode == 2 and message in result.stderr, result.stderr
     bad_name = run_cli("-m", "model_store", "register", str(exported), "--name", "Not A Tag!", env=env)
@@ -47,7 +50,9 @@ def test_default_model_is_small_and_reaches_its_stated_accuracy(fashion_test):
     assert ops["BatchNormalization"] == ops["Dropout"] == 0
     images, labels = fashion_test
     session = ort.InferenceSession(str(DEFAULT_MODEL_FILE), providers=["CPUExecutionProvider"])
-    logits = np.concatenate([session.run(None, {"pixels": images[i : i + 1000, None]})[0] for i in range(0, 10000, 1000)])
+    logits = np.concatenate(
+        [session.run(None, {"pixels": images[i : i + 1000, None]})[0] for i in range(0, 10000, 1000)]
+    )
     accuracy = float((logits.argmax(1) == labels).mean())
     assert accuracy >= 0.90
     assert abs(accuracy - card.metrics["test_acc"]) < 1e-3  # the card states what the graph does

@@ -78,7 +78,10 @@ def test_every_lenet_gives_logits_for_its_classes(name):
     "args, message",
     [
         (["--model-arg", "novalue"], "error: --model-arg 'novalue' is not KEY=VALUE"),
-        (["--model-arg", "depth=3"], "error: model 'lenet_bn' takes no argument(s) ['depth']; it takes: activation, pool"),
+        (
+            ["--model-arg", "depth=3"],
+            "error: model 'lenet_bn' takes no argument(s) ['depth']; it takes: activation, pool",
+        ),
         (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
         (["--lr", "-1"], "error: --lr must be positive, got -1.0"),
         (["--data-dir", "/nonexistent"], "error: --data-dir /nonexistent lacks Fashion-MNIST file(s)"),

@@ -30,8 +30,25 @@ def state(path):
 
 
 def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
-    recipe = ["--dataset", "synthetic", "--synthetic-size", "256", "--model", "lenet_bn", "--batch-size", "32",
-              "--epochs", "3", "--hflip", "--random-crop-padding", "2", "--random-erasing", "0.5", "--seed", "3"]  # fmt: skip
+    recipe = [
+        "--dataset",
+        "synthetic",
+        "--synthetic-size",
+        "256",
+        "--model",
+        "lenet_bn",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "3",
+        "--hflip",
+        "--random-crop-padding",
+        "2",
+        "--random-erasing",
+        "0.5",
+        "--seed",
+        "3",
+    ]
     train_module.main(train_args(*recipe, "--output-dir", str(tmp_path / "whole")))
 
     saved = train_module.save_checkpoint
@@ -49,7 +66,9 @@ def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_p
     shutil.copy(tmp_path / "epoch1.pt", resumed_dir / "last.pt")
     shutil.copy(tmp_path / "first" / "log.csv", resumed_dir / "log.csv")
     (resumed_dir / "log.csv").write_text("".join(open(tmp_path / "first" / "log.csv").readlines()[:2]))
-    train_module.main(get_args_parser().parse_args(["train", "--resume", str(resumed_dir / "last.pt"), "--epochs", "3"]))
+    train_module.main(
+        get_args_parser().parse_args(["train", "--resume", str(resumed_dir / "last.pt"), "--epochs", "3"])
+    )
 
     whole, resumed = state(tmp_path / "whole" / "last.pt"), state(resumed_dir / "last.pt")
     assert resumed["epoch"] == 3
@@ -83,9 +102,26 @@ def make_folder(root, classes=("blue", "green", "red"), per_class=16):
 def test_image_folder_trains_and_evaluates_with_its_own_classes(tmp_path):
     make_folder(tmp_path / "photos")
     out = tmp_path / "run"
-    metrics = train_module.main(train_args(
-        "--dataset", "folder", "--data-dir", str(tmp_path / "photos"), "--model", "lenet_bn", "--size", "28",
-        "--epochs", "4", "--batch-size", "8", "--val-ratio", "0.25", "--output-dir", str(out)))  # fmt: skip
+    metrics = train_module.main(
+        train_args(
+            "--dataset",
+            "folder",
+            "--data-dir",
+            str(tmp_path / "photos"),
+            "--model",
+            "lenet_bn",
+            "--size",
+            "28",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "8",
+            "--val-ratio",
+            "0.25",
+            "--output-dir",
+            str(out),
+        )
+    )
     card = state(out / "last.pt")["card"]
     assert card["class_names"] == ["blue", "green", "red"] and card["in_channels"] == 3 and card["resize"] == "crop"
     assert metrics["test_acc"] >= 0.9  # colours are easy
@@ -148,30 +184,87 @@ def test_fine_tuning_from_torchvision_weights_replaces_the_head_and_freezes_the_
     source = torchvision.models.resnet18(weights=None).state_dict()  # ImageNet layout: RGB stem, 1000 classes
     torch.save(source, tmp_path / "resnet18_imagenet.pth")
     out = tmp_path / "run"
-    train_module.main(train_args(
-        "--dataset", "synthetic", "--synthetic-size", "64", "--model", "resnet18", "--size", "32", "--epochs", "1",
-        "--batch-size", "16", "--init-weights", str(tmp_path / "resnet18_imagenet.pth"), "--freeze-backbone",
-        "--output-dir", str(out)))  # fmt: skip
+    train_module.main(
+        train_args(
+            "--dataset",
+            "synthetic",
+            "--synthetic-size",
+            "64",
+            "--model",
+            "resnet18",
+            "--size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--init-weights",
+            str(tmp_path / "resnet18_imagenet.pth"),
+            "--freeze-backbone",
+            "--output-dir",
+            str(out),
+        )
+    )
     tuned = state(out / "last.pt")["model"]
     assert torch.equal(tuned["net.conv1.weight"], source["conv1.weight"].sum(dim=1, keepdim=True))  # RGB stem -> gray
     assert torch.equal(tuned["net.layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])  # frozen
     assert tuned["net.fc.weight"].shape == (10, 512)  # the head follows the new classes
     train_module.main(get_args_parser().parse_args(["train", "--resume", str(out / "last.pt"), "--epochs", "2"]))
     resumed = state(out / "last.pt")
-    assert resumed["epoch"] == 2 and torch.equal(resumed["model"]["net.layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])
-    result = run_cli("-m", "training", "train", "--dataset", "synthetic", "--model", "lenet", "--epochs", "1",
-                     "--init-weights", str(tmp_path / "resnet18_imagenet.pth"), "--output-dir", str(tmp_path / "x"))  # fmt: skip
+    assert resumed["epoch"] == 2 and torch.equal(
+        resumed["model"]["net.layer4.1.conv2.weight"], source["layer4.1.conv2.weight"]
+    )
+    result = run_cli(
+        "-m",
+        "training",
+        "train",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "lenet",
+        "--epochs",
+        "1",
+        "--init-weights",
+        str(tmp_path / "resnet18_imagenet.pth"),
+        "--output-dir",
+        str(tmp_path / "x"),
+    )
     assert result.returncode == 2 and "no tensor fits this model" in result.stderr
 
 
 def test_two_process_ddp_run_on_gloo(tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--module", "training",
-         "train", "--dataset", "synthetic", "--synthetic-size", "512", "--model", "lenet_bn", "--model-arg", "activation=relu", "--batch-size", "32",
-         "--epochs", "2", "--output-dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--module",
+            "training",
+            "train",
+            "--dataset",
+            "synthetic",
+            "--synthetic-size",
+            "512",
+            "--model",
+            "lenet_bn",
+            "--model-arg",
+            "activation=relu",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("training lenet_bn") == 1  # rank 0 alone reports and writes
     rows = list(csv.DictReader(open(out / "log.csv")))

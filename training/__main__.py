@@ -7,16 +7,25 @@ from training import evaluate, summary, train
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description="Train, inspect and evaluate the classic CNNs.")
+    parser = argparse.ArgumentParser(
+        prog="python -m training", description="Train, inspect and evaluate the classic CNNs."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    train.add_arguments(commands.add_parser("train", help="train a model (Fashion-MNIST, an image folder, or synthetic data)"))
+    train.add_arguments(
+        commands.add_parser("train", help="train a model (Fashion-MNIST, an image folder, or synthetic data)")
+    )
     commands.add_parser("models", help="list the registered models with their input size and parameters")
     summary.add_arguments(commands.add_parser("summary", help="layer-by-layer output shapes, parameters, mult-adds"))
     evaluate.add_arguments(commands.add_parser("evaluate", help="per-class accuracy and a confusion matrix"))
     return parser
 
 
-COMMANDS = {"train": train.main, "models": summary.print_models, "summary": summary.print_summary, "evaluate": evaluate.main}
+COMMANDS = {
+    "train": train.main,
+    "models": summary.print_models,
+    "summary": summary.print_summary,
+    "evaluate": evaluate.main,
+}
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -11,9 +11,13 @@ import torch.nn.functional as F
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--random-crop-padding", type=int, default=0, help="pad by N then crop back at random (default: 0, off)")
+    parser.add_argument(
+        "--random-crop-padding", type=int, default=0, help="pad by N then crop back at random (default: 0, off)"
+    )
     parser.add_argument("--hflip", action="store_true", help="random horizontal flip (default: off)")
-    parser.add_argument("--random-erasing", type=float, default=0.0, help="probability of erasing a rectangle (default: 0, off)")
+    parser.add_argument(
+        "--random-erasing", type=float, default=0.0, help="probability of erasing a rectangle (default: 0, off)"
+    )
 
 
 class Augment:
@@ -21,7 +25,9 @@ class Augment:
 
     def __init__(self, crop_padding: int = 0, hflip: bool = False, erasing: float = 0.0):
         if crop_padding < 0 or not 0.0 <= erasing <= 1.0:
-            raise ValueError(f"--random-crop-padding must be >= 0 and --random-erasing in [0, 1], got {crop_padding}, {erasing}")
+            raise ValueError(
+                f"--random-crop-padding must be >= 0 and --random-erasing in [0, 1], got {crop_padding}, {erasing}"
+            )
         self.crop_padding, self.hflip, self.erasing = crop_padding, hflip, erasing
 
     @classmethod
@@ -51,5 +57,7 @@ class Augment:
             w = min(width, max(1, round(math.sqrt(area / aspect))))
             top = torch.randint(0, height - h + 1, ()).item()
             left = torch.randint(0, width - w + 1, ()).item()
-            pixels[:, top : top + h, left : left + w] = torch.randint(0, 256, (pixels.shape[0], h, w), dtype=pixels.dtype)
+            pixels[:, top : top + h, left : left + w] = torch.randint(
+                0, 256, (pixels.shape[0], h, w), dtype=pixels.dtype
+            )
         return pixels.contiguous()

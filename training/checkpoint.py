@@ -47,5 +47,7 @@ def load_model(path: Path) -> tuple[nn.Sequential, ModelCard, dict[str, Any]]:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:400]
-        raise ValueError(f"checkpoint {path}: weights do not fit a {card.arch} with {card.num_classes} classes: {detail}") from None
+        raise ValueError(
+            f"checkpoint {path}: weights do not fit a {card.arch} with {card.num_classes} classes: {detail}"
+        ) from None
     return model.eval(), card, payload

@@ -31,9 +31,17 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_ROOT = Path("data")
 # The label order of the dataset's authors (zalandoresearch/fashion-mnist README).
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -160,16 +168,35 @@ class Augmented(Dataset):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="training data (default: fashion-mnist)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="Fashion-MNIST files or the image folder (default: auto for fashion-mnist)")  # fmt: skip
-    parser.add_argument("--in-channels", type=int, default=None, choices=(1, 3),
-                        help="input channels (default: 1 for fashion-mnist and synthetic, 3 for folder)")  # fmt: skip
-    parser.add_argument("--resize", default=None, choices=("fit", "stretch", "crop"),
-                        help="how images reach the input size (default: fit; crop for folder)")  # fmt: skip
-    parser.add_argument("--val-ratio", type=float, default=0.1, help="folder without train/ and val/: validation share (default: 0.1)")
+    parser.add_argument(
+        "--dataset", default="fashion-mnist", choices=DATASETS, help="training data (default: fashion-mnist)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="Fashion-MNIST files or the image folder (default: auto for fashion-mnist)",
+    )
+    parser.add_argument(
+        "--in-channels",
+        type=int,
+        default=None,
+        choices=(1, 3),
+        help="input channels (default: 1 for fashion-mnist and synthetic, 3 for folder)",
+    )
+    parser.add_argument(
+        "--resize",
+        default=None,
+        choices=("fit", "stretch", "crop"),
+        help="how images reach the input size (default: fit; crop for folder)",
+    )
+    parser.add_argument(
+        "--val-ratio", type=float, default=0.1, help="folder without train/ and val/: validation share (default: 0.1)"
+    )
     parser.add_argument("--synthetic-size", type=int, default=512, help="synthetic: training images (default: 512)")
-    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images (default: all)")
+    parser.add_argument(
+        "--train-limit", type=int, default=None, help="use only the first N training images (default: all)"
+    )
     parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (default: all)")
 
 
@@ -183,10 +210,18 @@ def load_data(args: argparse.Namespace, arch: str, arch_args: dict, size: int) -
     else:
         classes = list(FASHION_MNIST_CLASSES) if args.dataset == "fashion-mnist" else [f"shape{i}" for i in range(10)]
     card = ModelCard(
-        arch=arch, arch_args=arch_args, class_names=classes, in_channels=channels, height=size, width=size,
-        mean=(0.5,) * channels, std=(0.5,) * channels, resize=args.resize or ("crop" if args.dataset == "folder" else "fit"),
-        interpolation="bilinear", dataset=args.dataset,
-    )  # fmt: skip
+        arch=arch,
+        arch_args=arch_args,
+        class_names=classes,
+        in_channels=channels,
+        height=size,
+        width=size,
+        mean=(0.5,) * channels,
+        std=(0.5,) * channels,
+        resize=args.resize or ("crop" if args.dataset == "folder" else "fit"),
+        interpolation="bilinear",
+        dataset=args.dataset,
+    )
     train, test = splits(args, card, scanned)
     if isinstance(train, FashionMNIST):
         mean, std = channel_stats(train.images[: args.train_limit])  # exact, from all raw training pixels
@@ -209,9 +244,13 @@ def splits(args: argparse.Namespace, card: ModelCard, scanned: tuple | None = No
     if args.dataset == "folder":
         classes, train_items, val_items = scanned or _scan(args)
         if classes != list(card.class_names):
-            raise ValueError(f"{args.data_dir} now has classes {classes}, the model was trained on {list(card.class_names)}")
+            raise ValueError(
+                f"{args.data_dir} now has classes {classes}, the model was trained on {list(card.class_names)}"
+            )
         return ImageFolder(train_items, card), ImageFolder(val_items, card)
-    return SyntheticShapes(args.synthetic_size, card, args.seed), SyntheticShapes(max(64, args.synthetic_size // 4), card, args.seed + 1)
+    return SyntheticShapes(args.synthetic_size, card, args.seed), SyntheticShapes(
+        max(64, args.synthetic_size // 4), card, args.seed + 1
+    )
 
 
 def stack_items(dataset: Dataset, indices) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +273,9 @@ def run_splits(card: ModelCard, run_args: dict, data_dir: Path | None = None) ->
     return splits(run, card)
 
 
-def evaluation_split(card: ModelCard, run_args: dict, data_dir: Path | None = None, limit: int | None = None) -> Dataset:
+def evaluation_split(
+    card: ModelCard, run_args: dict, data_dir: Path | None = None, limit: int | None = None
+) -> Dataset:
     """The test or validation set a checkpoint's run was tested on (see ``run_splits``); the
     first ``limit`` images if given."""
     return _limit(run_splits(card, run_args, data_dir)[1], limit)

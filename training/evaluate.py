@@ -21,9 +21,15 @@ from training.plots import plot_confusion
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by `python -m training train`")
-    parser.add_argument("--data-dir", type=Path, default=None, help="where the data is now, if it moved (default: as trained)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="where to write the files (default: the checkpoint's folder)")
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="a checkpoint written by `python -m training train`"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="where the data is now, if it moved (default: as trained)"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where to write the files (default: the checkpoint's folder)"
+    )
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
 
 
@@ -33,7 +39,9 @@ def confusion_matrix(model: torch.nn.Module, loader: DataLoader, num_classes: in
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for pixels, labels in loader:
         predicted = model(pixels).argmax(1)
-        matrix += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).view(num_classes, num_classes)
+        matrix += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).view(
+            num_classes, num_classes
+        )
     return matrix.numpy()
 
 
@@ -52,6 +60,8 @@ def main(args: argparse.Namespace) -> np.ndarray:
     width = max(len(n) for n in card.class_names)
     for name, n, c in zip(card.class_names, images, correct):
         print(f"{name:<{width}}  {c / max(1, n):.4f}  ({int(c)}/{int(n)})")
-    print(f"{'all':<{width}}  {correct.sum() / matrix.sum():.4f}  ({int(correct.sum())}/{int(matrix.sum())}); "
-          f"wrote {output_dir / 'per_class.csv'} and {output_dir / 'confusion.png'}")  # fmt: skip
+    print(
+        f"{'all':<{width}}  {correct.sum() / matrix.sum():.4f}  ({int(correct.sum())}/{int(matrix.sum())}); "
+        f"wrote {output_dir / 'per_class.csv'} and {output_dir / 'confusion.png'}"
+    )
     return matrix

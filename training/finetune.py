@@ -38,7 +38,13 @@ def load_pretrained(model: nn.Module, path: Path) -> set[str]:
         if name not in target:
             continue
         want = target[name]
-        if tensor.ndim == 4 and want.ndim == 4 and tensor.shape[1] == 3 and want.shape[1] == 1 and tensor.shape[0] == want.shape[0]:
+        if (
+            tensor.ndim == 4
+            and want.ndim == 4
+            and tensor.shape[1] == 3
+            and want.shape[1] == 1
+            and tensor.shape[0] == want.shape[0]
+        ):
             tensor = tensor.sum(dim=1, keepdim=True)
         if tensor.shape == want.shape:
             loaded[name] = tensor

@@ -19,18 +19,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum for SGD (default: off)")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (default: 0.05)")
     parser.add_argument("--lr-scheduler", default="cosine", choices=SCHEDULES, help="schedule (default: cosine)")
-    parser.add_argument("--lr-warmup-epochs", type=float, default=0.0,
-                        help="linear warmup from 1%% of --lr; for onecycle, the rise (default: 0, onecycle 30%% of the run)")
-    parser.add_argument("--lr-step-size", type=int, default=30, help="step schedule: epochs between decays (default: 30)")
+    parser.add_argument(
+        "--lr-warmup-epochs",
+        type=float,
+        default=0.0,
+        help="linear warmup from 1%% of --lr; for onecycle, the rise (default: 0, onecycle 30%% of the run)",
+    )
+    parser.add_argument(
+        "--lr-step-size", type=int, default=30, help="step schedule: epochs between decays (default: 30)"
+    )
     parser.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule: decay factor (default: 0.1)")
-    parser.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this (default: off)")  # fmt: skip
+    parser.add_argument(
+        "--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this (default: off)"
+    )
 
 
 def make_optimizer(args: argparse.Namespace, groups: Iterable[dict]) -> torch.optim.Optimizer:
     """``groups`` are parameter groups, each may carry an ``lr_scale`` (fine-tuning's backbone)."""
     groups = [{**g, "lr": args.lr * g.pop("lr_scale", 1.0)} for g in groups]
     if args.opt == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay
+        )
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 

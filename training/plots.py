@@ -42,8 +42,15 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], output: Path) -> 
     for i in ticks:
         for j in ticks:
             if matrix[i, j]:
-                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{rates[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     fig.tight_layout()
     _save(fig, output)
 

@@ -39,17 +39,22 @@ def count_params(module: nn.Module) -> int:
 
 def layer_table(model: nn.Module, size: int, in_channels: int) -> list[dict]:
     """One row per block: name, type, output shape, parameters, multiply-adds (batch of one)."""
-    rows = [{"name": name, "type": type(block).__name__, "params": count_params(block), "macs": 0, "shape": None}
-            for name, block in blocks(model)]  # fmt: skip
+    rows = [
+        {"name": name, "type": type(block).__name__, "params": count_params(block), "macs": 0, "shape": None}
+        for name, block in blocks(model)
+    ]
     hooks, current = [], {"row": None}
 
     def count_macs(row: dict):
         def hook(layer: nn.Module, inputs, output: torch.Tensor) -> None:
             if isinstance(layer, nn.Conv2d):
-                row["macs"] += output.numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+                row["macs"] += (
+                    output.numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+                )
             elif isinstance(layer, nn.Linear):
                 row["macs"] += output.numel() * layer.in_features
-        return hook  # fmt: skip
+
+        return hook
 
     for row, (_, block) in zip(rows, blocks(model)):
         hooks.append(block.register_forward_pre_hook(lambda *_, row=row: current.update(row=row)))
@@ -62,8 +67,9 @@ def layer_table(model: nn.Module, size: int, in_channels: int) -> list[dict]:
     except RuntimeError as err:
         failed = current["row"]
         where = f"at {failed['name']} ({failed['type']})" if failed else "at the first layer"
-        raise ValueError(f"a {size}x{size} input is too small for this network: it fails {where}: "
-                         f"{str(err).splitlines()[0]}") from None  # fmt: skip
+        raise ValueError(
+            f"a {size}x{size} input is too small for this network: it fails {where}: {str(err).splitlines()[0]}"
+        ) from None
     finally:
         for hook in hooks:
             hook.remove()

@@ -41,8 +41,13 @@ RESUME_OVERRIDES = ("epochs", "workers", "device", "output_dir", "resume")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="lenet_bn", choices=list_models(), help="architecture (default: lenet_bn)")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="builder keyword argument, VALUE parsed as JSON if it can be, e.g. activation=relu (default: none)")  # fmt: skip
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="builder keyword argument, VALUE parsed as JSON if it can be, e.g. activation=relu (default: none)",
+    )
     parser.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's own)")
     data.add_arguments(parser)
     parser.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
@@ -50,12 +55,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_arguments(parser)
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0.0)")
     augment.add_arguments(parser)
-    parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
-                        help="mixed precision (default: auto = bf16 on a GPU that has it, else fp16 on a GPU, off on CPU)")  # fmt: skip
-    parser.add_argument("--init-weights", type=Path, default=None, help="fine-tune from this state_dict or checkpoint (default: none)")
-    parser.add_argument("--freeze-backbone", action="store_true", help="fine-tuning: train only the new parameters (default: off)")
-    parser.add_argument("--backbone-lr-scale", type=float, default=1.0,
-                        help="fine-tuning: learning rate of loaded parameters relative to --lr (default: 1.0)")  # fmt: skip
+    parser.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "off", "bf16", "fp16"),
+        help="mixed precision (default: auto = bf16 on a GPU that has it, else fp16 on a GPU, off on CPU)",
+    )
+    parser.add_argument(
+        "--init-weights", type=Path, default=None, help="fine-tune from this state_dict or checkpoint (default: none)"
+    )
+    parser.add_argument(
+        "--freeze-backbone", action="store_true", help="fine-tuning: train only the new parameters (default: off)"
+    )
+    parser.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=1.0,
+        help="fine-tuning: learning rate of loaded parameters relative to --lr (default: 1.0)",
+    )
     parser.add_argument("--workers", type=int, default=0, help="data loader processes (default: 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -95,7 +112,9 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
     return torch.bfloat16 if args.amp == "bf16" else torch.float16
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp, args, device, show) -> dict[str, float]:
+def train_one_epoch(
+    model, loader, criterion, optimizer, scheduler, scaler, amp, args, device, show
+) -> dict[str, float]:
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
     channels_last = device.type == "cuda"
@@ -114,7 +133,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=device)])
+        totals += torch.stack(
+            [loss.detach() * len(labels), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=device)]
+        )
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, correct, seen = totals.tolist()
@@ -165,7 +186,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)
     output_dir = args.output_dir or Path("runs") / args.model
 
-    train_set, test_set, card = data.load_data(args, args.model, parse_model_args(args.model_arg), args.size or default_size(args.model))
+    train_set, test_set, card = data.load_data(
+        args, args.model, parse_model_args(args.model_arg), args.size or default_size(args.model)
+    )
     model = build_model(card)
     if resumed:  # the same parameter groups as the interrupted run, so its optimizer state fits
         pretrained = set(resumed.get("pretrained", []))
@@ -179,9 +202,17 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     generator = torch.Generator().manual_seed(args.seed)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
     pin = device.type == "cuda"
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers,
-                              generator=generator, pin_memory=pin, drop_last=len(train_set) > args.batch_size * world,
-                              persistent_workers=args.workers > 0)  # fmt: skip
+    train_loader = DataLoader(
+        train_set,
+        args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        generator=generator,
+        pin_memory=pin,
+        drop_last=len(train_set) > args.batch_size * world,
+        persistent_workers=args.workers > 0,
+    )
     test_loader = DataLoader(test_set, 512, num_workers=args.workers, pin_memory=pin)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = optim.make_optimizer(args, groups)
@@ -204,9 +235,12 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     show = rank == 0
     if show:
-        print(f"training {card.arch} {dict(card.arch_args)} on {len(train_set)} {card.dataset} images "
-              f"({card.in_channels}x{card.height}x{card.width}), testing on {len(test_set)}; device {device}"
-              f"{f' x{world}' if world > 1 else ''}, amp {amp}, output {output_dir}", flush=True)  # fmt: skip
+        print(
+            f"training {card.arch} {dict(card.arch_args)} on {len(train_set)} {card.dataset} images "
+            f"({card.in_channels}x{card.height}x{card.width}), testing on {len(test_set)}; device {device}"
+            f"{f' x{world}' if world > 1 else ''}, amp {amp}, output {output_dir}",
+            flush=True,
+        )
     metrics: dict = {}
     for epoch in range(start_epoch, args.epochs + 1):
         if sampler is not None:
@@ -216,22 +250,39 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         trained = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, amp, args, device, show)
         seconds = time.perf_counter() - start
         if rank == 0:
-            metrics = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"],
-                       **evaluate(model, test_loader, criterion, device, amp), "lr": lr,
-                       "examples_per_s": round(trained["seen"] / seconds, 1), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
-            print(f"epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  train acc {metrics['train_acc']:.4f}  "
-                  f"test acc {metrics['test_acc']:.4f}  lr {lr:.2e}  {metrics['examples_per_s']:.0f} img/s", flush=True)  # fmt: skip
+            metrics = {
+                "epoch": epoch,
+                "train_loss": trained["train_loss"],
+                "train_acc": trained["train_acc"],
+                **evaluate(model, test_loader, criterion, device, amp),
+                "lr": lr,
+                "examples_per_s": round(trained["seen"] / seconds, 1),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+            print(
+                f"epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  train acc {metrics['train_acc']:.4f}  "
+                f"test acc {metrics['test_acc']:.4f}  lr {lr:.2e}  {metrics['examples_per_s']:.0f} img/s",
+                flush=True,
+            )
             log_epoch(output_dir / "log.csv", metrics)
             plot_curves(output_dir / "log.csv", output_dir / "curves.png")
             improved = metrics["test_acc"] > best_acc
             best_acc = max(best_acc, metrics["test_acc"])
             epoch_card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics})
             state = {
-                "epoch": epoch, "args": jsonable(vars(args)), "best_acc": best_acc, "pretrained": sorted(pretrained),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            }  # fmt: skip
+                "epoch": epoch,
+                "args": jsonable(vars(args)),
+                "best_acc": best_acc,
+                "pretrained": sorted(pretrained),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "loader": generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                },
+            }
             save_checkpoint(output_dir / "last.pt", model, epoch_card, **state)
             if improved:
                 save_checkpoint(output_dir / "best.pt", model, epoch_card, **state)

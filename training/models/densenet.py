@@ -9,7 +9,9 @@ from training.models import register_model
 
 def bn_relu_conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.BatchNorm2d(in_channels), nn.ReLU(), nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        nn.BatchNorm2d(in_channels),
+        nn.ReLU(),
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
     )
 
 
@@ -27,9 +29,14 @@ class DenseBlock(nn.Module):
 
 
 @register_model("densenet", default_size=96)
-def densenet(in_channels: int = 1, num_classes: int = 10, growth_rate: int = 32, units: tuple = (4, 4, 4, 4)) -> nn.Sequential:
+def densenet(
+    in_channels: int = 1, num_classes: int = 10, growth_rate: int = 32, units: tuple = (4, 4, 4, 4)
+) -> nn.Sequential:
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, 64, 7, stride=2, padding=3), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)
+        nn.Conv2d(in_channels, 64, 7, stride=2, padding=3),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1),
     ]
     channels = 64
     for index, count in enumerate(units):
@@ -38,5 +45,11 @@ def densenet(in_channels: int = 1, num_classes: int = 10, growth_rate: int = 32,
         if index != len(units) - 1:  # a transition halves channels and spatial size
             layers += [bn_relu_conv(channels, channels // 2, 1), nn.AvgPool2d(2, stride=2)]
             channels //= 2
-    layers += [nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(channels, num_classes)]
+    layers += [
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.Flatten(),
+        nn.Linear(channels, num_classes),
+    ]
     return nn.Sequential(*layers)

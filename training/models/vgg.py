@@ -17,7 +17,9 @@ CONFIGS = {
 }
 
 
-def _vgg(config: list, in_channels: int, num_classes: int, width_divisor: int, batch_norm: bool, dropout: float) -> nn.Sequential:
+def _vgg(
+    config: list, in_channels: int, num_classes: int, width_divisor: int, batch_norm: bool, dropout: float
+) -> nn.Sequential:
     if width_divisor < 1:
         raise ValueError(f"width_divisor must be at least 1, got {width_divisor}")
     layers: list[nn.Module] = []
@@ -32,16 +34,26 @@ def _vgg(config: list, in_channels: int, num_classes: int, width_divisor: int, b
         channels = out
     return nn.Sequential(
         *layers,
-        nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(),
-        nn.Linear(channels * 7 * 7, 4096), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(dropout),
+        nn.AdaptiveAvgPool2d((7, 7)),
+        nn.Flatten(),
+        nn.Linear(channels * 7 * 7, 4096),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
+        nn.Dropout(dropout),
         nn.Linear(4096, num_classes),
-    )  # fmt: skip
+    )
 
 
 def _register(name: str) -> None:
-    def builder(in_channels: int = 1, num_classes: int = 10, width_divisor: int = 1, batch_norm: bool = False,
-                dropout: float = 0.5) -> nn.Sequential:  # fmt: skip
+    def builder(
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width_divisor: int = 1,
+        batch_norm: bool = False,
+        dropout: float = 0.5,
+    ) -> nn.Sequential:
         return _vgg(CONFIGS[name], in_channels, num_classes, width_divisor, batch_norm, dropout)
 
     builder.__name__ = name
