@@ -27,7 +27,7 @@ class ServingConfig:
     timeout_s: float = 10.0  # per classify request, decode and queue included -> 504
     auth_token: str = ""  # when set, classify and /models need "Authorization: Bearer <token>"
     decode_threads: int = os.cpu_count() or 1  # parallel decode + resize (Pillow releases the GIL)
-    ort_threads: int = 0  # ONNX Runtime intra-op threads on CPU; 0: one per core
+    ort_threads: int = 0  # ONNX Runtime intra-op threads on CPU, per worker; 0: the cores shared among the workers
     log_requests: bool = True  # one JSON log line per classify request
     tracing: bool = False  # OpenTelemetry spans for classify requests, through BentoML's request layer (exporter: BentoML's tracing config)
     workers: int = 1  # service processes, each with its own copy of the models and its own batches
@@ -53,6 +53,12 @@ class ServingConfig:
                 raise ValueError(f"{ENV[name]} must be 0 or more, got {getattr(self, name)}")
         if self.timeout_s <= 0:
             raise ValueError(f"SERVING_TIMEOUT_S must be positive, got {self.timeout_s}")
+
+    @property
+    def engine_threads(self) -> int:
+        """Intra-op threads for each ONNX Runtime session: as set, or the cores divided among the
+        workers, so that workers do not run more compute threads than there are cores."""
+        return self.ort_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServingConfig:

@@ -58,7 +58,7 @@ class ModelSet:
         for name, version, path in files:
             if any(m.name == name for m in self.models):
                 raise ValueError(f"SERVING_MODELS names {name!r} twice; serve one version of each model")
-            engine = OnnxClassifier(path, config.device, config.ort_threads)
+            engine = OnnxClassifier(path, config.device, config.engine_threads)
             batcher = MicroBatcher(engine.predict, config.max_batch_size, config.batch_wait_ms / 1000, _observer(name))
             self.models.append(ServedModel(name, version, engine, batcher))
         self.ready = False

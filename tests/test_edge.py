@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 
 import httpx
@@ -324,6 +325,9 @@ def test_settings_come_from_the_environment_and_a_bad_one_names_its_variable():
         }
     )
     assert config.models == ("a:latest", "b:v1") and config.tracing and config.workers == 2 and config.timeout_s == 2.5
+    cores = os.cpu_count() or 1
+    assert config.engine_threads == max(1, cores // 2) and ServingConfig(workers=cores * 2).engine_threads == 1
+    assert ServingConfig(workers=2, ort_threads=3).engine_threads == 3
     for environ, message in [
         ({"SERVING_WORKERS": "0"}, "SERVING_WORKERS must be at least 1, got 0"),
         ({"SERVING_TRACING": "maybe"}, "SERVING_TRACING must be true or false, got 'maybe'"),
