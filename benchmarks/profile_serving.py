@@ -1,0 +1,160 @@
+"""Where a served request's CPU goes: per-thread CPU from /proc and a py-spy profile, under wrk load.
+
+    python benchmarks/profile_serving.py                          # the shipped model, c=32, 15 s
+    python benchmarks/profile_serving.py --env SERVING_TRACING=true --concurrency 1
+
+Starts ``bentoml serve`` (one worker, a private BentoML home), loads it with wrk like
+benchmarks/serving_compare.py, and meanwhile samples the worker with py-spy. Prints the worker's
+CPU per request by thread, then the share of the event-loop thread's samples by package
+(inclusive: a frame counts for every package on its stack) and its hottest functions (self time).
+py-spy samples without stopping the process (--nonblocking): stopping it biases the samples toward
+system calls. Needs wrk and py-spy (the bench extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from serving_compare import fashion_pngs, process  # this script's folder is on sys.path
+from wrk_load import TICKS, run_wrk, write_bodies
+
+REPO = Path(__file__).resolve().parents[1]
+PY_SPY = (
+    str(Path(sys.executable).with_name("py-spy")) if Path(sys.executable).with_name("py-spy").exists() else "py-spy"
+)
+# Path fragments that name where a frame's code lives; the process's own entry points (uvicorn's
+# Server.run, BentoML's worker main, asyncio's runner) are left out, being on every stack.
+PACKAGES = (
+    "serving/",
+    "model_store/",
+    "_bentoml_impl/server/",
+    "_bentoml_sdk/",
+    "bentoml/_internal/",
+    "opentelemetry/",
+    "starlette/",
+    "uvicorn/protocols/",
+    "uvicorn/middleware/",
+    "python_multipart/",
+    "PIL/",
+    "numpy/",
+    "onnxruntime/",
+    "prometheus_client/",
+    "logging/",
+    "json/",
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=32, help="wrk connections (default: 32)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="load and sampling time (default: 15)")
+    parser.add_argument("--env", nargs="*", default=[], help="SERVING_*=value settings for the service")
+    parser.add_argument("--top", type=int, default=15, help="functions to list (default: 15)")
+    return parser
+
+
+def thread_ticks(pid: int) -> dict[str, int]:
+    """CPU ticks so far of each thread of ``pid``, by 'name (tid)'."""
+    ticks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks[f"{name} ({task.name})"] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def summarize(raw: Path, thread: str, top: int) -> list[str]:
+    """Package shares and hottest functions of one thread's samples in py-spy's raw output."""
+    total, packages, functions = 0, collections.Counter(), collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not count.isdigit() or thread not in frames[0] or len(frames) < 2:
+            continue
+        n = int(count)
+        total += n
+        files = [m.group(1) for f in frames[1:] if (m := re.search(r"\(([^()]*):\d+\)$", f))]
+        packages.update({p: n for p in PACKAGES if any(p in f for f in files)})
+        functions[re.sub(r":\d+\)$", ")", frames[-1])] += n
+    if not total:
+        return [f"no samples of {thread}"]
+    lines = [f"{thread}: {total} samples; by package (inclusive):"]
+    lines += [f"  {n / total:6.1%}  {p}" for p, n in packages.most_common()]
+    lines += ["hottest functions (self):"] + [f"  {n / total:6.1%}  {f}" for f, n in functions.most_common(top)]
+    return lines
+
+
+def main(args: argparse.Namespace) -> None:
+    env = dict(item.split("=", 1) for item in args.env)
+    with tempfile.TemporaryDirectory(prefix="profile-serving-") as tmp:
+        workdir = Path(tmp)
+        home = {**os.environ, "BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+        subprocess.run(
+            [sys.executable, "-m", "model_store", "register-default"],
+            cwd=REPO,
+            env=home,
+            check=True,
+            capture_output=True,
+        )
+        bodies = write_bodies(workdir / "bodies", fashion_pngs(256), "image/png")
+        command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "3917"]
+        with process("service", command, {**home, **env}, "http://127.0.0.1:3917/readyz", workdir) as pid:
+            url = "http://127.0.0.1:3917/classify"
+            run_wrk(url, bodies, 4, 2, pid)  # warm-up
+            worker = int(
+                subprocess.run(
+                    ["pgrep", "-P", str(pid), "-f", "_bentoml_impl.worker"], capture_output=True, text=True
+                ).stdout.split()[0]
+            )
+            raw = workdir / "profile.txt"
+            spy = subprocess.Popen(
+                [
+                    PY_SPY,
+                    "record",
+                    "--pid",
+                    str(worker),
+                    "--threads",
+                    "--nonblocking",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    str(int(args.seconds)),
+                    "--output",
+                    str(raw),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            before = thread_ticks(worker)
+            result = run_wrk(url, bodies, args.concurrency, args.seconds, pid)
+            after = thread_ticks(worker)
+            spy.wait(timeout=60)
+            time.sleep(0.5)
+        profile = summarize(raw, "MainThread", args.top) if raw.exists() else ["py-spy wrote no profile"]
+    print(
+        f"c={args.concurrency}: {result['rps']:,.0f} req/s, p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms, "
+        f"server CPU {result['server_cpu_ms']:.3f} ms/request (whole tree)"
+    )
+    print("worker CPU per request, by thread:")
+    used = {t: (after[t] - before.get(t, 0)) / TICKS * 1000 / result["requests"] for t in after}
+    for name, ms in sorted(used.items(), key=lambda item: -item[1]):
+        if ms >= 0.005:
+            print(f"  {ms:.3f} ms  {name}")
+    print("\n".join(profile))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
