@@ -58,7 +58,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=15.0, help="load and sampling time (default: 15)")
     parser.add_argument("--env", nargs="*", default=[], help="SERVING_*=value settings for the service")
     parser.add_argument("--top", type=int, default=15, help="functions to list (default: 15)")
+    parser.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="only time the Prometheus updates one request makes, as the service makes them",
+    )
     return parser
+
+
+def metrics_cost(batch: float = 16.0, repeat: int = 20_000) -> str:
+    """Time the metric updates of one /classify request in a multiprocess registry, as under
+    `bentoml serve`: the edge's (in flight, count, latency), the decode's, and the batcher's share
+    of its batch (queue wait per image; size and inference time per batch of ``batch``)."""
+    import timeit
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-cost-")
+    from serving import metrics
+
+    route, model = "/classify", "fashion-lenet"
+    size, queue, inference = (
+        h.labels(model=model) for h in (metrics.batch_size, metrics.queue_seconds, metrics.inference_seconds)
+    )
+
+    def per_request() -> None:
+        metrics.in_flight.inc()
+        metrics.decode_seconds.observe(0.0001)
+        queue.observe(0.001)
+        metrics.requests.labels(route=route, status="200").inc()
+        metrics.request_seconds.labels(route=route).observe(0.002)
+        metrics.in_flight.dec()
+
+    def per_batch() -> None:
+        size.observe(batch)
+        inference.observe(0.0005)
+
+    seconds = (
+        timeit.timeit(per_request, number=repeat) / repeat + timeit.timeit(per_batch, number=repeat) / repeat / batch
+    )
+    return f"Prometheus updates per /classify request (multiprocess mode, batches of {batch:g}): {seconds * 1e6:.1f} us"
 
 
 def thread_ticks(pid: int) -> dict[str, int]:
@@ -96,6 +133,8 @@ def summarize(raw: Path, thread: str, top: int) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.metrics_cost:
+        return print(metrics_cost())
     env = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory(prefix="profile-serving-") as tmp:
         workdir = Path(tmp)

@@ -374,10 +374,10 @@ def measure(
 
 
 def median_of(results: list[dict]) -> dict:
-    merged = {
-        key: statistics.median(r[key] for r in results) for key in results[0] if key not in ("errors", "requests")
-    }
-    return {**merged, "errors": sum(r["errors"] for r in results), "requests": sum(r["requests"] for r in results)}
+    counted = ("concurrency", "errors", "requests")
+    merged = {key: statistics.median(r[key] for r in results) for key in results[0] if key not in counted}
+    totals = {"errors": sum(r["errors"] for r in results), "requests": sum(r["requests"] for r in results)}
+    return {**merged, **totals, "concurrency": results[0]["concurrency"]}
 
 
 HEADER = (

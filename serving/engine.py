@@ -109,6 +109,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def top_k(probabilities: np.ndarray, class_names: tuple[str, ...], k: int) -> dict:
     """One image's answer: the best class, its probability, and the k best, most likely first."""
-    order = np.argsort(probabilities)[::-1][:k]
-    ranked = [{"label": class_names[i], "index": int(i), "probability": float(probabilities[i])} for i in order]
+    order = np.argsort(probabilities)[::-1][:k].tolist()  # Python ints and floats, converted in one call each
+    ranked = [
+        {"label": class_names[i], "index": i, "probability": p} for i, p in zip(order, probabilities[order].tolist())
+    ]
     return {**ranked[0], "top_k": ranked}
