@@ -175,19 +175,8 @@ def prepare_resnet18(workdir: Path, args: argparse.Namespace) -> Subject:
     for name, flags in (("fp32", []), ("int8", ["--int8"])):
         graphs[name] = workdir / f"resnet18-{name}.onnx"
         print(f"exporting {checkpoint} ({name}), verified against PyTorch ...", flush=True)
-        command = [
-            sys.executable,
-            "-m",
-            "export",
-            "--checkpoint",
-            str(checkpoint),
-            "--output",
-            str(graphs[name]),
-            "--verify-images",
-            "256",
-            *flags,
-        ]
-        subprocess.run(command, cwd=REPO, check=True)
+        export = ["-m", "export", "--checkpoint", str(checkpoint), "--output", str(graphs[name]), *flags]
+        subprocess.run([sys.executable, *export], cwd=REPO, check=True)
     # Fashion-MNIST upscaled to 224x224 RGB, so decoding costs what a real photo of that size would.
     jpegs = [
         encode(Image.fromarray(a).resize((224, 224), Image.Resampling.BILINEAR).convert("RGB"), "JPEG")
@@ -255,83 +244,46 @@ def metric_sums(url: str, name: str) -> tuple[float, float]:
 def start(target: str, subject: Subject, workdir: Path) -> Iterator[Running]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    python = sys.executable
+    uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+    batches = None
     if target.startswith("service"):
-        # A BentoML home per service: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir
-        # when it starts, which would wipe the metrics of every other service sharing that home.
-        home = workdir / f"bentoml-{target}-{subject.key}"
-        graph = subject.int8 if target == "service-int8" else subject.onnx
-        name = f"bench-{subject.key}"
-        register = [python, "-m", "model_store", "register", str(graph), "--name", name]
-        subprocess.run(
-            register, cwd=REPO, env={**os.environ, "BENTOML_HOME": str(home)}, check=True, capture_output=True
-        )
-        env = {
-            "SERVING_MODELS": f"{name}:latest",
-            "BENTOML_HOME": str(home),
-            "BENTOML_DO_NOT_TRACK": "True",
-            **{
-                "service-2w": {"SERVING_WORKERS": "2"},
-                "service-nolog": {"SERVING_LOG_REQUESTS": "false"},
-                "service-traced": {"SERVING_TRACING": "true"},
-            }.get(target, {}),
-        }
-        command = [python, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        with process(f"{target}-{subject.key}", command, env, base + "/readyz", workdir) as pid:
-            yield Running(base + "/classify", pid, lambda: metric_sums(base, "classify_batch_size"))
+        command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        env, ready = service_env(target, subject, workdir), "/readyz"
+        batches = lambda: metric_sums(base, "classify_batch_size")  # noqa: E731
     elif target == "fastapi":
-        command = [
-            python,
-            "-m",
-            "uvicorn",
-            "benchmarks.fastapi_baseline:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--no-access-log",
-        ]
-        with process(
-            f"fastapi-{subject.key}",
-            command,
-            {"BASELINE_CHECKPOINT": str(subject.checkpoint)},
-            base + "/healthz",
-            workdir,
-        ) as pid:
-            yield Running(base + "/classify", pid, None)
+        command, ready = [*uvicorn, "benchmarks.fastapi_baseline:app"], "/healthz"
+        env = {"BASELINE_CHECKPOINT": str(subject.checkpoint)}
     elif target.startswith("litserve"):
         stats = workdir / f"{target}-{subject.key}.json"
-        env = {
-            "LITSERVE_ONNX": str(subject.onnx),
-            "LITSERVE_BATCH_TIMEOUT": "0.001" if target == "litserve-1ms" else "0.005",
-            "LITSERVE_STATS": str(stats),
-            "PYTHONPATH": str(REPO),
-        }
-        command = [python, "benchmarks/litserve_peer.py", "--port", str(port)]
-        with process(f"{target}-{subject.key}", command, env, base + "/health", workdir) as pid:
-            yield Running(base + "/classify", pid, lambda: _litserve_batches(stats))
+        command, ready = [sys.executable, "benchmarks/litserve_peer.py", "--port", str(port)], "/health"
+        timeout = "0.001" if target == "litserve-1ms" else "0.005"
+        env = {"LITSERVE_ONNX": str(subject.onnx), "LITSERVE_BATCH_TIMEOUT": timeout, "LITSERVE_STATS": str(stats)}
+        env["PYTHONPATH"] = str(REPO)
+        batches = lambda: _litserve_batches(stats)  # noqa: E731
     else:
-        command = [
-            python,
-            "-m",
-            "uvicorn",
-            "benchmarks.starlette_floor:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-        ]
-        with process(
-            f"floor-{subject.key}", command, {"FLOOR_ONNX": str(subject.onnx)}, base + "/healthz", workdir
-        ) as pid:
-            yield Running(base + "/classify", pid, None)
+        command = [*uvicorn, "--loop", "uvloop", "--http", "httptools", "benchmarks.starlette_floor:app"]
+        env, ready = {"FLOOR_ONNX": str(subject.onnx)}, "/healthz"
+    with process(f"{target}-{subject.key}", command, env, base + ready, workdir) as pid:
+        yield Running(base + "/classify", pid, batches)
+
+
+def service_env(target: str, subject: Subject, workdir: Path) -> dict[str, str]:
+    """The service variant's settings, with its own BentoML home holding its graph.
+
+    A home per service: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
+    starts, which would wipe the metrics of every other service sharing that home.
+    """
+    home = workdir / f"bentoml-{target}-{subject.key}"
+    graph = subject.int8 if target == "service-int8" else subject.onnx
+    register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", f"bench-{subject.key}"]
+    subprocess.run(register, cwd=REPO, env={**os.environ, "BENTOML_HOME": str(home)}, check=True, capture_output=True)
+    variant = {
+        "service-2w": {"SERVING_WORKERS": "2"},
+        "service-nolog": {"SERVING_LOG_REQUESTS": "false"},
+        "service-traced": {"SERVING_TRACING": "true"},
+    }
+    env = {"SERVING_MODELS": f"bench-{subject.key}:latest", "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    return {**env, **variant.get(target, {})}
 
 
 def _litserve_batches(stats: Path) -> tuple[float, float]:
