@@ -9,16 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from serving.errors import BodyTooLarge, ClientGone, RequestError, UnsupportedMediaType
+from serving.multipart import MalformedForm, TooManyParts, boundary_of, parse_form
 
 DEFAULT_TOP_K = 3
 IMAGE_FIELD, IMAGES_FIELD = "image", "images"
 HOW_TO = f"send multipart/form-data with the file in field {IMAGE_FIELD!r}, or the image itself as the body with an image/* content type"
 HOW_TO_BATCH = f"send multipart/form-data with one file per {IMAGES_FIELD!r} field"
+MAX_OTHER_FIELDS = 8  # form parts besides the images: top_k, model, and a few a client adds unasked
 
 
 @dataclass(frozen=True)
@@ -67,34 +67,34 @@ def _check_body(request: Request, max_bytes: int) -> str:
 
 
 async def _read_form(request: Request, field: str, max_files: int, max_bytes: int, how_to: str) -> ClassifyRequest:
-    # The parser stops counting files at max_files, mid-stream, before the rest is read.
-    parser = MultiPartParser(request.headers, _limited(request, max_bytes), max_files=max_files, max_fields=8)
+    body = b"".join([chunk async for chunk in _limited(request, max_bytes)])
     try:
-        form = await parser.parse()
-    except MultiPartException as err:
-        if str(err).startswith("Too many files"):
-            raise RequestError(
-                f"too many images: at most {max_files} per request, got more; split the request"
-            ) from None
+        parts = parse_form(body, boundary_of(request.headers["content-type"]), max_files + MAX_OTHER_FIELDS)
+    except TooManyParts:
+        raise RequestError(
+            f"too many images: at most {max_files} per request (and {MAX_OTHER_FIELDS} other fields), got more; "
+            "split the request"
+        ) from None
+    except MalformedForm as err:
         raise RequestError(f"malformed multipart body: {err}; {how_to}") from None
-    try:
-        values = form.getlist(field)
-        if not values:
-            raise RequestError(f"missing field {field!r}; {how_to}")
-        uploads = []
-        for value in values:
-            if not isinstance(value, UploadFile):
-                # A text value is never fetched as a URL: the server makes no requests on a client's behalf.
-                raise RequestError(f"field {field!r} must be a file upload, not a text value; {how_to}")
-            uploads.append(Upload(value.filename or f"{field}[{len(uploads)}]", await value.read()))
-        top_k, model = form.get("top_k"), form.get("model")
-        for name, value in (("top_k", top_k), ("model", model)):
-            if value is not None and not isinstance(value, str):
-                raise RequestError(f"field {name!r} must be a text value, not a file")
-    finally:
-        await form.close()  # uploads over 1 MB were spooled to a temp file
-    query = request.query_params
-    return ClassifyRequest(uploads, top_k if top_k is not None else query.get("top_k"), model or query.get("model"))
+    files = [part for part in parts if part.name == field]
+    if not files:
+        raise RequestError(f"missing field {field!r}; {how_to}")
+    if any(part.filename is None for part in files):
+        # A text value is never fetched as a URL: the server makes no requests on a client's behalf.
+        raise RequestError(f"field {field!r} must be a file upload, not a text value; {how_to}")
+    if len(files) > max_files:
+        raise RequestError(f"too many images: at most {max_files} per request, got {len(files)}; split the request")
+    options = {}
+    for name in ("top_k", "model"):
+        part = next((part for part in parts if part.name == name), None)
+        if part is not None and part.filename is not None:
+            raise RequestError(f"field {name!r} must be a text value, not a file")
+        options[name] = (
+            part.data.decode("utf-8", errors="replace") if part is not None else request.query_params.get(name)
+        )
+    uploads = [Upload(part.filename or f"{field}[{i}]", part.data) for i, part in enumerate(files)]
+    return ClassifyRequest(uploads, options["top_k"], options["model"] or None)
 
 
 def parse_top_k(value: str | None, num_classes: int) -> int:
