@@ -30,7 +30,7 @@ from starlette.requests import Request
 
 from serving import metrics
 from serving.errors import Overloaded, Unauthorized, http_status
-from serving.logs import log_event
+from serving.logs import log_event, log_request
 
 if TYPE_CHECKING:
     from serving.config import ServingConfig
@@ -128,8 +128,7 @@ async def respond(handlers: Handlers, route: str, request: Request) -> tuple[int
     metrics.request_seconds.labels(route=route).observe(seconds)
     if config.log_requests or status >= 500:
         model = handlers.models.find(body.get("model"))
-        log_event(
-            "request",
+        log_request(
             logging.INFO if status < 500 else logging.WARNING,
             route=route,
             status=status,

@@ -344,3 +344,24 @@ def test_models_say_their_precision():
     described = handlers.models.describe()["models"][0]
     assert described["precision"] == "float32" and described["name"] == DEFAULT_MODEL_NAME
     assert isinstance(handlers.models.default.engine.predict(np.zeros((1, 1, 28, 28), np.uint8)), np.ndarray)
+
+
+def test_request_lines_are_written_together_within_the_flush_interval(images, capsys):
+    edge, _, _ = make_edge()
+
+    async def main():
+        async with client(edge) as http:
+            for image in images[:3]:
+                await http.post(CLASSIFY, files={"image": ("x.png", image, "image/png")})
+                if image is images[0]:
+                    capsys.readouterr()  # lines other tests left pending are written at this loop's first line
+            during = capsys.readouterr().err
+            await asyncio.sleep(logs.FLUSH_S * 2)
+            return during
+
+    during = asyncio.run(main())
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert during == ""  # not one write per request
+    assert [(e["event"], e["status"], e["model"]) for e in lines] == [
+        ("request", 200, f"{DEFAULT_MODEL_NAME}:shipped")
+    ] * 3

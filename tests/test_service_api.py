@@ -3,6 +3,7 @@ image modes, metrics and structured logs."""
 
 import io
 import json
+import time
 
 import httpx
 import numpy as np
@@ -170,22 +171,22 @@ def test_metrics_report_queue_decode_inference_and_rejections(server, fashion_te
 
 
 def test_logs_are_json_lines_with_model_version_and_provider(server, server_log, fashion_test):
-    post(
-        server,
-        "/classify",
-        files={"image": ("x.png", png_bytes(fashion_test[0][0]), "image/png")},
-        data={"model": "test-lenet"},
-    )
-    events = [json.loads(line) for line in server_log.read_text().splitlines() if line.startswith("{")]
-    warmed = [e for e in events if e["event"] == "warmed_up"]
+    def events() -> list[dict]:
+        return [json.loads(line) for line in server_log.read_text().splitlines() if line.startswith("{")]
+
+    seen = len(events())
+    image = png_bytes(fashion_test[0][0])
+    post(server, "/classify", files={"image": ("x.png", image, "image/png")}, data={"model": "test-lenet"})
+    deadline = time.monotonic() + 5  # request lines are written in batches, within 0.1 s
+    while not (new := [e for e in events()[seen:] if e["event"] == "request"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(e["status"], e["model"].split(":")[0], e["provider"]) for e in new] == [
+        (200, "test-lenet", "CPUExecutionProvider")
+    ]
+    assert new[0]["ts"].endswith("Z") and new[0]["level"] == "info" and new[0]["route"] == "/classify"
+    warmed = [e for e in events() if e["event"] == "warmed_up"]
     assert {e["model"].split(":")[0] for e in warmed} == {"fashion-lenet", "test-lenet"}
     assert warmed[0]["batch_sizes"] == [1, 2, 4, 8, 16, 32, 64]
-    requests = [e for e in events if e["event"] == "request" and e["status"] == 200]
-    assert (
-        requests
-        and requests[-1]["model"].startswith("test-lenet:")
-        and requests[-1]["provider"] == "CPUExecutionProvider"
-    )
 
 
 @pytest.fixture(scope="module")
