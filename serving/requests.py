@@ -40,7 +40,7 @@ async def read_classify_request(request: Request, max_bytes: int) -> ClassifyReq
     if media_type == "multipart/form-data":
         return await _read_form(request, IMAGE_FIELD, 1, max_bytes, HOW_TO)
     if media_type.startswith("image/") or media_type == "application/octet-stream":
-        data = b"".join([chunk async for chunk in _limited(request, max_bytes)])
+        data = await _read_body(request, max_bytes)
         if not data:
             raise RequestError(f"empty request body; {HOW_TO}")
         query = request.query_params
@@ -67,7 +67,7 @@ def _check_body(request: Request, max_bytes: int) -> str:
 
 
 async def _read_form(request: Request, field: str, max_files: int, max_bytes: int, how_to: str) -> ClassifyRequest:
-    body = b"".join([chunk async for chunk in _limited(request, max_bytes)])
+    body = await _read_body(request, max_bytes)
     try:
         parts = parse_form(body, boundary_of(request.headers["content-type"]), max_files + MAX_OTHER_FIELDS)
     except TooManyParts:
@@ -107,6 +107,10 @@ def parse_top_k(value: str | None, num_classes: int) -> int:
     if not 1 <= k <= num_classes:
         raise RequestError(f"top_k must be from 1 to {num_classes}, got {k}")
     return k
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    return b"".join([chunk async for chunk in _limited(request, max_bytes)])
 
 
 async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
