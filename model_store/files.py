@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import contextmanager
+import re
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -14,10 +15,12 @@ from typing import IO, Iterator
 def atomic_output(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
     """Open a temp file for writing; on success it replaces ``path`` in one rename, on error it is removed.
 
-    A killed process leaves at most a dot-prefixed ``.name.PID.tmp`` file, never a truncated ``path``.
+    A killed process leaves at most a dot-prefixed ``.name.PID.tmp`` file, never a truncated ``path``;
+    the next write to ``path`` removes the temp files of processes that are gone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, mode, **open_kwargs) as f:
@@ -28,6 +31,34 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> I
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete ``.{name}.PID.tmp`` siblings whose PID is no running process: left by a SIGKILL or power cut.
+
+    A live process's temp file is never touched. A process of another PID namespace writing to the
+    same folder (a container sharing a volume) looks dead from here; its write would then fail at
+    the rename, loudly, instead of leaving a wrong file.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([0-9]+)\.tmp")
+    for sibling in path.parent.iterdir():
+        match = pattern.fullmatch(sibling.name)
+        if match and _process_is_gone(int(match[1])):
+            with suppress(OSError):  # another user's file in a shared folder: theirs to clean
+                sibling.unlink()
+
+
+def _process_is_gone(pid: int) -> bool:
+    """True only when no process has this PID; any doubt keeps the file."""
+    if not 0 < pid < 2**31:  # os.kill(0, ...) would ask about our whole process group
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: checks the PID, delivers nothing
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -5,17 +5,29 @@
 Same preprocessing (``model_store.image_bytes_to_input``) and engine (``OnnxClassifier``) as the
 HTTP service. Files are decoded on a thread pool while the previous batch runs; a file that is
 not a usable image gets its reason in the ``error`` column and the run goes on.
+
+Every entry below the folder gets a row, in name order, depth first. Only regular files inside the
+folder are read: symlinks to folders are not followed, a symlink leading out of the folder is not
+read, and dangling or looping symlinks, FIFOs, sockets and devices are never opened; each of these
+gets its reason in ``error``. Hidden files and folders are skipped and counted in the summary.
+
+The CSV is UTF-8, except that a file name which is not valid UTF-8 is written as its bytes on
+disk (``errors="surrogateescape"``), so every name round-trips exactly. A text cell starting with
+``=``, ``+``, ``-``, ``@``, tab or carriage return is written with a leading ``'`` so that a
+spreadsheet shows it as text instead of running it as a formula (OWASP, "CSV Injection").
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
+import stat
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -24,7 +36,22 @@ from model_store import ImageError, ModelCard, image_bytes_to_input
 from model_store.files import atomic_output
 from serving.engine import OnnxClassifier, top_k
 
+logger = logging.getLogger(__name__)
+
 COLUMNS = ("path", "label", "probability", "top_k", "error")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+SPECIAL_FILES = {
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+class Entry(NamedTuple):
+    name: str  # path below the folder, "/"-separated: the CSV's path column
+    path: Path  # the file to read (a symlink's resolved target)
+    problem: str = ""  # why it is not read; empty for a regular file
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,41 +71,108 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def list_files(folder: Path) -> list[Path]:
-    """Every regular, non-hidden file below ``folder``, in a stable order."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+def list_files(folder: Path) -> tuple[list[Entry], int]:
+    """Every non-hidden entry below ``folder`` in name order, depth first; and how many hidden entries were skipped.
+
+    One ``scandir`` per folder and no ``stat`` for plain files and folders. An explicit stack, not
+    recursion, so a deeply nested tree cannot exhaust Python's recursion limit.
+    """
+    root = folder.resolve()
+    entries, hidden = [], 0
+    stack = [("", iter(_sorted_scandir(folder)))]
+    while stack:
+        prefix, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+        elif child.name.startswith("."):
+            hidden += 1
+        elif child.is_dir(follow_symlinks=False):
+            try:
+                stack.append((f"{prefix}{child.name}/", iter(_sorted_scandir(child.path))))
+            except OSError as err:
+                entries.append(Entry(prefix + child.name, Path(child.path), f"cannot list folder: {err}"))
+        else:
+            try:
+                entries.append(_classify(child, prefix + child.name, root))
+            except OSError as err:  # vanished or changed since the folder was listed
+                entries.append(Entry(prefix + child.name, Path(child.path), str(err)))
+    return entries, hidden
 
 
-def _load(path: Path, card: ModelCard) -> np.ndarray | str:
-    """The model input, or the reason the file cannot be used."""
+def _sorted_scandir(directory: str | os.PathLike) -> list[os.DirEntry]:
+    with os.scandir(directory) as it:
+        return sorted(it, key=lambda entry: entry.name)
+
+
+def _classify(child: os.DirEntry, name: str, root: Path) -> Entry:
+    """The entry to read, or the reason it is not read; a symlink is judged by its resolved target."""
+    path = Path(child.path)
+    if child.is_file(follow_symlinks=False):
+        return Entry(name, path)
+    if child.is_symlink():
+        link = os.readlink(path)
+        try:
+            path = Path(os.path.realpath(path, strict=True))
+        except OSError as err:
+            return Entry(name, path, f"dangling or looping symlink to {link!r}: {err.strerror}")
+        if not path.is_relative_to(root):
+            return Entry(name, path, f"symlink to {link!r} leads outside the folder; not read")
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode):
+        return Entry(name, path)
+    if stat.S_ISDIR(mode):
+        return Entry(name, path, "symlink to a folder; folder symlinks are not followed")
+    kind = SPECIAL_FILES.get(stat.S_IFMT(mode), "special file")
+    return Entry(name, path, f"not a regular file but a {kind}; not opened")
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file. Non-blocking and not following a final symlink: a FIFO or link
+    swapped in since the listing is refused rather than waited on or followed."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path} is no longer a regular file; not read")
+        return f.read()
+
+
+def _load(entry: Entry, card: ModelCard) -> np.ndarray | str:
+    """The model input, or the reason the entry cannot be used."""
+    if entry.problem:
+        return entry.problem
     try:
-        return image_bytes_to_input(path.read_bytes(), card)
+        return image_bytes_to_input(_read_regular_file(entry.path), card)
     except (ImageError, OSError) as err:
         return str(err)
+    except Exception as err:  # a decoder bug on one crafted file costs that file's row, not the run
+        logger.warning("unexpected error decoding %s", entry.name, exc_info=True)
+        kind = f"{type(err).__module__}.{type(err).__qualname__}".removeprefix("builtins.")
+        return f"{kind}: {err}"
 
 
 def score(
-    classifier: OnnxClassifier, files: list[Path], batch_size: int, k: int, workers: int
-) -> Iterator[tuple[Path, dict | str]]:
-    """(path, prediction or error) for each file, in order; decoding of batch i+1 overlaps inference of batch i."""
-    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    classifier: OnnxClassifier, entries: list[Entry], batch_size: int, k: int, workers: int
+) -> Iterator[tuple[Entry, dict | str]]:
+    """(entry, prediction or error) for each entry, in order; decoding of batch i+1 overlaps inference of batch i."""
+    chunks = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
     with ThreadPoolExecutor(workers) as pool:
-        submit = lambda chunk: [pool.submit(_load, p, classifier.card) for p in chunk]  # noqa: E731
+        submit = lambda chunk: [pool.submit(_load, e, classifier.card) for e in chunk]  # noqa: E731
         pending: list[Future] = submit(chunks[0]) if chunks else []
         for index, chunk in enumerate(chunks):
             loaded = [f.result() for f in pending]
             pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else []
             good = [x for x in loaded if not isinstance(x, str)]
             probabilities = iter(classifier.predict(np.stack(good)) if good else [])
-            for path, item in zip(chunk, loaded):
+            for entry, item in zip(chunk, loaded):
                 yield (
-                    path,
+                    entry,
                     item if isinstance(item, str) else top_k(next(probabilities), classifier.card.class_names, k),
                 )
+
+
+def _cell(text: str) -> str:
+    """``text`` as a spreadsheet will show it, never run it: a leading ``'`` when it starts like a formula."""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def main(args: argparse.Namespace) -> tuple[int, int]:
@@ -95,25 +189,26 @@ def main(args: argparse.Namespace) -> tuple[int, int]:
     classifier = OnnxClassifier(path)
     if not 1 <= args.top_k <= classifier.card.num_classes:
         raise ValueError(f"--top-k must be from 1 to {classifier.card.num_classes}, got {args.top_k}")
-    files = list_files(args.folder)
+    entries, hidden = list_files(args.folder)
     failed = 0
-    with atomic_output(args.output, "w", newline="") as f:
+    # surrogateescape: a file name that is not UTF-8 goes into the CSV as its bytes on disk
+    with atomic_output(args.output, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
-        results = score(classifier, files, args.batch_size, args.top_k, args.workers)
-        for path, result in tqdm(results, total=len(files), unit="img", disable=None):
-            name = path.relative_to(args.folder).as_posix()
+        results = score(classifier, entries, args.batch_size, args.top_k, args.workers)
+        for entry, result in tqdm(results, total=len(entries), unit="img", disable=None):
             if isinstance(result, str):
                 failed += 1
-                writer.writerow((name, "", "", "", result))
+                row = (entry.name, "", "", "", result)
             else:
                 ranked = ";".join(f"{r['label']}:{r['probability']:.4f}" for r in result["top_k"])
-                writer.writerow((name, result["label"], f"{result['probability']:.6f}", ranked, ""))
+                row = (entry.name, result["label"], f"{result['probability']:.6f}", ranked, "")
+            writer.writerow([_cell(text) for text in row])
     print(
-        f"scored {len(files) - failed} of {len(files)} files ({failed} failed) with {classifier.card.arch} on "
-        f"{classifier.provider}; wrote {args.output}"
+        f"scored {len(entries) - failed} of {len(entries)} files ({failed} failed) with {classifier.card.arch} on "
+        f"{classifier.provider}; {hidden} hidden entries skipped; wrote {args.output}"
     )
-    return len(files) - failed, failed
+    return len(entries) - failed, failed
 
 
 def cli(argv: list[str] | None = None) -> int:
