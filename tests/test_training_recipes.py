@@ -89,6 +89,32 @@ def test_resume_refuses_a_checkpoint_without_training_state(tmp_path):
     assert result.returncode == 2 and "holds no training state to resume from" in result.stderr
 
 
+def test_resume_refuses_an_epoch_count_the_run_has_already_reached(tmp_path, capsys):
+    from training.__main__ import cli
+
+    run = tmp_path / "run"
+    recipe = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "32", "--model", "lenet"]
+    train_module.main(train_args(*recipe, "--epochs", "2", "--output-dir", str(run)))
+    before = (run / "last.pt").read_bytes(), (run / "log.csv").read_text()
+    for argv, epochs in ((["--epochs", "2"], 2), (["--epochs", "1"], 1), ([], 2)):  # no --epochs: the run's own
+        assert cli(["train", "--resume", str(run / "last.pt"), *argv]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1
+        assert error.startswith(f"error: {run / 'last.pt'} already finished epoch 2, so --epochs {epochs} leaves")
+    assert ((run / "last.pt").read_bytes(), (run / "log.csv").read_text()) == before  # nothing trained or written
+
+
+def test_resume_without_epochs_finishes_the_run_as_planned(tmp_path):
+    run = tmp_path / "run"
+    recipe = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "32", "--model", "lenet"]
+    train_module.main(train_args(*recipe, "--epochs", "1", "--output-dir", str(run)))
+    payload = state(run / "last.pt")
+    payload["args"]["epochs"] = 3  # as if a 3-epoch run had been stopped after its first
+    torch.save(payload, run / "last.pt")
+    train_module.main(train_args("--resume", str(run / "last.pt")))
+    assert state(run / "last.pt")["epoch"] == 3
+
+
 def make_folder(root, classes=("blue", "green", "red"), per_class=16):
     colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
     rng = np.random.default_rng(0)

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.checkpoint import DIGEST_KEY, read_torch_file, verify_weights
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,14 +20,12 @@ def load_pretrained(model: nn.Module, path: Path) -> set[str]:
     ``path`` is a plain state_dict (e.g. torchvision's ImageNet weights, saved with torch.save) or a
     checkpoint of this project. Tensors that do not fit, such as a head sized for other classes, are
     left at their fresh initialization. An RGB stem loading into a grayscale model is summed over
-    its input channels, the usual way to keep what the first filters learned.
+    its input channels, the usual way to keep what the first filters learned. A file that is
+    missing, unreadable, or a checkpoint whose weights fail their digest is a one-line error.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--init-weights {path} does not exist")
-    try:
-        source = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"--init-weights {path} is not a readable state_dict: {str(err).splitlines()[0]}") from None
+    source = read_torch_file(path, "--init-weights")
+    if isinstance(source, dict) and ({"model", "card"} <= source.keys() or DIGEST_KEY in source):
+        verify_weights(source, path)  # one of our checkpoints: its weights must match their digest
     if isinstance(source, dict) and isinstance(source.get("model"), dict):
         source = source["model"]
     if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):

@@ -37,6 +37,7 @@ from training.plots import plot_curves
 logger = logging.getLogger(__name__)
 # On --resume these come from the command line; every other argument comes from the checkpoint.
 RESUME_OVERRIDES = ("epochs", "workers", "device", "output_dir", "resume")
+DEFAULT_EPOCHS = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's own)")
     data.add_arguments(parser)
-    parser.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"number of epochs (default: {DEFAULT_EPOCHS}; with --resume, the run's own)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="images per step, per process (default: 256)")
     optim.add_arguments(parser)
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0.0)")
@@ -172,11 +178,20 @@ def apply_resume(args: argparse.Namespace) -> dict:
         if key not in RESUME_OVERRIDES and hasattr(args, key):
             setattr(args, key, Path(value) if key in ("data_dir", "init_weights") and value is not None else value)
     args.output_dir = args.output_dir or args.resume.parent
+    if args.epochs is None:  # finish the run as it was planned
+        args.epochs = payload["args"]["epochs"]
+    if args.epochs <= payload["epoch"]:
+        raise ValueError(
+            f"{args.resume} already finished epoch {payload['epoch']}, so --epochs {args.epochs} leaves nothing "
+            f"to train; pass --epochs {payload['epoch'] + 1} or more to continue"
+        )
     return payload
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
     resumed = apply_resume(args) if args.resume else None
+    if args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS
     check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
