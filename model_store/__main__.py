@@ -13,7 +13,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m model_store", description="Exported models in BentoML's model store."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    register = commands.add_parser("register", help="add an exported .onnx file (written by `python -m export`)")
+    register = commands.add_parser(
+        "register",
+        help="add an exported .onnx file (written by `python -m export`) once its graph agrees with its card",
+    )
     register.add_argument("onnx", type=Path, help="the .onnx file")
     register.add_argument("--name", required=True, help="model name, e.g. fashion-lenet; the version is the file hash")
     commands.add_parser("register-default", help="add the model this repository ships")

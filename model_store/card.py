@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,9 @@ class ModelCard:
             values = getattr(self, name)
             if len(values) != self.in_channels:
                 raise ValueError(f"model card: {name} has {len(values)} values for {self.in_channels} channel(s)")
+            # NaN fails no comparison (NaN <= 0 is False): the std test below would let it through.
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ValueError(f"model card: {name} must be finite numbers, got {values!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"model card: std must be positive, got {self.std!r}")
         if self.resize not in RESIZE_MODES:

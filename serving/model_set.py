@@ -1,23 +1,33 @@
 """The models one service answers with: each an ONNX Runtime engine with its own batcher.
 
-Requests name a model (``name`` or ``name:version``) or get the default, the first configured.
-Warm-up runs every batch size the batcher can form (powers of two up to the maximum) so the first
-real requests do not pay for kernel selection and arena growth; the service reports ready only after.
+Requests name a model (``name``, ``name:version`` or ``name:latest``) or get the default, the
+first configured. Warm-up runs every batch size the batcher can form (powers of two up to the
+maximum) so the first real requests do not pay for kernel selection and arena growth; the service
+reports ready only after. A model that fails its checks or its warm-up is set aside with the reason
+and the others still serve: one bad model never takes the service down.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_store.store import MODEL_FILE, card_of, open_model
+from model_store.store import MODEL_FILE, card_of, check_model, open_model
 from serving import metrics
 from serving.batching import MicroBatcher
 from serving.config import ServingConfig
 from serving.engine import OnnxClassifier
 from serving.errors import UnknownModel
 from serving.logs import log_event
+
+# A requested name is echoed in the 404 and its log line only this far: it comes from the client.
+ECHO_MAX_CHARS = 64
+
+
+class ModelUnavailable(RuntimeError):
+    """The request names a model, or falls to the default, that failed its checks; the message says why."""
 
 
 @dataclass
@@ -44,21 +54,51 @@ class ServedModel:
         }
 
 
+@dataclass(frozen=True)
+class FailedModel:
+    name: str
+    version: str
+    error: str  # why it is not served: the check or the warm-up that failed
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "tag": self.tag, "error": self.error}
+
+
 # A batch that runs in less than this runs on the event loop: a hop to a thread and back costs
 # more CPU (~0.3 ms measured on 2 vCPUs, LeNet at concurrency 1) and two wake-ups of latency.
 INLINE_BUDGET_S = 0.0001
 
 
 class ModelSet:
-    """``(name, version, ONNX file)`` for each model to serve, the default first."""
+    """``(name, version, ONNX file)`` for each model to serve, the default first.
+
+    Each model is checked (:func:`model_store.store.check_model`) and loaded on its own; one that
+    fails here or in :meth:`warm_up` moves to ``failed`` with the reason. Only a mistake of the
+    configuration itself, a name listed twice, stops the service.
+    """
 
     def __init__(self, config: ServingConfig, files: list[tuple[str, str, Path]]):
+        names = [name for name, _, _ in files]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"SERVING_MODELS names {', '.join(map(repr, twice))} twice; serve one version of each model"
+            )
         self.config = config
+        self.default_name, self.default_tag = files[0][0], f"{files[0][0]}:{files[0][1]}"
         self.models: list[ServedModel] = []
+        self.failed: list[FailedModel] = []
         for name, version, path in files:
-            if any(m.name == name for m in self.models):
-                raise ValueError(f"SERVING_MODELS names {name!r} twice; serve one version of each model")
-            engine = OnnxClassifier(path, config.device, config.engine_threads)
+            try:
+                check_model(path)  # the graph agrees with its card: classes, input shape and type, a test run
+                engine = OnnxClassifier(path, config.device, config.engine_threads)
+            except Exception as err:
+                self.fail(name, version, _reason(err))
+                continue
             batcher = MicroBatcher(engine.predict, config.max_batch_size, config.batch_wait_ms / 1000, _observer(name))
             self.models.append(ServedModel(name, version, engine, batcher))
         self.ready = False
@@ -68,55 +108,97 @@ class ModelSet:
         """The models ``config.models`` names, from the BentoML model store."""
         stored = [open_model(requested) for requested in config.models]  # name:latest -> the version served
         models = cls(config, [(s.tag.name, s.tag.version, Path(s.path_of(MODEL_FILE))) for s in stored])
-        for model, entry in zip(models.models, stored):
-            if model.engine.card != card_of(entry):
-                raise ValueError(f"{entry.tag}: the card in the store differs from the one inside its ONNX file")
+        for entry in stored:
+            model = models.find(entry.tag.name)
+            if model is None:
+                continue  # failed already, with its reason
+            try:
+                differs = card_of(entry) != model.engine.card
+            except ValueError as err:
+                models.fail(model.name, model.version, f"the card in the model store is invalid: {err}")
+                continue
+            if differs:
+                models.fail(
+                    model.name, model.version, "the card in the model store differs from the one in its ONNX file"
+                )
         return models
 
     @property
-    def default(self) -> ServedModel:
-        return self.models[0]
+    def default(self) -> ServedModel | None:
+        """The first configured model, or None when it failed (then ``failed`` says why)."""
+        return self.find(self.default_name)
 
     def get(self, requested: str | None) -> ServedModel:
-        """The model a request names (``name`` or ``name:version``), or the default; 404 names the choices."""
-        if not requested:
-            return self.default
+        """The model a request names (``name``, ``name:version`` or ``name:latest``), or the default.
+
+        A model that failed is a :class:`ModelUnavailable` saying why; any other name an
+        :class:`UnknownModel` naming the choices.
+        """
+        name, _, version = (requested or self.default_name).partition(":")
         for model in self.models:
-            if requested in (model.name, model.tag):
+            if model.name == name and version in ("", "latest", model.version):
                 return model
-        choices = ", ".join(m.tag for m in self.models)
-        raise UnknownModel(f"unknown model {requested!r}; this service has {choices}")
+        choices = ", ".join(m.tag for m in self.models) or "no model that passed its checks"
+        for failed in self.failed:
+            if failed.name == name and version in ("", "latest", failed.version):
+                which = f"model {failed.tag}" if requested else f"the default model {failed.tag}"
+                raise ModelUnavailable(f"{which} is not served: {failed.error}; this service has {choices}")
+        shown = requested if len(requested) <= ECHO_MAX_CHARS else requested[:ECHO_MAX_CHARS] + "…"
+        raise UnknownModel(f"unknown model {shown!r}; this service has {choices}")
 
     def find(self, name: str | None) -> ServedModel | None:
         return next((m for m in self.models if m.name == name), None)
 
+    def fail(self, name: str, version: str, error: str) -> None:
+        """Stop serving a model (if it was) and keep why, for ``GET /models``, requests and the log."""
+        self.models = [m for m in self.models if m.name != name]  # a new list: requests may be iterating the old
+        self.failed.append(FailedModel(name, version, error))
+        log_event("model_failed", logging.ERROR, model=f"{name}:{version}", error=error)
+
     def warm_up(self) -> None:
         """Run every batch size, then let each batcher run on the event loop the batch sizes that
-        take less than a thread hop costs (:data:`INLINE_BUDGET_S`, best of ten runs)."""
+        take less than a thread hop costs (:data:`INLINE_BUDGET_S`, best of ten runs). A model whose
+        warm-up fails is set aside; the set is ready when at least one model warmed up."""
         sizes = sorted(
             {min(2**i, self.config.max_batch_size) for i in range(self.config.max_batch_size.bit_length() + 1)}
         )
-        for model in self.models:
-            seconds = model.engine.warm_up(sizes)  # the first run of each shape selects kernels, allocates
-            for size in sizes:
-                if min(model.engine.warm_up([size])[size] for _ in range(10)) > INLINE_BUDGET_S:
-                    break
-                model.batcher.inline_max = size
-            log_event(
-                "warmed_up",
-                model=model.tag,
-                provider=model.engine.provider,
-                batch_sizes=sizes,
-                seconds=round(sum(seconds.values()), 3),
-                inline_max=model.batcher.inline_max,
-            )
+        for model in list(self.models):
+            try:
+                self._warm_up(model, sizes)
+            except Exception as err:
+                self.fail(model.name, model.version, f"warm-up failed: {_reason(err)}")
         # What is alive now (modules, graphs, BentoML's app) lives as long as the process: the
         # collector need never scan it again, which keeps its full collections short under load.
         gc.freeze()
-        self.ready = True
+        self.ready = bool(self.models)
+
+    def _warm_up(self, model: ServedModel, sizes: list[int]) -> None:
+        seconds = model.engine.warm_up(sizes)  # the first run of each shape selects kernels, allocates
+        for size in sizes:
+            if min(model.engine.warm_up([size])[size] for _ in range(10)) > INLINE_BUDGET_S:
+                break
+            model.batcher.inline_max = size
+        log_event(
+            "warmed_up",
+            model=model.tag,
+            provider=model.engine.provider,
+            batch_sizes=sizes,
+            seconds=round(sum(seconds.values()), 3),
+            inline_max=model.batcher.inline_max,
+        )
 
     def describe(self) -> dict:
-        return {"default": self.default.tag, "models": [m.describe(m is self.default) for m in self.models]}
+        return {
+            "default": self.default_tag,
+            "models": [m.describe(m.name == self.default_name) for m in self.models],
+            "failed": [f.describe() for f in self.failed],
+        }
+
+
+def _reason(error: Exception) -> str:
+    """An error as one line for /models and the log; the ValueErrors of the checks already say it all."""
+    text = " ".join(str(error).split())
+    return text if isinstance(error, ValueError) and text else f"{type(error).__name__}: {text}"
 
 
 def _observer(name: str):

@@ -65,9 +65,20 @@ class ModelInfo(BaseModel):
     card: dict = Field(description="the model card: classes, input size, preprocessing, metrics, export settings")
 
 
+class FailedModelInfo(BaseModel):
+    name: str
+    version: str
+    tag: str
+    error: str = Field(description="why it is not served: the check against its card, or the warm-up, that failed")
+
+
 class ModelsAnswer(BaseModel):
-    default: str
+    default: str = Field(description="tag of the model a request without `model` gets; it may be in `failed`")
     models: list[ModelInfo]
+    failed: list[FailedModelInfo] = Field(
+        default_factory=list,
+        description="configured models that are not served, with the reason; requests naming one get 503",
+    )
 
 
 class _JsonAnswer(IODescriptor):

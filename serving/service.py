@@ -67,7 +67,8 @@ class Classifier:
 
     @models_app.get(MODELS, response_model=ModelsAnswer)
     def list_models(self) -> dict:
-        """Every model this service answers with: its card, provider, precision, and which one is the default."""
+        """Every model this service answers with: its card, provider, precision, and which one is the default;
+        and each configured model that failed its checks, with the reason."""
         return self.models.describe()
 
 

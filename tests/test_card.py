@@ -20,6 +20,10 @@ def test_json_round_trip_keeps_every_field():
         ({"in_channels": 2}, "in_channels must be 1 or 3"),
         ({"mean": (0.1, 0.2)}, "mean has 2 values for 1 channel"),
         ({"std": (0.0,)}, "std must be positive"),
+        ({"std": (float("nan"),)}, r"std must be finite numbers, got \(nan,\)"),
+        ({"std": (float("inf"),)}, "std must be finite numbers"),
+        ({"mean": (float("-inf"),)}, "mean must be finite numbers"),
+        ({"mean": ("0.3",)}, "mean must be finite numbers"),
         ({"resize": "squash"}, "resize 'squash' is not one of"),
         ({"interpolation": "cubic"}, "interpolation 'cubic' is not one of"),
         ({"class_names": ("a", "a")}, "duplicates"),
@@ -42,3 +46,10 @@ def test_from_dict_names_unknown_and_missing_fields_and_checks_the_version():
         ModelCard.from_dict({**data, "card_version": 99})
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelCard.from_json("{not json")
+
+
+def test_a_nan_std_in_the_json_is_refused():
+    """JSON has no NaN, but Python's json module reads and writes one: a hand-edited card can hold it."""
+    text = ModelCard(**CARD).to_json().replace('"std": [0.35]', '"std": [NaN]')
+    with pytest.raises(ValueError, match="std must be finite numbers"):
+        ModelCard.from_json(text)

@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
 from tests.conftest import run_cli
+from tests.test_model_checks import RGB, with_card, with_external_data
 
 
 def test_register_is_idempotent_and_list_and_show_report_the_card(tmp_path, exported):
@@ -40,6 +41,25 @@ def test_register_refuses_files_without_a_card(tmp_path, exported):
     assert bad_name.returncode == 2 and "is not a valid BentoML tag" in bad_name.stderr
     missing = run_cli("-m", "model_store", "show", "nothing", env=env)
     assert missing.returncode == 2 and "is not in the BentoML model store" in missing.stderr
+
+
+def test_register_refuses_a_card_that_contradicts_its_graph_and_external_weights(tmp_path):
+    """What the service could not serve never reaches the store; the message names file, card and graph."""
+    env = {"BENTOML_HOME": str(tmp_path / "home")}
+    cases = [
+        (with_card(tmp_path / "five.onnx", class_names=list("abcde")), "the card has 5 class names"),
+        (with_card(tmp_path / "rgb.onnx", **RGB), "the card's input is [N, 3, 28, 28]"),
+        (
+            with_card(tmp_path / "big.onnx", height=56, width=56),
+            "graph's input 'pixels' has shape ['batch', 1, 28, 28]",
+        ),
+        (with_card(tmp_path / "nan.onnx", std=[float("nan")]), "std must be finite numbers"),
+        (with_external_data(tmp_path / "split.onnx"), "keeps its weights in external data files"),
+    ]
+    for path, message in cases:
+        result = run_cli("-m", "model_store", "register", str(path), "--name", path.stem, env=env)
+        assert result.returncode == 2 and message in result.stderr and str(path) in result.stderr, result.stderr
+    assert run_cli("-m", "model_store", "list", env=env).stdout.splitlines()[1:] == []
 
 
 def test_default_model_is_small_and_reaches_its_stated_accuracy(fashion_test):
