@@ -10,11 +10,16 @@ Torch-free: serving imports it.
 from __future__ import annotations
 
 import io
+import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from model_store.card import ModelCard
+
+logger = logging.getLogger(__name__)
 
 # Formats we decode. Restricting Pillow's plugins keeps out formats that are rarely images a client
 # means to send and that reach for external programs or odd code paths (EPS runs Ghostscript).
@@ -23,7 +28,16 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 # clip it); alpha is composited onto black, the colour of the padding. Float images are refused:
 # their value range is not knowable from the file.
 SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I")
-DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RGB; beyond is a bomb
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~160 MB of RGB; beyond is a bomb
+# A progressive JPEG is decoded once per scan: libjpeg writes 10 (colour) or 6 (grey), optimisers a
+# few more. A file of 10,000 tiny scans took 29 s to decode at 731 KB; its header is cheap to count.
+MAX_JPEG_SCANS = 100
+# Peak memory of one decode, estimated from the header: the decoded image, its converted copy and
+# the decoder's own buffers (a progressive JPEG keeps every coefficient), each stored by Pillow as
+# rows of up to 4 bytes a pixel plus a row pointer and allocator slack. Measured on Pillow 13: a
+# 40-megapixel RGB image peaks at 340 MB (estimate 480), a 1 x 40,000,000 PNG at 950 MB (2,040).
+DECODE_COPIES, ROW_OVERHEAD_BYTES = 3, 16
+DEFAULT_MAX_DECODE_BYTES = 512 * 2**20  # admits a 40-megapixel RGB photo, refuses 1-pixel-wide bombs
 # Magic bytes, to tell a damaged image of a supported format from bytes that are no image at all.
 _SIGNATURES = {
     b"\x89PNG\r\n\x1a\n": "PNG",
@@ -47,12 +61,44 @@ class ImageError(ValueError):
     """The bytes are not an image this system can use; the message says why, for the caller."""
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read an image's header, refusing empty, unknown, oversized, animated and unsupported-mode input.
+@contextmanager
+def _as_image_error(what: str, image: Image.Image | None = None) -> Iterator[None]:
+    """The one boundary between Pillow and the rest: whatever a hostile file makes Pillow raise
+    (SyntaxError from bad EXIF, struct.error, TypeError, MemoryError...) becomes an ImageError. The
+    types we did not expect are logged, so that a new one is seen, but never reach the caller."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(f"not enough memory to {what} this image") from None
+    except Exception as err:
+        kind = f"{image.format} image" if image is not None and image.format else "image"
+        logger.info("%s failed on a hostile or broken %s: %s: %s", what, kind, type(err).__name__, err)
+        damage = "corrupt or truncated" if what == "decode" else "corrupt"  # a short body fails the decode
+        raise ImageError(f"{damage} {kind}: cannot {what} it ({type(err).__name__}: {err})") from None
+
+
+def decode_cost_bytes(image: Image.Image) -> int:
+    """Estimated peak memory of decoding and converting ``image``, from its header (see DECODE_COPIES)."""
+    width, height = image.size
+    pixel_bytes = 1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4
+    return DECODE_COPIES * height * (width * pixel_bytes + ROW_OVERHEAD_BYTES)
+
+
+def open_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+) -> Image.Image:
+    """Read an image's header, refusing empty, unknown, oversized, costly, animated and unsupported-mode input.
 
     Nothing is decoded yet (:func:`load_image` does that), so a decompression bomb is refused here
     for the cost of its header.
     """
+    with _as_image_error("read the header of"):
+        return _open(data, max_pixels, max_decode_bytes)
+
+
+def _open(data: bytes, max_pixels: int, max_decode_bytes: int) -> Image.Image:
     if not data:
         raise ImageError("empty image: 0 bytes received")
     try:
@@ -73,6 +119,14 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageError(
             f"unsupported image mode {image.mode!r} ({image.format}); supported: {', '.join(SUPPORTED_MODES)}"
         )
+    cost = decode_cost_bytes(image)
+    if cost > max_decode_bytes:
+        raise ImageError(
+            f"image too costly to decode: {width}x{height} {image.mode} needs about {cost / 2**20:,.0f} MB, "
+            f"above the limit of {max_decode_bytes / 2**20:,.0f} MB per image"
+        )
+    if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:  # SOS markers
+        raise ImageError(f"progressive JPEG with {scans} scans; at most {MAX_JPEG_SCANS} are decoded")
     frames = getattr(image, "n_frames", 1)
     if frames > 1:  # which frame would be the answer's? The client must choose.
         raise ImageError(f"animated {image.format} with {frames} frames; send a single still image")
@@ -81,16 +135,16 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 def load_image(image: Image.Image) -> Image.Image:
     """Decode an image opened by :func:`open_image`, refusing a truncated or corrupt body."""
-    try:
+    with _as_image_error("decode", image):
         image.load()
-    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-        raise ImageError(f"corrupt or truncated {image.format} image: {err}") from None
     return image
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+) -> Image.Image:
     """Decode and fully load an image: :func:`open_image`, then :func:`load_image`."""
-    return load_image(open_image(data, max_pixels))
+    return load_image(open_image(data, max_pixels, max_decode_bytes))
 
 
 def _signature_format(data: bytes) -> str | None:
@@ -125,7 +179,15 @@ def resize_to_card(image: Image.Image, card: ModelCard) -> Image.Image:
 
 def to_input(image: Image.Image, card: ModelCard) -> np.ndarray:
     """A decoded image -> the model's input: uint8 array of shape (in_channels, height, width)."""
-    image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF, not in pixels
+    with _as_image_error("convert", image):
+        return _to_input(image, card)
+
+
+def _to_input(image: Image.Image, card: ModelCard) -> np.ndarray:
+    # Phone photos store rotation in EXIF, not in pixels. Asked first because exif_transpose
+    # copies the whole image even when there is nothing to turn.
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     image = _to_8bit_opaque(image)
     image = image.convert("L" if card.in_channels == 1 else "RGB")
     array = np.array(resize_to_card(image, card), dtype=np.uint8)  # a writable copy, not a view
@@ -144,6 +206,8 @@ def _to_8bit_opaque(image: Image.Image) -> Image.Image:
     return image
 
 
-def image_bytes_to_input(data: bytes, card: ModelCard, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> model input; raises ImageError for anything unusable."""
-    return to_input(decode_image(data, max_pixels), card)
+def image_bytes_to_input(
+    data: bytes, card: ModelCard, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+) -> np.ndarray:
+    """Encoded image bytes -> model input; raises ImageError, and only ImageError, for anything unusable."""
+    return to_input(decode_image(data, max_pixels, max_decode_bytes), card)

@@ -7,11 +7,34 @@ a failed request. The README's table of limits is this file.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Mapping
 
 DEVICES = ("auto", "cpu", "cuda")
+RENAMED = {"SERVING_DECODE_THREADS": "SERVING_DECODE_WORKERS"}
+# Start-up resident sizes, measured (RSS after warm-up): a service worker with BentoML, ONNX Runtime
+# and the shipped LeNet ~150 MB, counted double for a larger model's arena; a decoder process ~40 MB.
+WORKER_START_MB, DECODER_START_MB = 300, 40  # decodes moved from threads to processes
+
+
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: the container's CPU quota (cgroup v2 ``cpu.max``, or v1's CFS
+    quota), rounded up, else the CPUs it is pinned to. ``os.cpu_count()`` is the host's, which in a
+    pod limited to 2 CPUs on a 64-core node would start 64 decoders and 64 compute threads."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            text = (cgroup / quota_file).read_text().split()
+            quota, period = text[0], (cgroup / period_file).read_text().strip() if period_file else text[1]
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1"):
+            return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+        break
+    return max(1, cpus)
 
 
 @dataclass(frozen=True)
@@ -22,12 +45,20 @@ class ServingConfig:
     batch_wait_ms: float = 0.0  # extra time a batch waits to fill; 0: run with whatever queued meanwhile
     max_body_bytes: int = 10 * 1024 * 1024  # request body limit -> 413
     max_pixels: int = 40_000_000  # width x height limit, checked from the header before decoding -> 400
+    max_decode_mb: int = 512  # estimated peak memory of one decode, checked from the header -> 400; also each decoder's hard memory limit
+    decode_timeout_s: float = 5.0  # one image's decode; past it the decoder process is killed and replaced -> 400
     max_batch_images: int = 64  # images in one /classify_batch request -> 400
     max_concurrency: int = 256  # classify requests in flight; beyond -> 503 with Retry-After
-    timeout_s: float = 10.0  # per classify request, decode and queue included -> 504
+    timeout_s: float = 10.0  # per classify request: for its body to arrive (-> 408), then for its answer (-> 504)
+    min_body_rate: int = 8192  # bytes/s a body must keep up after its first 2 s, or it is cut -> 408
+    max_body_memory_mb: int = 512  # request bodies held in memory at once, all requests together; beyond -> 503
     auth_token: str = ""  # when set, classify and /models need "Authorization: Bearer <token>"
-    decode_threads: int = os.cpu_count() or 1  # parallel decode + resize (Pillow releases the GIL)
-    ort_threads: int = 0  # ONNX Runtime intra-op threads on CPU, per worker; 0: the cores shared among the workers
+    decode_workers: int = (
+        available_cpus()
+    )  # decoder processes (per service worker) for images too large to decode inline
+    ort_threads: int = (
+        0  # ONNX Runtime intra-op threads on CPU, per worker; 0: the container's CPUs shared among the workers
+    )
     log_requests: bool = True  # one JSON log line per classify request
     tracing: bool = False  # OpenTelemetry spans for classify requests, through BentoML's request layer (exporter: BentoML's tracing config)
     workers: int = 1  # service processes, each with its own copy of the models and its own batches
@@ -43,7 +74,10 @@ class ServingConfig:
             "max_pixels",
             "max_batch_images",
             "max_concurrency",
-            "decode_threads",
+            "max_decode_mb",
+            "min_body_rate",
+            "max_body_memory_mb",
+            "decode_workers",
             "workers",
         ):
             if getattr(self, name) < 1:
@@ -51,22 +85,43 @@ class ServingConfig:
         for name in ("batch_wait_ms", "ort_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{ENV[name]} must be 0 or more, got {getattr(self, name)}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"SERVING_TIMEOUT_S must be positive, got {self.timeout_s}")
+        for name in ("timeout_s", "decode_timeout_s"):
+            if not 0 < getattr(self, name) < math.inf:  # inf would turn the limit off; nan fails any comparison
+                raise ValueError(f"{ENV[name]} must be a positive number of seconds, got {getattr(self, name)}")
+        if self.max_body_memory_mb * 2**20 < self.max_body_bytes:
+            raise ValueError(
+                f"SERVING_MAX_BODY_MEMORY_MB ({self.max_body_memory_mb}) must hold at least one body of "
+                f"SERVING_MAX_BODY_BYTES ({self.max_body_bytes:,} bytes)"
+            )
+        if self.auth_token and not all(33 <= ord(c) < 127 for c in self.auth_token):
+            # RFC 6750's token characters: a blank or spaced token would never match a header
+            raise ValueError("SERVING_AUTH_TOKEN must be printable ASCII without spaces")
 
     @property
     def engine_threads(self) -> int:
         """Intra-op threads for each ONNX Runtime session: as set, or the cores divided among the
         workers, so that workers do not run more compute threads than there are cores."""
-        return self.ort_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.ort_threads or max(1, available_cpus() // self.workers)
+
+    @property
+    def memory_bound_mb(self) -> int:
+        """Peak memory of one service worker and its decoders (README, "Limits"): what clients can
+        make it hold is bounded by the body budget and, per decoder, the decode limit."""
+        return WORKER_START_MB + self.max_body_memory_mb + self.decode_workers * (DECODER_START_MB + self.max_decode_mb)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServingConfig:
+        for old, new in RENAMED.items():
+            if old in environ:
+                raise ValueError(f"{old} was renamed {new}; set that instead")
         values = {}
         for field in fields(cls):
-            raw = environ.get(ENV[field.name], "").strip()
-            if raw:
-                values[field.name] = _parse(field.name, field.type, raw)
+            raw = environ.get(ENV[field.name])
+            if raw is None:
+                continue
+            if not raw.strip():  # set but blank: for the token, silently serving without auth is the danger
+                raise ValueError(f"{ENV[field.name]} is set but blank; unset it for the default, or give a value")
+            values[field.name] = _parse(field.name, field.type, raw.strip())
         return cls(**values)
 
 

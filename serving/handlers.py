@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from starlette.requests import Request
 
-from model_store import ImageError, image_bytes_to_input, load_image, open_image, to_input
+from model_store import ImageError, load_image, open_image, to_input
 from serving import metrics
 from serving.config import ServingConfig
+from serving.decoders import DecodePool
 from serving.engine import top_k
 from serving.model_set import ModelSet, ServedModel
 from serving.requests import Upload, parse_top_k, read_batch_request, read_classify_request
 
 # Images this small are decoded on the event loop: at 28x28 a decode costs ~0.07 ms, less than the
-# hop to a decode thread and back. The byte bound caps what reading the header can cost there;
-# the pixel bound what decoding can (a few KB of PNG can hold megapixels of one colour).
+# hop to a decoder process and back. The byte bound caps what reading the header can cost there;
+# the pixel bound what decoding can (a few KB of PNG can hold megapixels of one colour), and the
+# scan bound of model_store.preprocess what a progressive JPEG can.
 INLINE_MAX_BYTES = 16 * 1024
 INLINE_MAX_PIXELS = 128 * 128
 
@@ -28,8 +29,12 @@ INLINE_MAX_PIXELS = 128 * 128
 class Handlers:
     def __init__(self, models: ModelSet, config: ServingConfig):
         self.models, self.config = models, config
-        # Larger images are decoded and resized here, in parallel, off the event loop and the inference thread.
-        self.decoders = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        # Larger images are decoded and resized in these processes, in parallel, off the event loop
+        # and the inference thread, each under a time and memory limit.
+        self.max_decode_bytes = config.max_decode_mb * 2**20
+        self.decoders = DecodePool(
+            config.decode_workers, config.decode_timeout_s, config.max_pixels, self.max_decode_bytes
+        )
 
     async def classify(self, request: Request) -> dict:
         parsed = await read_classify_request(request, self.config.max_body_bytes)
@@ -59,12 +64,12 @@ class Handlers:
         card, max_pixels = model.engine.card, self.config.max_pixels
         small = (
             len(upload.data) <= INLINE_MAX_BYTES
-            and (image := open_image(upload.data, max_pixels)).width * image.height <= INLINE_MAX_PIXELS
+            and (image := open_image(upload.data, max_pixels, self.max_decode_bytes)).width * image.height
+            <= INLINE_MAX_PIXELS
         )
         if small:
             pixels = to_input(load_image(image), card)
         else:
-            loop = asyncio.get_running_loop()
-            pixels = await loop.run_in_executor(self.decoders, image_bytes_to_input, upload.data, card, max_pixels)
+            pixels = await self.decoders.decode(upload.data, card)
         metrics.decode_seconds.observe(time.perf_counter() - start)
         return pixels

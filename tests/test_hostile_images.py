@@ -1,0 +1,174 @@
+"""Hostile images against the decode boundary and the decoder processes, in process: every class
+of crafted file is an ImageError naming the problem, costly ones are refused from their header,
+a decode past its time is stopped by killing its process, and N worst-case decodes at once stay
+under the documented memory bound. Plus a fuzz step: mutated real images, only ImageError out."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+import warnings
+
+import numpy as np
+import psutil
+import pytest
+
+from model_store import ImageError, image_bytes_to_input
+from model_store.preprocess import DECODE_COPIES, MAX_JPEG_SCANS, ROW_OVERHEAD_BYTES, decode_cost_bytes, open_image
+from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
+from serving.decoders import DecodePool
+from tests.hostile import crafted, encoded, progressive_jpeg_with_scans, tall_png
+
+CARD = read_onnx_card(DEFAULT_MODEL_FILE)  # 1 x 28 x 28
+RGB_CARD = dataclasses.replace(CARD, in_channels=3, height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+@pytest.fixture(autouse=True)
+def quiet_pillow():
+    with warnings.catch_warnings():  # Pillow warns about the corrupt EXIF it is shown; that is the point
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("name", sorted(crafted()))
+def test_each_crafted_file_is_an_image_error_naming_the_problem(name):
+    data = crafted()[name]
+    assert len(data) < 1000  # tiny files, each once a 500
+    with pytest.raises(ImageError, match=r"^corrupt (PNG |WEBP |TIFF )?image: cannot \w+"):
+        image_bytes_to_input(data, CARD)
+
+
+def test_a_progressive_jpeg_is_decoded_up_to_the_scan_limit_and_refused_past_it():
+    fine = progressive_jpeg_with_scans(MAX_JPEG_SCANS - 20)
+    assert image_bytes_to_input(fine, CARD).shape == (1, 28, 28)
+    costly = progressive_jpeg_with_scans(MAX_JPEG_SCANS)
+    with pytest.raises(ImageError, match=rf"progressive JPEG with \d+ scans; at most {MAX_JPEG_SCANS} are decoded"):
+        open_image(costly)  # from its bytes, before any decoding
+
+
+def test_decode_memory_is_estimated_from_the_header_and_a_narrow_bomb_refused_under_the_pixel_limit():
+    tall = tall_png(2_000_000)  # 2 megapixels, under any pixel limit, and ~8 KB of file
+    image = open_image(tall, max_pixels=10**9, max_decode_bytes=10**9)
+    assert decode_cost_bytes(image) == DECODE_COPIES * 2_000_000 * (1 + ROW_OVERHEAD_BYTES)
+    with pytest.raises(ImageError, match=r"image too costly to decode: 1x2000000 L needs about 97 MB, above .* 64 MB"):
+        open_image(tall, max_decode_bytes=64 * 2**20)
+
+
+def mutations(data: bytes, rng: random.Random, count: int):
+    """Byte flips, truncations, duplicated and deleted spans of one real file."""
+    for _ in range(count):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            if not mutated:
+                break
+            kind, at = rng.randrange(4), rng.randrange(len(mutated))
+            if kind == 0:
+                mutated[at] = rng.randrange(256)
+            elif kind == 1:
+                del mutated[at:]
+            elif kind == 2:
+                mutated[at:at] = mutated[at : at + rng.randint(1, 64)]
+            else:
+                del mutated[at : at + rng.randint(1, 64)]
+        yield bytes(mutated)
+
+
+def test_fuzz_only_image_errors_come_out_of_to_input(fashion_test):
+    rng = random.Random(12)
+    photo = np.stack([fashion_test[0][0]] * 3, axis=-1)
+    seeds = [encoded(fmt, photo) for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")]
+    seeds += [encoded("JPEG", photo, progressive=True), *crafted().values()]
+    outcomes = {"decoded": 0, "refused": 0}
+    for seed in seeds:
+        for data in mutations(seed, rng, 150):
+            try:
+                image_bytes_to_input(data, RGB_CARD if rng.random() < 0.5 else CARD)
+                outcomes["decoded"] += 1
+            except ImageError:
+                outcomes["refused"] += 1
+    assert outcomes["refused"] > 300 and outcomes["decoded"] > 100  # both paths were exercised
+
+
+@pytest.fixture
+def pool():
+    pool = DecodePool(2, timeout_s=0.3, max_pixels=40_000_000, max_decode_bytes=512 * 2**20)
+    yield pool
+    pool.close()
+
+
+def decoder_pids(pool: DecodePool) -> set[int]:
+    return {child.pid for child in psutil.Process().children() if "serving.decoders" in " ".join(child.cmdline())}
+
+
+def test_a_decode_past_its_time_limit_is_stopped_and_its_process_replaced(pool):
+    slow = encoded("PNG", np.zeros((6000, 6000, 3), np.uint8))  # ~0.5 s of decoding, 36 megapixels of black
+    small = encoded("JPEG", np.full((300, 300, 3), 90, np.uint8))
+
+    async def main():
+        assert (await pool.decode(small, RGB_CARD)).shape == (3, 224, 224)
+        before = decoder_pids(pool)
+        start = time.perf_counter()
+        with pytest.raises(ImageError, match=r"decoding took longer than 0.3 s \(SERVING_DECODE_TIMEOUT_S\); stopped"):
+            await pool.decode(slow, RGB_CARD)
+        stopped_after = time.perf_counter() - start
+        answers = [await pool.decode(small, RGB_CARD) for _ in range(4)]  # the pool goes on, one process new
+        return before, stopped_after, answers
+
+    before, stopped_after, answers = asyncio.run(main())
+    assert stopped_after < 1.0 and all(a.shape == (3, 224, 224) for a in answers)
+    deadline = time.monotonic() + 30
+    while len(after := decoder_pids(pool)) != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(after) == 2 and len(before & after) == 1 and pool.restarts == 1
+
+
+def test_a_cancelled_decode_is_stopped_too(pool):
+    slow = encoded("PNG", np.zeros((6000, 6000, 3), np.uint8))
+
+    async def main():
+        await pool.decode(encoded("PNG", np.zeros((300, 300), np.uint8)), CARD)
+        before = decoder_pids(pool)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):  # the request's deadline, or its client hanging up
+                await pool.decode(slow, RGB_CARD)
+        return before
+
+    before = asyncio.run(main())
+    deadline = time.monotonic() + 30
+    while pool.restarts == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pool.restarts == 1 and len(before - decoder_pids(pool)) == 1  # killed, not left running to 0.3 s
+
+
+def test_worst_case_decodes_at_once_stay_under_the_documented_memory_bound():
+    budget = 96 * 2**20
+    pool = DecodePool(2, timeout_s=30, max_pixels=40_000_000, max_decode_bytes=budget)
+    # The largest of each shape the estimate admits: a square RGB image, and a 1-pixel-wide one.
+    side = 2800
+    square = encoded("PNG", np.full((side, side, 3), 7, np.uint8))
+    assert decode_cost_bytes(open_image(square, max_decode_bytes=budget)) <= budget
+    tall = tall_png(budget // (DECODE_COPIES * (1 + ROW_OVERHEAD_BYTES)))
+    try:
+
+        async def main():
+            await pool.decode(encoded("PNG", np.zeros((300, 300), np.uint8)), CARD)
+            started = {pid: psutil.Process(pid).memory_info().rss for pid in decoder_pids(pool)}
+            answers = await asyncio.gather(*(pool.decode(data, RGB_CARD) for data in (square, tall, square, tall)))
+            return started, answers
+
+        started, answers = asyncio.run(main())
+        assert all(answer.shape == (3, 224, 224) for answer in answers)
+        for pid, rss in started.items():
+            peak = _peak_rss(pid)
+            assert peak <= rss + budget, f"decoder {pid} peaked at {peak / 2**20:.0f} MB, start {rss / 2**20:.0f} MB"
+    finally:
+        pool.close()
+
+
+def _peak_rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
