@@ -3,9 +3,16 @@
 - **Auth fails closed.** With a token set, every path needs ``Authorization: Bearer <token>``
   except :data:`OPEN_PATHS` (probes, metrics, the API docs); a route added later is protected
   without anyone having to remember it.
-- **Admission.** At most ``max_concurrency`` classify requests are in flight; the next is answered
-  503 with ``Retry-After`` before a byte of its body is read. A queue without bound would only
-  turn overload into timeouts for everyone, while a 503 lets a load balancer try another replica.
+- **Routes are a closed set.** A path that is not one of the service's is answered 404 here, so no
+  client string reaches BentoML's request metrics, which label the raw path (a path scan once grew
+  the worker by 400 MB of time series).
+- **Bodies first.** A classify request's body is read here, under its own bounds: the size limit,
+  a minimum rate after a short grace (a slow upload is cut, 408), and one memory budget for every
+  body held at once (503). Only then does the request count against admission.
+- **Admission.** At most ``max_concurrency`` classify requests are being answered; the next is
+  answered 503 with ``Retry-After``. A queue without bound would only turn overload into timeouts
+  for everyone, while a 503 lets a load balancer try another replica. Counting only requests whose
+  body is in means slow uploads cannot take the slots that fast clients need.
 - **The hot routes** (``POST /classify``, ``POST /classify_batch``) are answered here by
   :func:`respond`, without BentoML's per-request layer. Profiled under load, that layer cost
   several times the request's own work for a small image (OpenTelemetry middleware even when not
@@ -29,7 +36,16 @@ from typing import TYPE_CHECKING, Callable
 from starlette.requests import Request
 
 from serving import metrics
-from serving.errors import Overloaded, Unauthorized, http_status
+from serving.errors import (
+    BodyTooLarge,
+    ClientGone,
+    LengthRequired,
+    NotFound,
+    Overloaded,
+    SlowBody,
+    Unauthorized,
+    http_status,
+)
 from serving.logs import log_event, log_request
 
 if TYPE_CHECKING:
@@ -42,11 +58,18 @@ HOT_ROUTES = (CLASSIFY, CLASSIFY_BATCH)
 # Open to anyone: probes, metrics, the OpenAPI document and its page. Nothing else is.
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/"})
 OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
+# Every path the service answers: its own routes, BentoML's schema, and the open ones.
+ROUTES = OPEN_PATHS | {CLASSIFY, CLASSIFY_BATCH, MODELS, "/schema.json"}
 RETRY_AFTER_S = 1
+BODY_GRACE_S = 2.0  # a body may start slowly (TCP slow start, a phone waking its radio); then it must keep the rate
 
 
 def is_open(path: str) -> bool:
     return path in OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and ".." not in path)
+
+
+def is_route(path: str) -> bool:
+    return path in ROUTES or (path.startswith(OPEN_PREFIXES) and ".." not in path)
 
 
 class Edge:
@@ -56,42 +79,126 @@ class Edge:
     def __init__(self, app, config: ServingConfig, handlers: Callable[[], Handlers], hot: bool = True):
         self.app, self.config, self.hot = app, config, hot
         self._find_handlers, self._handlers = handlers, None
-        self.expected = f"Bearer {config.auth_token}".encode() if config.auth_token else None
+        self.token = config.auth_token.encode() if config.auth_token else None
         self.in_flight = 0
+        self.body_bytes, self.max_body_memory = 0, config.max_body_memory_mb * 2**20  # bodies held, all requests
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # lifespan, websockets
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if self.expected is not None and not is_open(path):
-            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):  # constant time: no token guessing by timing
-                error = Unauthorized("missing or wrong bearer token; send 'Authorization: Bearer <token>'")
-                return await self.refuse(send, error, [(b"www-authenticate", b"Bearer")])
+        if self.token is not None and not is_open(path) and not self.authorized(scope["headers"]):
+            error = Unauthorized("missing or wrong bearer token; send 'Authorization: Bearer <token>'")
+            return await self.refuse(send, error, [(b"www-authenticate", b"Bearer")])
         if path not in HOT_ROUTES:
+            if not is_route(path):
+                return await self.refuse(send, NotFound(f"no such path; the routes are {', '.join(sorted(ROUTES))}"))
             return await self.app(scope, receive, send)
-        if self.in_flight >= self.config.max_concurrency:
-            message = (
-                f"server busy: {self.config.max_concurrency} requests already in flight; retry after {RETRY_AFTER_S} s"
-            )
-            return await self.refuse(send, Overloaded(message), [(b"retry-after", str(RETRY_AFTER_S).encode())])
+        if scope["method"] != "POST":  # BentoML's answer: 405
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        try:
+            body = await self.read_body(scope, receive)
+        except (SlowBody, LengthRequired, BodyTooLarge, ClientGone, Overloaded) as error:
+            # The rest of the body is not wanted: close, rather than wait on the socket for it.
+            return await self.refuse(send, error, [(b"connection", b"close")], route=path, start=start)
+        try:
+            if self.in_flight >= self.config.max_concurrency:
+                limit = self.config.max_concurrency
+                message = f"server busy: {limit} requests already in flight; retry after {RETRY_AFTER_S} s"
+                retry = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+                return await self.refuse(send, Overloaded(message), retry, route=path, start=start)
+            await self.answer(scope, _replay(body, receive), send)
+        finally:
+            self.body_bytes -= len(body)
+
+    async def answer(self, scope, receive, send) -> None:
         self.in_flight += 1
         metrics.in_flight.inc()
         try:
-            if self.hot and scope["method"] == "POST":
+            if self.hot:
                 self._handlers = self._handlers or self._find_handlers()
-                status, body = await respond(self._handlers, path, Request(scope, receive))
+                status, body = await respond(self._handlers, scope["path"], Request(scope, receive))
                 await send_json(send, status, body)
-            else:  # BentoML's layer: tracing or CORS, or a method the route does not take (405 there)
+            else:  # BentoML's layer: tracing or CORS
                 await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
             metrics.in_flight.dec()
 
-    async def refuse(self, send, error: Exception, headers: list[tuple[bytes, bytes]]) -> None:
+    def authorized(self, headers) -> bool:
+        given = next((value for name, value in headers if name == b"authorization"), b"")
+        scheme, _, token = given.partition(b" ")
+        # The scheme is case-insensitive (RFC 7235); the token compared in constant time, so it
+        # cannot be guessed from response times.
+        return hmac.compare_digest(token, self.token) and scheme.lower() == b"bearer"
+
+    async def read_body(self, scope, receive) -> bytes:
+        """The whole body, or the error that stops it: no length on HTTP/1.0 (411), over the size
+        limit (413), slower than ``min_body_rate`` after :data:`BODY_GRACE_S` or not in within
+        ``timeout_s`` (408), over the memory budget for bodies (503), or the client gone (499)."""
+        config = self.config
+        headers = dict(scope["headers"])  # the last of a repeated header; both bounds below hold anyway
+        declared = headers.get(b"content-length", b"")
+        if not declared and b"transfer-encoding" not in headers and scope.get("http_version") == "1.0":
+            raise LengthRequired("an HTTP/1.0 request needs a Content-Length header")
+        if declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise BodyTooLarge(f"request body exceeds the limit of {config.max_body_bytes:,} bytes")
+        loop = asyncio.get_running_loop()
+        begin, chunks, seen = loop.time(), [], 0  # seen: bytes received and held in the budget
+        try:
+            while True:
+                deadline = begin + min(config.timeout_s, BODY_GRACE_S + seen / config.min_body_rate)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise SlowBody(
+                        f"request body too slow: {seen:,} bytes in {loop.time() - begin:.1f} s; it must arrive at "
+                        f"{config.min_body_rate:,} bytes/s or more after the first {BODY_GRACE_S:g} s, and within "
+                        f"{config.timeout_s:g} s"
+                    ) from None
+                if message["type"] == "http.disconnect":
+                    raise ClientGone("the client disconnected before its request body was read")
+                chunk = message.get("body", b"")
+                if seen + len(chunk) > config.max_body_bytes:
+                    raise BodyTooLarge(f"request body exceeds the limit of {config.max_body_bytes:,} bytes")
+                seen += len(chunk)
+                self.body_bytes += len(chunk)
+                if self.body_bytes > self.max_body_memory:
+                    raise Overloaded(
+                        f"server busy: request bodies fill their memory budget of {config.max_body_memory_mb} MB "
+                        f"(SERVING_MAX_BODY_MEMORY_MB); retry after {RETRY_AFTER_S} s"
+                    )
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except BaseException:
+            self.body_bytes -= seen
+            raise
+
+    async def refuse(
+        self, send, error: Exception, headers: list[tuple[bytes, bytes]] = (), route: str | None = None, start=0.0
+    ) -> None:
+        """Answer an error before any handler ran; a classify request's is counted and logged like the others."""
         status, reason = http_status(error)
         metrics.rejected.labels(reason=reason).inc()
+        if route is not None:
+            metrics.requests.labels(route=route, status=str(status)).inc()
+            if self.config.log_requests:
+                ms = round((time.perf_counter() - start) * 1000, 2)
+                log_request(logging.INFO, route=route, status=status, ms=ms, error=str(error))
         await send_json(send, status, {"error": str(error)}, headers)
+
+
+def _replay(body: bytes, receive):
+    """A receive() that hands over the body already read, then the connection's own messages (disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 async def respond(handlers: Handlers, route: str, request: Request) -> tuple[int, dict]:

@@ -30,6 +30,22 @@ class UnknownModel(LookupError):
     """The request names a model this service does not serve."""
 
 
+class ModelUnavailable(RuntimeError):
+    """The request names a model this service is configured with, but that failed its checks or warm-up."""
+
+
+class NotFound(LookupError):
+    """No route at this path."""
+
+
+class LengthRequired(RequestError):
+    """An HTTP/1.0 body without Content-Length: its end cannot be known before the client hangs up."""
+
+
+class SlowBody(RequestError):
+    """The body did not arrive in time, or arrived slower than the minimum rate."""
+
+
 class Unauthorized(PermissionError):
     """No bearer token, or the wrong one, on a path that needs it."""
 
@@ -43,12 +59,16 @@ class Overloaded(RuntimeError):
 HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (Unauthorized, 401, "unauthorized"),
     (UnknownModel, 404, "unknown_model"),
+    (NotFound, 404, "not_found"),
+    (SlowBody, 408, "slow_body"),
+    (LengthRequired, 411, "length_required"),
     (BodyTooLarge, 413, "too_large"),
     (UnsupportedMediaType, 415, "unsupported_type"),
     (ClientGone, 499, "disconnected"),  # nginx's code for it: the status only labels the metric and log
     (ImageError, 400, "bad_image"),
     (RequestError, 400, "bad_request"),
     (Overloaded, 503, "overloaded"),
+    (ModelUnavailable, 503, "model_unavailable"),
     (TimeoutError, 504, "timeout"),
 )
 INTERNAL = (500, "internal")

@@ -19,15 +19,11 @@ from serving import metrics
 from serving.batching import MicroBatcher
 from serving.config import ServingConfig
 from serving.engine import OnnxClassifier
-from serving.errors import UnknownModel
+from serving.errors import ModelUnavailable, UnknownModel
 from serving.logs import log_event
 
 # A requested name is echoed in the 404 and its log line only this far: it comes from the client.
 ECHO_MAX_CHARS = 64
-
-
-class ModelUnavailable(RuntimeError):
-    """The request names a model, or falls to the default, that failed its checks; the message says why."""
 
 
 @dataclass

@@ -100,10 +100,10 @@ async def _read_form(request: Request, field: str, max_files: int, max_bytes: in
 def parse_top_k(value: str | None, num_classes: int) -> int:
     if value is None or value == "":
         return min(DEFAULT_TOP_K, num_classes)
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"top_k must be an integer from 1 to {num_classes}, got {value!r}") from None
+    # ASCII digits only: int() would also take " 3", "+3", "1_0" and other scripts' digits ("٣").
+    if not (value.isascii() and value.isdigit() and len(value) <= 6):
+        raise RequestError(f"top_k must be an integer from 1 to {num_classes}, got {value[:16]!r}")
+    k = int(value)
     if not 1 <= k <= num_classes:
         raise RequestError(f"top_k must be from 1 to {num_classes}, got {k}")
     return k

@@ -11,12 +11,13 @@ import asyncio
 
 import bentoml
 from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 
 from serving.config import ServingConfig
-from serving.edge import Edge
+from serving.edge import OPEN_PREFIXES, Edge
 
 
 def lean_service(config: ServingConfig) -> type[bentoml.Service]:
@@ -40,6 +41,11 @@ def _current_handlers():
 def _mended(middleware: Middleware) -> Middleware:
     if middleware.cls is TimeoutMiddleware:
         return Middleware(CancelledTimeout, *middleware.args, **middleware.kwargs)
+    if middleware.cls is RunnerTrafficMetricsMiddleware:
+        # It labels the raw path: the edge lets through only the service's routes, but under
+        # /static_content/ any file name, so those go unmetered rather than one series each.
+        skip = [*middleware.kwargs.get("skip_paths", ()), *OPEN_PREFIXES]
+        return Middleware(middleware.cls, *middleware.args, **{**middleware.kwargs, "skip_paths": skip})
     return middleware
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 
 import httpx
@@ -16,8 +15,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from model_store.store import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
+from serving import edge as edge_module
 from serving import logs
-from serving.config import ServingConfig
+from serving.config import ServingConfig, available_cpus
 from serving.edge import CLASSIFY, CLASSIFY_BATCH, OPEN_PATHS, Edge
 from serving.errors import HTTP_ERRORS, http_status
 from serving.handlers import Handlers
@@ -94,7 +94,9 @@ def test_answers_are_the_engines_through_both_routes(images, fashion_test):
         "/static_content/../models",
     ],
 )
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong", TOKEN, f"bearer {TOKEN}", f"Bearer {TOKEN} "])
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN} ", f"Bearer  {TOKEN}"]
+)
 def test_with_a_token_set_every_path_but_the_open_ones_needs_it(path, authorization):
     edge, _, fallback = make_edge(auth_token=TOKEN)
     before = sample("classify_rejected_total", reason="unauthorized")
@@ -120,7 +122,7 @@ def test_open_paths_need_no_token_and_the_right_token_opens_the_rest(images):
             answer = await http.post(
                 CLASSIFY,
                 files={"image": ("x.png", images[0], "image/png")},
-                headers={"Authorization": f"Bearer {TOKEN}"},
+                headers={"Authorization": f"bearer {TOKEN}"},  # the scheme is case-insensitive (RFC 7235)
             )
         return opened, models, answer
 
@@ -165,12 +167,19 @@ async def call(edge: Edge, body: bytes = b"", release: asyncio.Event | None = No
 
 
 def test_past_max_concurrency_a_request_is_refused_503_until_a_slot_frees(images):
-    edge, _, _ = make_edge(max_concurrency=2)
+    edge, handlers, _ = make_edge(max_concurrency=2)
     before = sample("classify_rejected_total", reason="overloaded")
+    classify = handlers.classify
 
     async def main():
         release = asyncio.Event()
-        held = [asyncio.create_task(call(edge, images[0], release)) for _ in range(2)]
+
+        async def held_classify(request):
+            await release.wait()
+            return await classify(request)
+
+        handlers.classify = held_classify
+        held = [asyncio.create_task(call(edge, images[0])) for _ in range(2)]
         while edge.in_flight < 2:
             await asyncio.sleep(0)
         refused = await call(edge, images[0])
@@ -265,6 +274,15 @@ def test_an_unexpected_error_is_a_500_with_an_id_that_leads_to_its_logged_traceb
             "bad_request",
             "top_k must be from 1 to 10",
         ),
+        *(
+            (
+                {"content": b"x", "headers": {"Content-Type": "image/png"}, "params": {"top_k": value}},
+                400,
+                "bad_request",
+                f"top_k must be an integer from 1 to 10, got {value!r}",
+            )
+            for value in (" 3", "+3", "1_0", "\u0663", "3.0")  # int() takes all but the last
+        ),
     ],
 )
 def test_each_client_mistake_gets_its_status_and_reason(kwargs, status, reason, message):
@@ -285,6 +303,22 @@ def test_each_client_mistake_gets_its_status_and_reason(kwargs, status, reason, 
         sample("classify_requests_total", route=CLASSIFY, status=str(status)),
     )
     assert after == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize("route, field", [(CLASSIFY, "image"), (CLASSIFY_BATCH, "images")])
+@pytest.mark.parametrize("option", ["top_k", "model"])
+def test_an_option_sent_as_a_file_is_named_as_such(images, route, field, option):
+    edge, _, _ = make_edge()
+
+    async def main():
+        async with client(edge) as http:
+            files = [(field, ("x.png", images[0], "image/png")), (option, ("o.txt", b"3", "text/plain"))]
+            return await http.post(route, files=files)
+
+    response = asyncio.run(main())
+    assert (
+        response.status_code == 400 and response.json()["error"] == f"field {option!r} must be a text value, not a file"
+    )
 
 
 def test_the_error_table_maps_subclasses_before_their_bases_and_nothing_else_to_4xx():
@@ -315,6 +349,94 @@ def test_other_methods_and_tracing_mode_go_through_bentoml(images):
     assert asyncio.run(call(edge, scope=request_scope(method="GET")))[0] == 299 and fallback.paths == [CLASSIFY]
 
 
+@pytest.mark.parametrize(
+    "path", ["/nope", "/openapi.json", "/redoc", "/docs/oauth2-redirect", "/classify/x", "/models/", "/a\x00b"]
+)
+def test_a_path_that_is_no_route_is_a_404_here_and_never_reaches_bentoml(path):
+    # BentoML's request metrics label the raw path: a path scan would grow them without bound.
+    edge, _, fallback = make_edge()
+    status, _, body = asyncio.run(call(edge, scope=request_scope(path=path, method="GET")))
+    error = json.loads(body)["error"]
+    assert status == 404 and error.startswith("no such path; the routes are") and fallback.paths == []
+    assert path not in error  # no client string is echoed
+
+
+async def sink(message):
+    pass
+
+
+def test_a_body_slower_than_the_minimum_rate_is_cut_408_and_never_holds_a_slot(images, monkeypatch):
+    monkeypatch.setattr(edge_module, "BODY_GRACE_S", 0.05)
+    edge, _, _ = make_edge(max_concurrency=1, min_body_rate=1000)
+    before = sample("classify_rejected_total", reason="slow_body")
+
+    async def main():
+        never = asyncio.Event()  # these bodies never come
+        stalled = [asyncio.create_task(call(edge, images[0], never)) for _ in range(3)]
+        await asyncio.sleep(0)
+        fast = await call(edge, images[0])  # the one slot is free: uploads do not hold it
+        return fast, await asyncio.gather(*stalled)
+
+    fast, stalled = asyncio.run(main())
+    assert fast[0] == 200 and [status for status, _, _ in stalled] == [408] * 3
+    assert json.loads(stalled[0][2])["error"].startswith("request body too slow: 0 bytes in 0.")
+    assert sample("classify_rejected_total", reason="slow_body") == before + 3 and edge.body_bytes == 0
+
+
+def test_a_body_that_keeps_the_rate_is_read_however_many_parts_it_comes_in(images, monkeypatch):
+    monkeypatch.setattr(edge_module, "BODY_GRACE_S", 0.05)
+    edge, _, _ = make_edge(min_body_rate=1000)
+    parts = [images[0][i : i + 50] for i in range(0, len(images[0]), 50)]
+
+    async def receive():
+        await asyncio.sleep(0.01)  # 50 bytes per 10 ms: 5,000 bytes/s
+        part = parts.pop(0)
+        return {"type": "http.request", "body": part, "more_body": bool(parts)}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(edge(request_scope(), receive, send))
+    assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["label"]
+
+
+def test_an_http_10_body_without_a_length_is_411(images):
+    edge, _, _ = make_edge()
+    scope = {**request_scope(), "http_version": "1.0"}
+    status, _, body = asyncio.run(call(edge, images[0], scope=scope))
+    assert status == 411 and "Content-Length" in json.loads(body)["error"]
+    with_length = {**scope, "headers": [*scope["headers"], (b"content-length", str(len(images[0])).encode())]}
+    assert asyncio.run(call(edge, images[0], scope=with_length))[0] == 200
+
+
+def test_bodies_held_at_once_have_one_memory_budget_past_which_503(images):
+    edge, _, _ = make_edge(max_body_bytes=2**20, max_body_memory_mb=1)
+    part = b"x" * 700_000
+
+    async def main():
+        release, first = asyncio.Event(), [part]
+
+        async def stalled():  # 700 KB in, then the rest only once released
+            if first:
+                return {"type": "http.request", "body": first.pop(), "more_body": True}
+            await release.wait()
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        held = asyncio.create_task(edge(request_scope(), stalled, sink))
+        while edge.body_bytes == 0:
+            await asyncio.sleep(0)
+        second = await call(edge, part)  # 700 KB more would pass the 1 MB budget
+        release.set()
+        await held
+        return second, await call(edge, images[0])
+
+    second, after = asyncio.run(main())
+    assert second[0] == 503 and "memory budget of 1 MB (SERVING_MAX_BODY_MEMORY_MB)" in json.loads(second[2])["error"]
+    assert after[0] == 200 and edge.body_bytes == 0
+
+
 def test_settings_come_from_the_environment_and_a_bad_one_names_its_variable():
     config = ServingConfig.from_env(
         {
@@ -325,7 +447,7 @@ def test_settings_come_from_the_environment_and_a_bad_one_names_its_variable():
         }
     )
     assert config.models == ("a:latest", "b:v1") and config.tracing and config.workers == 2 and config.timeout_s == 2.5
-    cores = os.cpu_count() or 1
+    cores = available_cpus()
     assert config.engine_threads == max(1, cores // 2) and ServingConfig(workers=cores * 2).engine_threads == 1
     assert ServingConfig(workers=2, ort_threads=3).engine_threads == 3
     for environ, message in [
@@ -334,6 +456,12 @@ def test_settings_come_from_the_environment_and_a_bad_one_names_its_variable():
         ({"SERVING_DEVICE": "tpu"}, "SERVING_DEVICE must be one of auto, cpu, cuda, got 'tpu'"),
         ({"SERVING_ORT_THREADS": "-1"}, "SERVING_ORT_THREADS must be 0 or more, got -1"),
         ({"SERVING_TIMEOUT_S": "soon"}, "SERVING_TIMEOUT_S must be a number, got 'soon'"),
+        ({"SERVING_TIMEOUT_S": "inf"}, "SERVING_TIMEOUT_S must be a positive number of seconds, got inf"),
+        ({"SERVING_DECODE_TIMEOUT_S": "nan"}, "SERVING_DECODE_TIMEOUT_S must be a positive number of seconds, got nan"),
+        ({"SERVING_AUTH_TOKEN": " "}, "SERVING_AUTH_TOKEN is set but blank"),
+        ({"SERVING_AUTH_TOKEN": "two words"}, "SERVING_AUTH_TOKEN must be printable ASCII without spaces"),
+        ({"SERVING_DECODE_THREADS": "4"}, "SERVING_DECODE_THREADS was renamed SERVING_DECODE_WORKERS"),
+        ({"SERVING_MAX_BODY_MEMORY_MB": "1"}, "SERVING_MAX_BODY_MEMORY_MB \\(1\\) must hold at least one body"),
     ]:
         with pytest.raises(ValueError, match=message):
             ServingConfig.from_env(environ)

@@ -15,8 +15,8 @@ import pytest
 from model_store.card import ONNX_METADATA_KEY
 from model_store.store import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, check_model
 from serving.config import ServingConfig
-from serving.errors import UnknownModel
-from serving.model_set import ModelSet, ModelUnavailable
+from serving.errors import ModelUnavailable, UnknownModel
+from serving.model_set import ModelSet
 from tests.conftest import bentoml_serve, png_bytes, run_cli
 
 RGB = {"in_channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
