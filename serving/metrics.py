@@ -5,6 +5,10 @@ Scale replicas on ``classify_in_flight`` (or its queue-time histogram): it rises
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import bentoml
 
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
@@ -55,3 +59,37 @@ in_flight = bentoml.metrics.Gauge(
     documentation="classify requests being served now",
     multiprocess_mode="livesum",
 )
+
+
+def forget_dead_workers() -> list[int]:
+    """Drop the live-gauge files of service processes that died without saying so; returns their pids.
+
+    In multiprocess mode each process keeps its gauges in files named by its pid, and "livesum"
+    counts only live processes only if someone removes a dead one's files. After a worker is killed
+    (kill -9, the OOM killer) nobody does: its last ``classify_in_flight`` counted forever, and an
+    autoscaler saw load that was not there. Each worker calls this at start, so a respawned one
+    cleans up after the one it replaces; it also zeroes its own gauge, in case it got the dead
+    one's pid (likely in a container's small pid space).
+    """
+    from prometheus_client import multiprocess
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    dead = []
+    if directory:
+        for path in Path(directory).glob("gauge_live*_*.db"):
+            pid = int(match.group(1)) if (match := re.search(r"_(\d+)\.db$", path.name)) else None
+            if pid is not None and pid != os.getpid() and not _alive(pid):
+                multiprocess.mark_process_dead(pid, directory)
+                dead.append(pid)
+    in_flight.set(0)
+    return sorted(set(dead))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -20,6 +20,7 @@ import bentoml
 from fastapi import FastAPI
 
 with bentoml.importing():
+    from serving import metrics
     from serving.config import ServingConfig
     from serving.edge import CLASSIFY, CLASSIFY_BATCH, MODELS, respond
     from serving.handlers import Handlers
@@ -29,7 +30,8 @@ with bentoml.importing():
     from serving.server import lean_service
 
 CONFIG = ServingConfig.from_env()  # a bad setting stops the service here, naming the variable
-models_app = FastAPI()  # GET routes; BentoML's own APIs are POST-only
+# GET routes (BentoML's own APIs are POST-only); FastAPI's own docs pages off: BentoML serves the docs
+models_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
 
 class Classifier:
@@ -45,6 +47,16 @@ class Classifier:
                 default=model is self.models.default,
                 provider_error=model.engine.provider_error,
             )
+        self.handlers.decoders.start()
+        log_event(
+            "limits",
+            decode_workers=CONFIG.decode_workers,
+            max_decode_mb=CONFIG.max_decode_mb,
+            max_body_memory_mb=CONFIG.max_body_memory_mb,
+            memory_bound_mb=CONFIG.memory_bound_mb,  # README, "Limits"
+        )
+        if dead := metrics.forget_dead_workers():
+            log_event("forgot_dead_workers", pids=dead)
         # Warm up in the background: /livez answers meanwhile, /readyz only once it is done.
         threading.Thread(target=self.models.warm_up, name="warm-up", daemon=True).start()
 
