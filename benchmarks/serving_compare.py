@@ -109,6 +109,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--write", type=Path, default=None, help="replace the section between the serving markers in this file"
     )
+    parser.add_argument(
+        "--section",
+        default="serving",
+        help="the markers' name, for a run kept beside the main one (default: serving; a new name is appended)",
+    )
     return parser
 
 
@@ -454,7 +459,8 @@ def main(args: argparse.Namespace) -> None:
     text = report(rows, subjects, args)
     print(text)
     if args.write:
-        write_section(args.write, "serving", text, SECTION)
+        heading = SECTION if args.section == "serving" else f"## HTTP serving: {args.section}"
+        write_section(args.write, args.section, text, heading)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import httpx
 import pytest
 import yaml
 
-from serving.config import ENV
+from serving.config import ENV, ServingConfig
 from tests.conftest import run_cli
 
 
@@ -58,3 +58,7 @@ def test_kubernetes_manifest_probes_and_scales_on_what_the_service_exposes(serve
     exposed = {line.split("{")[0].split(" ")[0] for line in httpx.get(f"{server}/metrics").text.splitlines()}
     assert metric in exposed, metric
     assert {e["name"] for e in container["env"]} <= set(ENV.values())  # every variable it sets exists
+    # Its memory limit holds the README's bound for the settings it gives.
+    config = ServingConfig.from_env({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    limit_mb = int(container["resources"]["limits"]["memory"].removesuffix("Gi")) * 1024
+    assert config.memory_bound_mb <= limit_mb and "SERVING_DECODE_WORKERS" in {e["name"] for e in container["env"]}
