@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# Training's input cache (training/tensors.py): one per test session, so no run depends on another's.
+os.environ.setdefault("CLASSIC_CNNS_CACHE", tempfile.mkdtemp(prefix="classic-cnns-cache-"))
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -296,3 +296,11 @@ def test_two_process_ddp_run_on_gloo(tmp_path):
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[-1]["test_acc"]) > 0.3  # chance is 0.1
     assert state(out / "last.pt")["epoch"] == 2
+
+
+def test_both_data_paths_train_and_each_run_says_which_it_took(tmp_path, capsys):
+    for path, why in (("loader", "--data-path loader"), ("tensors", "cached; batches and augmentation on the device")):
+        recipe = ["--dataset", "synthetic", "--synthetic-size", "64", "--model", "lenet_bn", "--epochs", "1"]
+        train_module.main(train_args(*recipe, "--hflip", "--data-path", path, "--output-dir", str(tmp_path / path)))
+        out = capsys.readouterr().out
+        assert f"data path {path} (" in out and why in out and (tmp_path / path / "last.pt").is_file()

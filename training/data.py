@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from model_store import ModelCard, to_input
+from model_store.files import file_sha256
 from training.augment import Augment
 from training.folder import ImageFolder, scan_folder
 
@@ -117,7 +118,7 @@ class FashionMNIST(Dataset):
 
     def __init__(self, split: str, card: ModelCard, data_dir: Path | None = None):
         self.images, self.labels = load_fashion_mnist(split, data_dir)
-        self.card = card
+        self.card, self.split, self.data_dir = card, split, data_dir
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -125,6 +126,16 @@ class FashionMNIST(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         pixels = to_input(Image.fromarray(self.images[index]), self.card)
         return torch.from_numpy(pixels), int(self.labels[index])
+
+    def identity(self) -> list:
+        """What the inputs depend on besides the card: the split's two files, by content."""
+        folder = find_fashion_mnist(self.data_dir)
+        return ["fashion-mnist", *(_file_hash(_find(folder, stem)) for stem in _FILES[self.split])]
+
+
+@functools.lru_cache(maxsize=8)
+def _file_hash(path: Path) -> str:
+    return file_sha256(path)
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

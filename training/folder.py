@@ -80,3 +80,12 @@ class ImageFolder(Dataset):
         except ImageError as err:
             raise ValueError(f"{path}: {err}") from None  # a broken training image is worth stopping for
         return torch.from_numpy(pixels), label
+
+    def identity(self) -> list:
+        """What the inputs depend on besides the card: each file by path, size and modification time."""
+        return ["folder", [(str(path), *_size_and_time(path), label) for path, label in self.items]]
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns

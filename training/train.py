@@ -33,9 +33,11 @@ from training.checkpoint import read_checkpoint, save_checkpoint
 from training.finetune import load_pretrained, parameter_groups
 from training.models import build_model, default_size, list_models
 from training.plots import plot_curves
+from training.tensors import MAX_BYTES, TensorBatches, as_tensors, input_bytes
 
 logger = logging.getLogger(__name__)
 # On --resume these come from the command line; every other argument comes from the checkpoint.
+DATA_PATHS = ("auto", "tensors", "loader")
 RESUME_OVERRIDES = ("epochs", "workers", "device", "output_dir", "resume")
 DEFAULT_EPOCHS = 10
 
@@ -80,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fine-tuning: learning rate of loaded parameters relative to --lr (default: 1.0)",
     )
     parser.add_argument("--workers", type=int, default=0, help="data loader processes (default: 0)")
+    parser.add_argument(
+        "--data-path",
+        default="auto",
+        choices=DATA_PATHS,
+        help="tensors: inputs made once and cached, batches drawn and augmented on the device; loader: a "
+        "DataLoader over the items; auto: tensors unless distributed or too large (default: auto)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--output-dir", type=Path, default=None, help="where checkpoints go (default: runs/<model>)")
@@ -178,6 +187,8 @@ def apply_resume(args: argparse.Namespace) -> dict:
         if key not in RESUME_OVERRIDES and hasattr(args, key):
             setattr(args, key, Path(value) if key in ("data_dir", "init_weights") and value is not None else value)
     args.output_dir = args.output_dir or args.resume.parent
+    if "data_path" not in payload["args"]:  # written before the tensor path: resume the way it was trained
+        args.data_path = "loader"
     if args.epochs is None:  # finish the run as it was planned
         args.epochs = payload["args"]["epochs"]
     if args.epochs <= payload["epoch"]:
@@ -186,6 +197,18 @@ def apply_resume(args: argparse.Namespace) -> dict:
             f"to train; pass --epochs {payload['epoch'] + 1} or more to continue"
         )
     return payload
+
+
+def choose_data_path(asked: str, world: int, train_set, card: ModelCard) -> tuple[str, str]:
+    """("tensors" or "loader", why), for the log line every run prints."""
+    if asked == "loader":
+        return "loader", "--data-path loader"
+    if world > 1:
+        return "loader", "distributed: each rank draws its share through a DistributedSampler"
+    size = input_bytes(train_set, card)
+    if size > MAX_BYTES:
+        return "loader", f"{size / 2**30:.1f} GB of training inputs is more than the {MAX_BYTES / 2**30:.0f} GB held"
+    return "tensors", f"{size / 2**20:,.1f} MB of inputs, cached; batches and augmentation on the device"
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
@@ -215,26 +238,36 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         model.to(memory_format=torch.channels_last)
 
     generator = torch.Generator().manual_seed(args.seed)
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
-    pin = device.type == "cuda"
-    train_loader = DataLoader(
-        train_set,
-        args.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=args.workers,
-        generator=generator,
-        pin_memory=pin,
-        drop_last=len(train_set) > args.batch_size * world,
-        persistent_workers=args.workers > 0,
-    )
-    test_loader = DataLoader(test_set, 512, num_workers=args.workers, pin_memory=pin)
+    data_path, why = choose_data_path(args.data_path, world, train_set, card)
+    if data_path == "tensors":
+        augmenter = train_set.augment if isinstance(train_set, data.Augmented) else None
+        items = train_set.dataset if augmenter else train_set
+        train_loader = TensorBatches(
+            *as_tensors(items, card), args.batch_size, device, generator, augmenter, len(train_set) > args.batch_size
+        )
+        test_loader = TensorBatches(*as_tensors(test_set, card), 512, device)
+    else:
+        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
+        pin = device.type == "cuda"
+        train_loader = DataLoader(
+            train_set,
+            args.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            num_workers=args.workers,
+            generator=generator,
+            pin_memory=pin,
+            drop_last=len(train_set) > args.batch_size * world,
+            persistent_workers=args.workers > 0,
+        )
+        test_loader = DataLoader(test_set, 512, num_workers=args.workers, pin_memory=pin)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = optim.make_optimizer(args, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor(args, len(train_loader)))
     amp = autocast_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None) if world > 1 else model
+    device_ids = [device.index] if device.type == "cuda" else None
+    net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
 
     start_epoch, best_acc = 1, -1.0
     if resumed:
@@ -253,13 +286,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         print(
             f"training {card.arch} {dict(card.arch_args)} on {len(train_set)} {card.dataset} images "
             f"({card.in_channels}x{card.height}x{card.width}), testing on {len(test_set)}; device {device}"
-            f"{f' x{world}' if world > 1 else ''}, amp {amp}, output {output_dir}",
+            f"{f' x{world}' if world > 1 else ''}, amp {amp}, data path {data_path} ({why}), output {output_dir}",
             flush=True,
         )
     metrics: dict = {}
     for epoch in range(start_epoch, args.epochs + 1):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         trained = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, amp, args, device, show)
