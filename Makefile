@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test data default-model clean
+.PHONY: serve test data default-model gpu-suite clean
 
 serve: $(VENV)/.serving
 	$(BIN)/python -m model_store register-default
@@ -21,6 +21,11 @@ default-model: $(VENV)/.full data
 	$(BIN)/python -m training train --model lenet_bn --model-arg activation=relu --model-arg pool=max \
 	  --epochs 12 --seed 0 --output-dir runs/default
 	$(BIN)/python -m export --checkpoint runs/default/last.pt --output model_store/default/fashion-lenet.onnx
+
+# On a GPU machine: every textbook row trained, exported, verified and timed (benchmarks/gpu_suite.py);
+# CI runs the same sequence with --smoke on the CPU.
+gpu-suite:
+	$(PYTHON) benchmarks/gpu_suite.py --out gpu-results $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 # The serving install is torch-free and quick; the full one adds training, export and test tools.
 $(VENV)/.serving: pyproject.toml
