@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -94,6 +95,13 @@ def environment() -> dict:
         "onnxruntime": ort.__version__,
         "providers": providers,
     }
+    # What training and export import; the GPU machines start bare of some (ENVIRONMENT.md): say so first.
+    needed = ("numpy", "PIL", "tqdm", "matplotlib", "onnx", "onnxscript")
+    record["missing"] = [name for name in needed if importlib.util.find_spec(name) is None]
+    if record["missing"]:
+        print(
+            f"WARNING: not installed here: {', '.join(record['missing'])}; the steps needing them fail", file=sys.stderr
+        )
     if cuda and "CUDAExecutionProvider" not in providers:
         record["warning"] = (
             "a GPU is present but this onnxruntime has no CUDAExecutionProvider: ONNX Runtime rows run on the "

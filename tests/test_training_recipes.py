@@ -304,3 +304,17 @@ def test_both_data_paths_train_and_each_run_says_which_it_took(tmp_path, capsys)
         train_module.main(train_args(*recipe, "--hflip", "--data-path", path, "--output-dir", str(tmp_path / path)))
         out = capsys.readouterr().out
         assert f"data path {path} (" in out and why in out and (tmp_path / path / "last.pt").is_file()
+
+
+def test_training_without_matplotlib_skips_the_pictures_and_goes_on(tmp_path):
+    # A bare GPU machine may lack matplotlib; the pictures are a convenience, the checkpoint is the result.
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; from training.__main__ import cli; sys.exit(cli(sys.argv[1:]))"
+    )
+    recipe = ["train", "--dataset", "synthetic", "--synthetic-size", "32", "--model", "lenet_bn", "--epochs", "1"]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *recipe, "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert (tmp_path / "last.pt").is_file() and not (tmp_path / "curves.png").exists()
+    assert "matplotlib is not installed: no curves.png or confusion.png are drawn" in result.stderr

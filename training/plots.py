@@ -1,20 +1,39 @@
-"""The pictures the course draws: training curves per epoch, and a confusion matrix."""
+"""The pictures the course draws: training curves per epoch, and a confusion matrix.
+
+Pictures are a convenience, not a result: without matplotlib (a bare GPU machine) they are skipped
+with one warning, and training and evaluation go on.
+"""
 
 from __future__ import annotations
 
 import csv
+import functools
+import logging
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from model_store.files import atomic_output
 
-from model_store.files import atomic_output  # noqa: E402
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed: no curves.png or confusion.png are drawn")
+        return None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_curves(log_csv: Path, output: Path) -> None:
+    if (plt := _pyplot()) is None:
+        return
     with open(log_csv) as f:
         rows = list(csv.DictReader(f))
     epochs = [int(r["epoch"]) for r in rows]
@@ -30,6 +49,8 @@ def plot_curves(log_csv: Path, output: Path) -> None:
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], output: Path) -> None:
     """Rows are true classes, columns predictions; each row normalized to sum to 1."""
+    if (plt := _pyplot()) is None:
+        return
     rates = matrix / np.maximum(1, matrix.sum(axis=1, keepdims=True))
     size = max(5, 0.55 * len(class_names))
     fig, ax = plt.subplots(figsize=(size, size))
@@ -58,4 +79,4 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], output: Path) -> 
 def _save(fig, output: Path) -> None:
     with atomic_output(output) as f:
         fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
