@@ -110,7 +110,9 @@ class DecodePool:
 
     def close(self) -> None:
         while not self.idle.empty():
-            self.idle.get().kill()
+            decoder = self.idle.get()
+            decoder.kill()
+            decoder.process.wait()  # reaped: no zombie left behind
         self.threads.shutdown(wait=False, cancel_futures=True)
 
 

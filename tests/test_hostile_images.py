@@ -99,7 +99,15 @@ def pool():
 
 
 def decoder_pids(pool: DecodePool) -> set[int]:
-    return {child.pid for child in psutil.Process().children() if "serving.decoders" in " ".join(child.cmdline())}
+    """This process's live decoder processes (killed ones may linger as zombies until reaped)."""
+    pids = set()
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "serving.decoders" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:  # gone, or a zombie, between listing and asking
+            continue
+    return pids
 
 
 def test_a_decode_past_its_time_limit_is_stopped_and_its_process_replaced(pool):

@@ -5,6 +5,7 @@ export could hold), and one real `bentoml serve` over a store that holds a bad m
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import httpx
@@ -101,13 +102,33 @@ def test_a_bad_model_is_set_aside_with_its_reason_and_the_others_serve(tmp_path)
             models.get(requested)
 
 
+class EventRecorder(logging.Handler):
+    """The service's JSON log events (serving.logs.log_event), as the dicts they are made from."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append(record.msg)
+
+
 def test_a_failing_warm_up_sets_the_model_aside_instead_of_ending_the_warm_up(tmp_path):
     fixed = with_fixed_batch(tmp_path / "fixed.onnx")
     check_model(fixed)  # it agrees with its card: only batching shows the problem
     models = serve(("fixed", fixed), (DEFAULT_MODEL_NAME, DEFAULT_MODEL_FILE), max_batch_size=4)
-    models.warm_up()
+    events, logger = EventRecorder(), logging.getLogger("classic_cnns.serving")
+    level = logger.level
+    logger.addHandler(events)
+    logger.setLevel(logging.INFO)  # whether or not an earlier test configured the service's logging
+    try:
+        models.warm_up()
+    finally:
+        logger.removeHandler(events)
+        logger.setLevel(level)
     assert models.ready and [m.name for m in models.models] == [DEFAULT_MODEL_NAME]
-    assert models.models[0].batcher.inline_max >= 1  # warmed up after the failure
+    warmed = [event["model"] for event in events.events if event["event"] == "warmed_up"]
+    assert warmed == [models.models[0].tag]  # the model after the failed one was still warmed up
     [failed] = models.failed
     assert failed.tag == "fixed:v1" and failed.error.startswith("warm-up failed:") and "Expected: 1" in failed.error
     with pytest.raises(ModelUnavailable, match="the default model fixed:v1 is not served: warm-up failed"):
