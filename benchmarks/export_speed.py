@@ -34,8 +34,9 @@ import onnxruntime as ort
 import torch
 from report import write_section  # this script's folder is on sys.path
 
+from export.__main__ import calibration_sample
 from export.onnx_export import export_graph, serialize
-from export.quantize import calibration_sample, quantize_int8
+from export.quantize import quantize_int8
 from model_store import ModelCard
 from training.data import FashionMNIST, stack_items
 from training.models import build_model, default_size, list_models

@@ -11,10 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, export_graph, serialize, with_card
-from export.quantize import DEFAULT_CALIBRATION_IMAGES, SETTINGS, calibration_sample, quantize_int8
+from export.quantize import DEFAULT_CALIBRATION_IMAGES, SETTINGS, quantize_int8
 from model_store import ModelCard
 from model_store.files import atomic_output, file_sha256
 from training.checkpoint import load_model
@@ -122,6 +123,14 @@ def main(args: argparse.Namespace) -> ModelCard:
         f.write(serialize(with_card(proto, card)))
     print(f"ok: wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
     return card
+
+
+def calibration_sample(dataset, count: int, seed: int = 0) -> np.ndarray:
+    """uint8 inputs [N, C, H, W] of ``count`` items of ``dataset`` drawn at random with a fixed
+    seed: the first images of a folder's training split are all one class."""
+    if len(dataset) == 0:
+        raise ValueError("int8 calibration needs training images, and the run's training split is empty")
+    return stack_items(dataset, np.random.default_rng(seed).permutation(len(dataset))[:count])[0]
 
 
 def check_parity(parity: dict, precision: str) -> None:

@@ -1,4 +1,5 @@
-"""Post-training int8 quantization of an exported graph, calibrated on real training images.
+"""Post-training int8 quantization of an exported graph, calibrated on the images it is given
+(the export CLI samples them from the run's training split): arrays in, a graph out; no training code.
 
 The graph stays an ordinary ONNX model in QDQ form (QuantizeLinear / DequantizeLinear around each
 conv and linear layer), which ONNX Runtime's CPU provider fuses into integer kernels. The settings
@@ -24,8 +25,6 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-from training.data import stack_items
-
 CALIBRATION_BATCH = 32
 DEFAULT_CALIBRATION_IMAGES = 512
 # What quantize_int8 does, as the model card records it.
@@ -35,14 +34,6 @@ SETTINGS = {
     "weights": "int8 per channel, 7-bit range",
     "activations": "uint8 per tensor",
 }
-
-
-def calibration_sample(dataset, count: int, seed: int = 0) -> np.ndarray:
-    """uint8 inputs [N, C, H, W] of ``count`` items of ``dataset`` drawn at random with a fixed
-    seed: the first images of a folder's training split are all one class."""
-    if len(dataset) == 0:
-        raise ValueError("int8 calibration needs training images, and the run's training split is empty")
-    return stack_items(dataset, np.random.default_rng(seed).permutation(len(dataset))[:count])[0]
 
 
 class _Batches(CalibrationDataReader):
