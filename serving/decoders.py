@@ -174,7 +174,7 @@ def _pipe() -> tuple[int, int]:
     read, write = os.pipe()
     try:
         fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-    except OSError:  # a lower system maximum: smaller writes, same result
+    except (OSError, AttributeError):  # a lower system maximum, or not Linux: smaller writes, same result
         pass
     return write, read
 
@@ -202,18 +202,29 @@ def serve(requests: Connection, replies: Connection) -> None:
 
 
 def _limit_memory(max_decode_bytes: int) -> None:
-    """Cap the data segment (heap and private mappings, VmData) at its size now plus one decode."""
+    """Cap the data segment (heap and private mappings, VmData) at its size now plus one decode.
+
+    Linux only: elsewhere (a developer's Mac) the size now is unknown and the limit is left off;
+    the header estimate still refuses costly images.
+    """
+    if (now := _data_segment_bytes()) is None:
+        logger.warning("no /proc/self/status: decoder processes run without a hard memory limit")
+        return
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    limit = _data_segment_bytes() + max_decode_bytes
+    limit = now + max_decode_bytes
     resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
-def _data_segment_bytes() -> int:
+def _data_segment_bytes() -> int | None:
     """This process's data segment (VmData), which RLIMIT_DATA counts: heap and private mappings."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
         if line.startswith("VmData:"):
             return int(line.split()[1]) * 1024
-    return 0
+    return None
 
 
 if __name__ == "__main__":
