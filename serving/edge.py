@@ -47,6 +47,7 @@ from serving.errors import (
     http_status,
 )
 from serving.logs import log_event, log_request
+from serving.requests import body_too_large
 
 if TYPE_CHECKING:
     from serving.config import ServingConfig
@@ -143,7 +144,7 @@ class Edge:
         if not declared and b"transfer-encoding" not in headers and scope.get("http_version") == "1.0":
             raise LengthRequired("an HTTP/1.0 request needs a Content-Length header")
         if declared.isdigit() and int(declared) > config.max_body_bytes:
-            raise BodyTooLarge(f"request body exceeds the limit of {config.max_body_bytes:,} bytes")
+            raise body_too_large(config.max_body_bytes)
         loop = asyncio.get_running_loop()
         begin, chunks, seen = loop.time(), [], 0  # seen: bytes received and held in the budget
         try:
@@ -162,7 +163,7 @@ class Edge:
                     raise ClientGone("the client disconnected before its request body was read")
                 chunk = message.get("body", b"")
                 if seen + len(chunk) > config.max_body_bytes:
-                    raise BodyTooLarge(f"request body exceeds the limit of {config.max_body_bytes:,} bytes")
+                    raise body_too_large(config.max_body_bytes)
                 seen += len(chunk)
                 self.body_bytes += len(chunk)
                 if self.body_bytes > self.max_body_memory:

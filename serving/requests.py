@@ -60,7 +60,7 @@ def _check_body(request: Request, max_bytes: int) -> str:
     """Refuse what the headers already show is wrong; returns the media type."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
+        raise body_too_large(max_bytes)
     if declared == "0":
         raise RequestError("empty request body; " + HOW_TO)
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -120,11 +120,11 @@ async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
         async for chunk in request.stream():
             seen += len(chunk)
             if seen > max_bytes:
-                raise _too_large(max_bytes)
+                raise body_too_large(max_bytes)
             yield chunk
     except ClientDisconnect:
         raise ClientGone("the client disconnected before its request body was read") from None
 
 
-def _too_large(max_bytes: int) -> BodyTooLarge:
+def body_too_large(max_bytes: int) -> BodyTooLarge:
     return BodyTooLarge(f"request body exceeds the limit of {max_bytes:,} bytes")
