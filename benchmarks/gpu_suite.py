@@ -129,6 +129,19 @@ def run(command: list[str], limit_s: float, smoke: bool) -> tuple[subprocess.Com
     return result, time.perf_counter() - start
 
 
+def step(results: Results, name: str, model: str, command: list[str], limit_s: float, smoke: bool) -> float | None:
+    """Run one model's step; its seconds, or None once its failure is recorded as that row's result."""
+    try:
+        result, seconds = run(command, limit_s, smoke)
+    except subprocess.TimeoutExpired:
+        results.add(name, {"model": model, "error": f"not done within {limit_s:.0f} s"})
+        return None
+    if result.returncode != 0:
+        results.add(name, {"model": model, "error": last_line(result.stderr)})
+        return None
+    return seconds
+
+
 def last_line(text: str) -> str:
     return (text.strip().splitlines() or ["(no output)"])[-1]
 
@@ -140,12 +153,8 @@ def train(
     command = [sys.executable, "-m", "training", "train", "--model", model, "--size", str(size), *model_args]
     command += ["--data-dir", str(args.data_dir)] if args.data_dir and not smoke else []
     command += [*RECIPE, *(SMOKE if smoke else ["--epochs", str(epochs)]), "--output-dir", str(out)]
-    try:
-        result, seconds = run(command, limit_s, smoke)
-    except subprocess.TimeoutExpired:
-        return results.add("train", {"model": model, "error": f"not done within {limit_s:.0f} s"})
-    if result.returncode != 0:
-        return results.add("train", {"model": model, "error": last_line(result.stderr)})
+    if (seconds := step(results, "train", model, command, limit_s, smoke)) is None:
+        return
     log = list(csv.DictReader(open(out / "log.csv")))
     speeds = sorted(float(r["examples_per_s"]) for r in log)
     record = {
@@ -170,12 +179,8 @@ def export(results: Results, model: str, limit_s: float, smoke: bool):
     if not checkpoint.is_file():
         return results.add("export", {"model": model, "error": "no checkpoint: its training did not finish"})
     command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--output", str(onnx_path)]
-    try:
-        result, seconds = run(command, limit_s, smoke)
-    except subprocess.TimeoutExpired:
-        return results.add("export", {"model": model, "error": f"not done within {limit_s:.0f} s"})
-    if result.returncode != 0:
-        return results.add("export", {"model": model, "error": last_line(result.stderr)})
+    if (seconds := step(results, "export", model, command, limit_s, smoke)) is None:
+        return
     sys.path.insert(0, str(REPO))
     from model_store.store import read_onnx_card
 
