@@ -120,3 +120,14 @@ def test_batched_erasing_replaces_one_rectangle_of_2_to_33_percent_with_noise(im
         area = (height * width).item()
         # the changed pixels lie in one rectangle; noise may equal a pixel by chance, so bounds, not equality
         assert changed.any() and area <= 0.33 * 12 * 16 * 1.2, area  # 1.2: h and w are rounded up to whole pixels
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 not a zip", "truncate"])
+def test_a_damaged_cache_entry_is_made_again_not_the_end_of_the_run(fashion_test, tmp_path, damage):
+    split = Subset(FashionMNIST("test", CARD), range(50))
+    expected, _ = as_tensors(split, CARD, tmp_path)
+    (entry,) = tmp_path.iterdir()
+    entry.write_bytes(entry.read_bytes()[:1000] if damage == "truncate" else damage)
+    again, labels = as_tensors(split, CARD, tmp_path)
+    assert torch.equal(again, expected) and len(labels) == 50
+    assert torch.equal(as_tensors(split, CARD, tmp_path)[0], expected)  # and the entry was replaced

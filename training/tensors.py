@@ -61,10 +61,8 @@ def as_tensors(
         taken = [indices.start, indices.stop] if isinstance(indices, range) else list(map(int, indices))
         key = hashlib.sha256(json.dumps([identity(), taken, preprocessing], sort_keys=True).encode()).hexdigest()
         path = Path(cache_dir) / f"inputs-{key[:24]}.npz"
-        if path.is_file():
-            with np.load(path) as cached:
-                logger.info("inputs from the cache %s", path)
-                return torch.from_numpy(cached["inputs"]), torch.from_numpy(cached["labels"])
+        if (cached := _read_cache(path, (len(indices), card.in_channels, card.height, card.width))) is not None:
+            return cached
     inputs = np.empty((len(indices), card.in_channels, card.height, card.width), np.uint8)
     labels = np.empty(len(indices), np.int64)
     for row, index in enumerate(indices):
@@ -74,6 +72,26 @@ def as_tensors(
         with atomic_output(path) as f:
             np.savez(f, inputs=inputs, labels=labels)
         logger.info("inputs cached in %s", path)
+    return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+
+def _read_cache(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A cache entry, or None when there is none or it is unusable (damaged by hand or disk: it is
+    then made again and replaced, rather than ending the run)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as cached:
+            inputs, labels = cached["inputs"], cached["labels"]
+    except Exception as err:  # BadZipFile, ValueError, KeyError, EOFError...: whatever a damaged file raises
+        logger.warning("cache entry %s is unreadable (%s: %s); making the inputs again", path, type(err).__name__, err)
+        return None
+    if inputs.shape != shape or inputs.dtype != np.uint8 or labels.shape != shape[:1]:
+        logger.warning(
+            "cache entry %s holds %s %s, not uint8 %s; making the inputs again", path, inputs.dtype, inputs.shape, shape
+        )
+        return None
+    logger.info("inputs from the cache %s", path)
     return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
