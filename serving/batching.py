@@ -48,7 +48,8 @@ class MicroBatcher:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.infer, self.max_batch_size, self.max_wait_s, self.on_batch = infer, max_batch_size, max_wait_s, on_batch
         self.inline_max = inline_max
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future, float]] | None = None
+        self.closed = False
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future, float] | None] | None = None
         self._worker: asyncio.Task | None = None
 
     async def submit(self, item: np.ndarray) -> np.ndarray:
@@ -60,9 +61,18 @@ class MicroBatcher:
         self._queue.put_nowait((item, future, time.perf_counter()))  # unbounded: admission is bounded upstream
         return await future
 
+    def close(self) -> None:
+        """Stop once what is queued is answered (a model unloaded or replaced). A submit that
+        comes later is still answered: it starts a worker that stops again when the queue is empty."""
+        self.closed = True
+        if self._queue is not None:
+            self._queue.put_nowait(None)  # wakes an idle worker to see it is closed
+
     async def _run(self) -> None:
         assert self._queue is not None
         while True:
+            if self.closed and self._queue.empty():
+                return
             batch = [await self._queue.get()]
             if self.max_wait_s > 0:
                 deadline = time.perf_counter() + self.max_wait_s
@@ -73,7 +83,8 @@ class MicroBatcher:
                         break
             while len(batch) < self.max_batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            batch = [entry for entry in batch if not entry[1].cancelled()]  # clients that gave up
+            # None: close()'s wake-up call; a cancelled future: a client that gave up
+            batch = [entry for entry in batch if entry is not None and not entry[1].cancelled()]
             if not batch:
                 continue
             start = time.perf_counter()

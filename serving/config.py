@@ -61,6 +61,9 @@ class ServingConfig:
     )
     log_requests: bool = True  # one JSON log line per classify request
     tracing: bool = False  # OpenTelemetry spans for classify requests, through BentoML's request layer (exporter: BentoML's tracing config)
+    model_control: bool = (
+        False  # POST /v2/repository/...: load and unload models at run time (needs the token when one is set)
+    )
     workers: int = 1  # service processes, each with its own copy of the models and its own batches
 
     def __post_init__(self) -> None:
@@ -93,6 +96,9 @@ class ServingConfig:
                 f"SERVING_MAX_BODY_MEMORY_MB ({self.max_body_memory_mb}) must hold at least one body of "
                 f"SERVING_MAX_BODY_BYTES ({self.max_body_bytes:,} bytes)"
             )
+        if self.model_control and self.workers > 1:
+            # A load or unload reaches one worker: the others would go on serving the old set.
+            raise ValueError("SERVING_MODEL_CONTROL needs SERVING_WORKERS=1: a load or unload reaches only one worker")
         if self.auth_token and not all(33 <= ord(c) < 127 for c in self.auth_token):
             # RFC 6750's token characters: a blank or spaced token would never match a header
             raise ValueError("SERVING_AUTH_TOKEN must be printable ASCII without spaces")

@@ -31,15 +31,16 @@ import logging
 import time
 import traceback
 import uuid
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from starlette.requests import Request
 
-from serving import metrics
+from serving import metrics, v2
 from serving.errors import (
     BodyTooLarge,
     ClientGone,
     LengthRequired,
+    MethodNotAllowed,
     NotFound,
     Overloaded,
     SlowBody,
@@ -56,6 +57,10 @@ if TYPE_CHECKING:
 # Every route path of the service, defined once.
 CLASSIFY, CLASSIFY_BATCH, MODELS = "/classify", "/classify_batch", "/models"
 HOT_ROUTES = (CLASSIFY, CLASSIFY_BATCH)
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes (serving/v2.py), answered here
+V2_INFER = "/v2/models/{model}/infer"  # their infer route's label in metrics and logs: no client string in it
+V2_REPOSITORY = "/v2/repository"  # the label of model control's routes
+LOAD_TIMEOUT_S = 300  # a load checks and warms up a model at every batch size: seconds, not milliseconds
 # Open to anyone: probes, metrics, the OpenAPI document and its page. Nothing else is.
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/"})
 OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
@@ -66,7 +71,7 @@ BODY_GRACE_S = 2.0  # a body may start slowly (TCP slow start, a phone waking it
 
 
 def is_open(path: str) -> bool:
-    return path in OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and ".." not in path)
+    return path in OPEN_PATHS or path in v2.OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and ".." not in path)
 
 
 def is_route(path: str) -> bool:
@@ -91,41 +96,88 @@ class Edge:
         if self.token is not None and not is_open(path) and not self.authorized(scope["headers"]):
             error = Unauthorized("missing or wrong bearer token; send 'Authorization: Bearer <token>'")
             return await self.refuse(send, error, [(b"www-authenticate", b"Bearer")])
+        if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+            return await self.v2(scope, receive, send)
         if path not in HOT_ROUTES:
             if not is_route(path):
                 return await self.refuse(send, NotFound(f"no such path; the routes are {', '.join(sorted(ROUTES))}"))
             return await self.app(scope, receive, send)
         if scope["method"] != "POST":  # BentoML's answer: 405
             return await self.app(scope, receive, send)
+        await self.admit(scope, receive, send, path, self.classify)
+
+    async def admit(self, scope, receive, send, route: str, answer: Callable) -> None:
+        """Read the body, then admit the request or refuse it; ``answer(scope, body, receive, send)``
+        answers an admitted one. ``route`` labels the metrics and the log."""
         start = time.perf_counter()
         try:
             body = await self.read_body(scope, receive)
         except (SlowBody, LengthRequired, BodyTooLarge, ClientGone, Overloaded) as error:
             # The rest of the body is not wanted: close, rather than wait on the socket for it.
-            return await self.refuse(send, error, [(b"connection", b"close")], route=path, start=start)
+            return await self.refuse(send, error, [(b"connection", b"close")], route=route, start=start)
         try:
             if self.in_flight >= self.config.max_concurrency:
                 limit = self.config.max_concurrency
                 message = f"server busy: {limit} requests already in flight; retry after {RETRY_AFTER_S} s"
                 retry = [(b"retry-after", str(RETRY_AFTER_S).encode())]
-                return await self.refuse(send, Overloaded(message), retry, route=path, start=start)
-            await self.answer(scope, _replay(body, receive), send)
+                return await self.refuse(send, Overloaded(message), retry, route=route, start=start)
+            self.in_flight += 1
+            metrics.in_flight.inc()
+            try:
+                await answer(scope, body, receive, send)
+            finally:
+                self.in_flight -= 1
+                metrics.in_flight.dec()
         finally:
             self.body_bytes -= len(body)
 
-    async def answer(self, scope, receive, send) -> None:
-        self.in_flight += 1
-        metrics.in_flight.inc()
+    async def classify(self, scope, body: bytes, receive, send) -> None:
+        receive = _replay(body, receive)
+        if self.hot:
+            handlers = self.handlers()
+            route = scope["path"]
+            work = (handlers.classify if route == CLASSIFY else handlers.classify_batch)(Request(scope, receive))
+            status, answer = await respond(handlers, route, work)
+            await send_answer(send, status, answer)
+        else:  # BentoML's layer: tracing or CORS
+            await self.app(scope, receive, send)
+
+    async def v2(self, scope, receive, send) -> None:
+        """The Open Inference Protocol's routes (``serving.v2``): infer is admitted and answered
+        like classify; the others are small answers from the model set."""
         try:
-            if self.hot:
-                self._handlers = self._handlers or self._find_handlers()
-                status, body = await respond(self._handlers, scope["path"], Request(scope, receive))
-                await send_json(send, status, body)
-            else:  # BentoML's layer: tracing or CORS
-                await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-            metrics.in_flight.dec()
+            route = v2.route(scope["method"], scope["path"])
+        except (NotFound, MethodNotAllowed) as error:
+            return await self.refuse(send, error)
+        handlers = self.handlers()
+        if route.kind == "infer":
+
+            async def infer(scope, body: bytes, receive, send) -> None:
+                work = handlers.infer(route, body, dict(scope["headers"]))
+                status, answer = await respond(handlers, V2_INFER, work)
+                await send_answer(send, status, answer)
+
+            return await self.admit(scope, receive, send, V2_INFER, infer)
+        if route.kind in ("index", "load", "unload"):
+
+            async def change(scope, body: bytes, receive, send) -> None:
+                work = handlers.repository(route, body)
+                status, answer = await respond(handlers, V2_REPOSITORY, work, timeout_s=LOAD_TIMEOUT_S)
+                await send_answer(send, status, answer)
+
+            return await self.admit(scope, receive, send, V2_REPOSITORY, change)
+        try:
+            answer, status = handlers.v2_info(route), 200
+        except Exception as err:
+            status = http_status(err)[0]
+            if status == 500:
+                raise  # a bug of ours: the server logs its traceback and answers 500
+            answer = {"error": str(err)}
+        await send_json(send, status, answer)
+
+    def handlers(self) -> Handlers:
+        self._handlers = self._handlers or self._find_handlers()
+        return self._handlers
 
     def authorized(self, headers) -> bool:
         given = next((value for name, value in headers if name == b"authorization"), b"")
@@ -202,14 +254,17 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-async def respond(handlers: Handlers, route: str, request: Request) -> tuple[int, dict]:
-    """(status, JSON body) for one classify request: the handler's answer, or the error as the
-    table in ``serving.errors`` says; anything else is a 500 whose id leads to its logged traceback."""
+async def respond(
+    handlers: Handlers, route: str, work: Awaitable[dict | v2.Encoded], timeout_s: float | None = None
+) -> tuple[int, dict | v2.Encoded]:
+    """(status, answer) for one inference request, ``work`` being its handler's call: the answer,
+    or the error as the table in ``serving.errors`` says; anything else is a 500 whose id leads to
+    its logged traceback. ``route`` labels the metrics and the log line."""
     config = handlers.config
     start = time.perf_counter()
     try:
-        async with asyncio.timeout(config.timeout_s):
-            body = await (handlers.classify if route == CLASSIFY else handlers.classify_batch)(request)
+        async with asyncio.timeout(timeout_s or config.timeout_s):
+            body = await work
         status = 200
     except Exception as err:
         status, reason = http_status(err)
@@ -217,6 +272,8 @@ async def respond(handlers: Handlers, route: str, request: Request) -> tuple[int
         if isinstance(err, TimeoutError):
             body = {
                 "error": f"not answered within {config.timeout_s:g} s (SERVING_TIMEOUT_S); the server is overloaded, retry later"
+                if timeout_s is None
+                else f"not answered within {timeout_s:g} s"
             }
         elif status == 500:
             error_id = uuid.uuid4().hex[:16]
@@ -235,7 +292,8 @@ async def respond(handlers: Handlers, route: str, request: Request) -> tuple[int
     metrics.requests.labels(route=route, status=str(status)).inc()
     metrics.request_seconds.labels(route=route).observe(seconds)
     if config.log_requests or status >= 500:
-        model = handlers.models.find(body.get("model"))
+        encoded = isinstance(body, v2.Encoded)
+        model = handlers.models.find(body.model if encoded else body.get("model"))
         log_request(
             logging.INFO if status < 500 else logging.WARNING,
             route=route,
@@ -243,10 +301,18 @@ async def respond(handlers: Handlers, route: str, request: Request) -> tuple[int
             ms=round(seconds * 1000, 2),
             model=model.tag if model else None,
             provider=model.engine.provider if model else None,
-            images=len(body.get("results", ())) or 1,
-            **({"error": body["error"]} if "error" in body else {}),
+            images=body.images if encoded else len(body.get("results", ())) or 1,
+            **({"error": body["error"]} if not encoded and "error" in body else {}),
         )
     return status, body
+
+
+async def send_answer(send, status: int, answer: dict | v2.Encoded) -> None:
+    if not isinstance(answer, v2.Encoded):
+        return await send_json(send, status, answer)
+    headers = [*answer.headers, (b"content-length", str(len(answer.data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.data})
 
 
 async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:

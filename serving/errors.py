@@ -38,6 +38,10 @@ class NotFound(LookupError):
     """No route at this path."""
 
 
+class MethodNotAllowed(RequestError):
+    """A route that exists, asked with a method it does not take."""
+
+
 class LengthRequired(RequestError):
     """An HTTP/1.0 body without Content-Length: its end cannot be known before the client hangs up."""
 
@@ -50,6 +54,10 @@ class Unauthorized(PermissionError):
     """No bearer token, or the wrong one, on a path that needs it."""
 
 
+class Forbidden(PermissionError):
+    """A route the configuration turned off (model control)."""
+
+
 class Overloaded(RuntimeError):
     """More requests are in flight than the service admits; retry shortly, or elsewhere."""
 
@@ -58,8 +66,10 @@ class Overloaded(RuntimeError):
 # subclass comes before its base. TimeoutError is raised by the request's own deadline.
 HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (Unauthorized, 401, "unauthorized"),
+    (Forbidden, 403, "forbidden"),
     (UnknownModel, 404, "unknown_model"),
     (NotFound, 404, "not_found"),
+    (MethodNotAllowed, 405, "method_not_allowed"),
     (SlowBody, 408, "slow_body"),
     (LengthRequired, 411, "length_required"),
     (BodyTooLarge, 413, "too_large"),

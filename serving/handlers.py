@@ -11,10 +11,11 @@ import numpy as np
 from starlette.requests import Request
 
 from model_store import ImageError, load_image, open_image, to_input
-from serving import metrics
+from serving import metrics, v2
 from serving.config import ServingConfig
 from serving.decoders import DecodePool
 from serving.engine import top_k
+from serving.errors import Forbidden, ModelUnavailable
 from serving.model_set import ModelSet, ServedModel
 from serving.requests import Upload, parse_top_k, read_batch_request, read_classify_request
 
@@ -29,6 +30,7 @@ INLINE_MAX_PIXELS = 128 * 128
 class Handlers:
     def __init__(self, models: ModelSet, config: ServingConfig):
         self.models, self.config = models, config
+        self.changing = asyncio.Lock()
         # Larger images are decoded and resized in these processes, in parallel, off the event loop
         # and the inference thread, each under a time and memory limit.
         self.max_decode_bytes = config.max_decode_mb * 2**20
@@ -59,6 +61,64 @@ class Handlers:
         results = await asyncio.gather(*(one(upload) for upload in parsed.images))
         return {"model": model.name, "version": model.version, "results": results}
 
+    async def infer(self, route: v2.Route, body: bytes, headers: dict[bytes, bytes]) -> v2.Encoded:
+        """``POST /v2/models/{m}/infer``: pixels go straight to the batcher; encoded images are
+        decoded as ``/classify`` decodes them. Every image of a request joins the same batches."""
+        model = self.models.get(route.tag)
+        card = model.engine.card
+        request = v2.parse_infer(body, headers, card, self.config.max_batch_images)
+        if request.images is not None:
+            inputs = await _all(self.decode_nth(i, data, model) for i, data in enumerate(request.images))
+        else:
+            inputs = request.pixels
+        probabilities = np.stack(await _all(model.batcher.submit(pixels) for pixels in inputs))
+        return v2.encode_infer(request, probabilities, model.name, model.version, card.class_names)
+
+    async def repository(self, route: v2.Route, body: bytes) -> dict:
+        """Triton's model-repository extension: the index, load (checked and warmed up before it
+        takes traffic), unload (requests in flight finish). Off unless ``SERVING_MODEL_CONTROL``."""
+        if not self.config.model_control:
+            raise Forbidden("model control is off; start the service with SERVING_MODEL_CONTROL=true to use it")
+        options = v2.repository_options(body)
+        if route.kind == "index":
+            return {"models": self.models.index(ready_only=options.get("ready") is True)}
+        async with self.changing:  # one load or unload at a time; requests go on meanwhile
+            if route.kind == "load":
+                model = await asyncio.to_thread(self.models.prepare, route.model)
+                old = self.models.install(model)
+                return {"name": model.name, "version": model.version, "replaced": old.tag if old else None}
+            return {"unloaded": self.models.unload(route.model)}
+
+    async def decode_nth(self, index: int, data: bytes, model: ServedModel) -> np.ndarray:
+        try:
+            return await self.decode(Upload(f"image[{index}]", data), model)
+        except ImageError as err:  # v2 answers a request whole: say which of its images failed
+            raise ImageError(f"image {index}: {err}") from None
+
+    def v2_info(self, route: v2.Route) -> dict:
+        """The v2 GET routes: server and model metadata, Triton's model config, and readiness
+        (which answers 503 through :class:`ModelUnavailable` when not ready)."""
+        if route.kind == "server":
+            extensions = ["classification", "binary_tensor_data", "model_configuration"]
+            if self.config.model_control:
+                extensions.append("model_repository")
+            return {"name": v2.SERVER_NAME, "version": v2.SERVER_VERSION, "extensions": extensions}
+        if route.kind == "live":
+            return {"live": True}
+        if route.kind == "ready":
+            if not self.models.ready:
+                raise ModelUnavailable("not ready: the models are still warming up")
+            return {"ready": True}
+        model = self.models.get(route.tag)
+        card = model.engine.card
+        if route.kind == "model_ready":
+            if not self.models.ready:
+                raise ModelUnavailable(f"model {model.tag} is still warming up")
+            return {"name": model.name, "ready": True}
+        if route.kind == "config":
+            return v2.model_config(model.name, card, self.config.max_batch_images, model.engine.provider)
+        return v2.model_metadata(model.name, model.version, card)
+
     async def decode(self, upload: Upload, model: ServedModel) -> np.ndarray:
         start = time.perf_counter()
         card, max_pixels = model.engine.card, self.config.max_pixels
@@ -73,3 +133,13 @@ class Handlers:
             pixels = await self.decoders.decode(upload.data, card)
         metrics.decode_seconds.observe(time.perf_counter() - start)
         return pixels
+
+
+async def _all(awaitables) -> list:
+    """Await all; the first error, in order, is raised once every one has ended, so none is left
+    running unwatched."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results

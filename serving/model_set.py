@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import bentoml
 
 from model_store.store import MODEL_FILE, card_of, check_model, open_model
 from serving import metrics
 from serving.batching import MicroBatcher
 from serving.config import ServingConfig
 from serving.engine import OnnxClassifier
-from serving.errors import ModelUnavailable, UnknownModel
+from serving.errors import ModelUnavailable, RequestError, UnknownModel
 from serving.logs import log_event
 
 # A requested name is echoed in the 404 and its log line only this far: it comes from the client.
@@ -85,19 +88,24 @@ class ModelSet:
                 f"SERVING_MODELS names {', '.join(map(repr, twice))} twice; serve one version of each model"
             )
         self.config = config
-        self.default_name, self.default_tag = files[0][0], f"{files[0][0]}:{files[0][1]}"
+        self.default_name, self._default_tag = files[0][0], f"{files[0][0]}:{files[0][1]}"
         self.models: list[ServedModel] = []
         self.failed: list[FailedModel] = []
         for name, version, path in files:
             try:
-                check_model(path)  # the graph agrees with its card: classes, input shape and type, a test run
-                engine = OnnxClassifier(path, config.device, config.engine_threads)
+                self.models.append(self._open(name, version, path))
             except Exception as err:
                 self.fail(name, version, _reason(err))
-                continue
-            batcher = MicroBatcher(engine.predict, config.max_batch_size, config.batch_wait_ms / 1000, _observer(name))
-            self.models.append(ServedModel(name, version, engine, batcher))
         self.ready = False
+        # One change of the set at a time: start-up's warm-up, a load.
+        self._changing = threading.Lock()
+
+    def _open(self, name: str, version: str, path: Path) -> ServedModel:
+        check_model(path)  # the graph agrees with its card: classes, input shape and type, a test run
+        engine = OnnxClassifier(path, self.config.device, self.config.engine_threads)
+        wait_s = self.config.batch_wait_ms / 1000
+        batcher = MicroBatcher(engine.predict, self.config.max_batch_size, wait_s, _observer(name))
+        return ServedModel(name, version, engine, batcher)
 
     @classmethod
     def from_store(cls, config: ServingConfig) -> ModelSet:
@@ -109,14 +117,9 @@ class ModelSet:
             if model is None:
                 continue  # failed already, with its reason
             try:
-                differs = card_of(entry) != model.engine.card
+                _check_store_card(entry, model)
             except ValueError as err:
-                models.fail(model.name, model.version, f"the card in the model store is invalid: {err}")
-                continue
-            if differs:
-                models.fail(
-                    model.name, model.version, "the card in the model store differs from the one in its ONNX file"
-                )
+                models.fail(model.name, model.version, str(err))
         return models
 
     @property
@@ -142,6 +145,13 @@ class ModelSet:
         shown = requested if len(requested) <= ECHO_MAX_CHARS else requested[:ECHO_MAX_CHARS] + "…"
         raise UnknownModel(f"unknown model {shown!r}; this service has {choices}")
 
+    @property
+    def default_tag(self) -> str:
+        """The default model's tag: the version now served under the default name (a load may
+        have replaced the one configured)."""
+        model = self.default
+        return model.tag if model else self._default_tag
+
     def find(self, name: str | None) -> ServedModel | None:
         return next((m for m in self.models if m.name == name), None)
 
@@ -155,20 +165,21 @@ class ModelSet:
         """Run every batch size, then let each batcher run on the event loop the batch sizes that
         take less than a thread hop costs (:data:`INLINE_BUDGET_S`, best of ten runs). A model whose
         warm-up fails is set aside; the set is ready when at least one model warmed up."""
-        sizes = sorted(
-            {min(2**i, self.config.max_batch_size) for i in range(self.config.max_batch_size.bit_length() + 1)}
-        )
-        for model in list(self.models):
-            try:
-                self._warm_up(model, sizes)
-            except Exception as err:
-                self.fail(model.name, model.version, f"warm-up failed: {_reason(err)}")
+        with self._changing:
+            for model in list(self.models):
+                try:
+                    self._warm_up(model)
+                except Exception as err:
+                    self.fail(model.name, model.version, f"warm-up failed: {_reason(err)}")
         # What is alive now (modules, graphs, BentoML's app) lives as long as the process: the
         # collector need never scan it again, which keeps its full collections short under load.
         gc.freeze()
         self.ready = bool(self.models)
 
-    def _warm_up(self, model: ServedModel, sizes: list[int]) -> None:
+    def _warm_up(self, model: ServedModel) -> None:
+        sizes = sorted(
+            {min(2**i, self.config.max_batch_size) for i in range(self.config.max_batch_size.bit_length() + 1)}
+        )
         seconds = model.engine.warm_up(sizes)  # the first run of each shape selects kernels, allocates
         for size in sizes:
             if min(model.engine.warm_up([size])[size] for _ in range(10)) > INLINE_BUDGET_S:
@@ -183,12 +194,89 @@ class ModelSet:
             inline_max=model.batcher.inline_max,
         )
 
+    def prepare(self, requested: str) -> ServedModel:
+        """A model of the store (``name``, ``name:version``, ``name:latest``), checked, loaded and
+        warmed up at every batch size, not yet serving: :meth:`install` switches traffic to it.
+        Blocking (seconds for a large model): run it on a thread."""
+        try:
+            entry = open_model(requested)
+        except LookupError as err:
+            raise UnknownModel(str(err)) from None
+        except Exception as err:  # a tag BentoML refuses: its message names the rule
+            raise RequestError(f"not a model tag: {_reason(err)}") from None
+        with self._changing:
+            try:
+                model = self._open(entry.tag.name, entry.tag.version, Path(entry.path_of(MODEL_FILE)))
+                _check_store_card(entry, model)
+                self._warm_up(model)
+            except Exception as err:
+                raise RequestError(f"model {entry.tag} cannot be served: {_reason(err)}") from None
+        return model
+
+    def install(self, model: ServedModel) -> ServedModel | None:
+        """Serve ``model`` in place of the version of its name now served, if any, which is
+        returned. Every request from then on gets the new one, in one step (the list is replaced,
+        never changed in place); requests already holding the old one finish on it. Call on the
+        event loop: it closes the old batcher."""
+        old = self.find(model.name)
+        self.models = [model if m is old else m for m in self.models] if old else [*self.models, model]
+        self.failed = [f for f in self.failed if f.name != model.name]
+        if old is not None:
+            old.batcher.close()
+        self.ready = self.ready or bool(self.models)
+        log_event("model_loaded", model=model.tag, replaced=old.tag if old else None, provider=model.engine.provider)
+        return old
+
+    def unload(self, name: str) -> str:
+        """Stop serving ``name`` (its requests in flight finish); returns the tag unloaded. The
+        default model stays: requests without a model name need it."""
+        if name == self.default_name:
+            raise RequestError(
+                f"{name} is the default model and cannot be unloaded; load another version of it to replace it"
+            )
+        model = self.find(name)
+        failed = [f for f in self.failed if f.name == name]
+        if model is None and not failed:
+            shown = name if len(name) <= ECHO_MAX_CHARS else name[:ECHO_MAX_CHARS] + "…"
+            raise UnknownModel(f"model {shown!r} is not loaded")
+        self.models = [m for m in self.models if m is not model]
+        self.failed = [f for f in self.failed if f.name != name]
+        if model is not None:
+            model.batcher.close()
+        tag = model.tag if model else failed[0].tag
+        log_event("model_unloaded", model=tag)
+        return tag
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """The repository index of Triton's model-repository extension: every model of the store
+        with its state, READY or UNAVAILABLE with the reason."""
+        served = {m.name: m for m in self.models}
+        failed = {f.name: f for f in self.failed}
+        entries = []
+        for stored in sorted(bentoml.models.list(), key=lambda m: (m.tag.name, m.creation_time)):
+            name, version = stored.tag.name, stored.tag.version
+            if (model := served.get(name)) and model.version == version:
+                entries.append({"name": name, "version": version, "state": "READY", "reason": ""})
+            elif not ready_only:
+                reason = failed[name].error if name in failed and failed[name].version == version else "not loaded"
+                entries.append({"name": name, "version": version, "state": "UNAVAILABLE", "reason": reason})
+        return entries
+
     def describe(self) -> dict:
         return {
             "default": self.default_tag,
             "models": [m.describe(m.name == self.default_name) for m in self.models],
             "failed": [f.describe() for f in self.failed],
         }
+
+
+def _check_store_card(entry, model: ServedModel) -> None:
+    try:
+        differs = card_of(entry) != model.engine.card
+    except ValueError as err:
+        raise ValueError(f"the card in the model store is invalid: {err}") from None
+    if differs:
+        raise ValueError("the card in the model store differs from the one in its ONNX file")
 
 
 def _reason(error: Exception) -> str:

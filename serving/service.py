@@ -67,14 +67,16 @@ class Classifier:
     async def classify(self, ctx: bentoml.Context) -> dict:
         """Classify one image: multipart field `image`, or the image as the raw body with an image/* type.
         Optional `top_k` (default 3) and `model` (default: the service's default), as form fields or query parameters."""
-        ctx.response.status_code, body = await respond(self.handlers, CLASSIFY, ctx.request)
+        ctx.response.status_code, body = await respond(self.handlers, CLASSIFY, self.handlers.classify(ctx.request))
         return body
 
     @bentoml.api(route=CLASSIFY_BATCH, input_spec=ClassifyBatchForm, output_spec=ClassifyBatchOutput)
     async def classify_batch(self, ctx: bentoml.Context) -> dict:
         """Classify several images (repeated multipart field `images`), answered in order; a bad image gets
         its own `error` and the others are still classified."""
-        ctx.response.status_code, body = await respond(self.handlers, CLASSIFY_BATCH, ctx.request)
+        ctx.response.status_code, body = await respond(
+            self.handlers, CLASSIFY_BATCH, self.handlers.classify_batch(ctx.request)
+        )
         return body
 
     @models_app.get(MODELS, response_model=ModelsAnswer)
