@@ -74,14 +74,14 @@ class Handlers:
         probabilities = np.stack(await _all(model.batcher.submit(pixels) for pixels in inputs))
         return v2.encode_infer(request, probabilities, model.name, model.version, card.class_names)
 
-    async def repository(self, route: v2.Route, body: bytes) -> dict:
+    async def repository(self, route: v2.Route, body: bytes) -> dict | v2.Encoded:
         """Triton's model-repository extension: the index, load (checked and warmed up before it
         takes traffic), unload (requests in flight finish). Off unless ``SERVING_MODEL_CONTROL``."""
         if not self.config.model_control:
             raise Forbidden("model control is off; start the service with SERVING_MODEL_CONTROL=true to use it")
         options = v2.repository_options(body)
         if route.kind == "index":
-            return {"models": self.models.index(ready_only=options.get("ready") is True)}
+            return v2.json_answer(self.models.index(ready_only=options.get("ready") is True))
         async with self.changing:  # one load or unload at a time; requests go on meanwhile
             if route.kind == "load":
                 model = await asyncio.to_thread(self.models.prepare, route.model)

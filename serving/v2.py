@@ -426,6 +426,11 @@ def encode_infer(request: InferRequest, probabilities: np.ndarray, name: str, ve
     return Encoded(b"".join([header, *blobs]), headers, name, len(probabilities))
 
 
+def json_answer(value: list) -> Encoded:
+    """A JSON answer that is not an object (the repository index is an array), for the edge to send."""
+    return Encoded(json.dumps(value).encode(), [(b"content-type", b"application/json")], "", 0)
+
+
 def classification(probabilities: np.ndarray, class_names, k: int) -> list[list[str]]:
     """Triton's classification extension: each row's top ``k`` as ``"score:index:label"``, best
     first, ranked by the same ``top_k`` that answers ``/classify``."""
