@@ -6,6 +6,7 @@ and answer 500 for bytes that are not an image. Parsing here keeps every client 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -90,11 +91,26 @@ async def _read_form(request: Request, field: str, max_files: int, max_bytes: in
         part = next((part for part in parts if part.name == name), None)
         if part is not None and part.filename is not None:
             raise RequestError(f"field {name!r} must be a text value, not a file")
-        options[name] = (
-            part.data.decode("utf-8", errors="replace") if part is not None else request.query_params.get(name)
-        )
+        options[name] = form_value(part.data) if part is not None else request.query_params.get(name)
     uploads = [Upload(part.filename or f"{field}[{i}]", part.data) for i, part in enumerate(files)]
     return ClassifyRequest(uploads, options["top_k"], options["model"] or None)
+
+
+def form_value(data: bytes) -> str | None:
+    """A text field's value. BentoML's HTTP clients send every argument that is not a file
+    JSON-encoded: ``model="a"`` as ``"a"`` (quotes included), ``top_k=5`` as ``5``, ``None`` as
+    ``null``. A JSON string is unwrapped and ``null`` is no value; anything else is taken as it is."""
+    text = data.decode("utf-8", errors="replace")
+    if text == "null":
+        return None
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            value = json.loads(text)  # starts and ends with a quote: a string, or not JSON at all
+            value.encode("utf-8")  # a lone surrogate ("\\ud800") is no text: keep the raw value
+            return value
+        except ValueError:  # UnicodeEncodeError included
+            pass
+    return text
 
 
 def parse_top_k(value: str | None, num_classes: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from bentoml import IODescriptor
+from bentoml._internal.service.openapi.specification import Schema  # what openapi_components returns
 from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -107,20 +108,46 @@ class ClassifyBatchOutput(_JsonAnswer):
 
 class _UnreadBody(IODescriptor):
     """A BentoML input spec that leaves the body unread for :func:`read_classify_request` and
-    :func:`read_batch_request`; its schema documents the multipart form in the OpenAPI document."""
+    :func:`read_batch_request`; its schema documents the multipart form.
+
+    BentoML reads the schema in two modes, and a file field differs between them, as it does for
+    BentoML's own ``File`` and ``Image`` types (``_bentoml_sdk/validators.py``): the OpenAPI
+    document asks for ``mode="serialization"`` and gets the standard ``type: string, format:
+    binary``; ``/schema.json`` asks for the default ``mode="validation"`` and gets BentoML's
+    ``type: file``, by which BentoML's HTTP clients know to upload that argument as a multipart
+    file rather than put it in a JSON body."""
 
     media_type: ClassVar[str] = "multipart/form-data"
-    form_schema: ClassVar[dict] = {}
+    required: ClassVar[list[str]] = []
+
+    @classmethod
+    def properties(cls, file: dict) -> dict[str, dict]:
+        """The form's fields, given the schema of one image file."""
+        raise NotImplementedError
 
     @classmethod
     async def from_http_request(cls, request: Request, serde) -> _UnreadBody:
         return cls()
 
     @classmethod
-    def model_json_schema(cls, *args, **kwargs) -> dict:
-        return cls.form_schema
+    def model_json_schema(cls, *args, mode: str = "validation", **kwargs) -> dict:
+        file = {**(_BENTOML_FILE if mode == "validation" else _OPENAPI_FILE), "description": _IMAGE_FORMATS}
+        return {
+            "title": cls.__name__,
+            "type": "object",
+            "required": [*cls.required],
+            "properties": cls.properties(file),
+        }
+
+    @classmethod
+    def openapi_components(cls, name: str) -> dict[str, Schema]:
+        # BentoML builds the components in validation mode; the OpenAPI document keeps standard types.
+        return {cls.__name__: Schema(**cls.model_json_schema(mode="serialization"))}
 
 
+_BENTOML_FILE = {"type": "file", "format": "image"}
+_OPENAPI_FILE = {"type": "string", "format": "binary"}
+_IMAGE_FORMATS = "an image: PNG, JPEG, BMP, GIF, TIFF or WEBP"
 _OPTIONS = {
     "top_k": {
         "type": "integer",
@@ -133,25 +160,20 @@ _OPTIONS = {
         "description": "a model name or name:version from GET /models (default: the service's default model)",
     },
 }
-_FILE = {"type": "string", "format": "binary", "description": "an image: PNG, JPEG, BMP, GIF, TIFF or WEBP"}
 
 
 class ClassifyForm(_UnreadBody):
-    form_schema: ClassVar[dict] = {
-        "title": "ClassifyForm",
-        "type": "object",
-        "required": [IMAGE_FIELD],
-        "properties": {IMAGE_FIELD: _FILE, **_OPTIONS},
-    }
+    required: ClassVar[list[str]] = [IMAGE_FIELD]
+
+    @classmethod
+    def properties(cls, file: dict) -> dict[str, dict]:
+        return {IMAGE_FIELD: file, **_OPTIONS}
 
 
 class ClassifyBatchForm(_UnreadBody):
-    form_schema: ClassVar[dict] = {
-        "title": "ClassifyBatchForm",
-        "type": "object",
-        "required": [IMAGES_FIELD],
-        "properties": {
-            IMAGES_FIELD: {"type": "array", "items": _FILE, "description": "the images, answered in this order"},
-            **_OPTIONS,
-        },
-    }
+    required: ClassVar[list[str]] = [IMAGES_FIELD]
+
+    @classmethod
+    def properties(cls, file: dict) -> dict[str, dict]:
+        images = {"type": "array", "items": file, "description": "the images, answered in this order"}
+        return {IMAGES_FIELD: images, **_OPTIONS}
