@@ -56,8 +56,11 @@ if TYPE_CHECKING:
 # Every route path of the service, defined once.
 CLASSIFY, CLASSIFY_BATCH, MODELS = "/classify", "/classify_batch", "/models"
 HOT_ROUTES = (CLASSIFY, CLASSIFY_BATCH)
-# Open to anyone: probes, metrics, the OpenAPI document and its page. Nothing else is.
-OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/"})
+UI = "/ui"  # the browser page, serving/ui.html
+# Open to anyone: probes, metrics, the OpenAPI document and its page, and the browser page: a
+# browser's navigation cannot send a bearer header, and the page holds no data (the API calls it
+# makes still need the token). Nothing else is.
+OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/", UI})
 OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
 # Every path the service answers: its own routes, BentoML's schema, and the open ones.
 ROUTES = OPEN_PATHS | {CLASSIFY, CLASSIFY_BATCH, MODELS, "/schema.json"}
