@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test data default-model gpu-suite clean
+.PHONY: serve test data browser default-model gpu-suite clean
 
 serve: $(VENV)/.serving
 	$(BIN)/python -m model_store register-default
 	$(BIN)/bentoml serve --port $(PORT)
 
-test: $(VENV)/.full data
+test: $(VENV)/.full data browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -45,6 +45,14 @@ data:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else echo "note: $(FASHION_MNIST) is missing; run 'sudo apt-get install dataset-fashion-mnist'"; fi
+
+# Headless Chromium and its driver for tests/test_ui_browser.py (the /ui page in a real browser), the
+# same way; Debian's pair matches, so Selenium never downloads a driver.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: /usr/bin/chromium or /usr/bin/chromedriver is missing; run 'sudo apt-get install chromium chromium-driver'"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

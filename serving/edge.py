@@ -61,8 +61,11 @@ V2_PREFIX = "/v2"  # the Open Inference Protocol's routes (serving/v2.py), answe
 V2_INFER = "/v2/models/{model}/infer"  # their infer route's label in metrics and logs: no client string in it
 V2_REPOSITORY = "/v2/repository"  # the label of model control's routes
 LOAD_TIMEOUT_S = 300  # a load checks and warms up a model at every batch size: seconds, not milliseconds
-# Open to anyone: probes, metrics, the OpenAPI document and its page. Nothing else is.
-OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/"})
+UI = "/ui"  # the browser page, serving/ui.html
+# Open to anyone: probes, metrics, the OpenAPI document and its page, and the browser page: a
+# browser's navigation cannot send a bearer header, and the page holds no data (the API calls it
+# makes still need the token). Nothing else is; v2's own probes are in serving.v2.OPEN_PATHS.
+OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/", UI})
 OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
 # Every path the service answers: its own routes, BentoML's schema, and the open ones.
 ROUTES = OPEN_PATHS | {CLASSIFY, CLASSIFY_BATCH, MODELS, "/schema.json"}

@@ -3,6 +3,7 @@
     POST /classify         one image -> its class, probability and top-k
     POST /classify_batch   several images -> one answer each, in order
     GET  /models           the models served, their cards, the default
+    GET  /ui               a page for people: pick an image and a model, see the top-k and the card
 
 Every request passes ``serving.edge`` first (auth, admission), which also answers the classify
 routes itself; the ``@bentoml.api`` methods below declare them for the OpenAPI document and
@@ -18,11 +19,12 @@ import threading
 
 import bentoml
 from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
 
 with bentoml.importing():
-    from serving import metrics
+    from serving import metrics, ui
     from serving.config import ServingConfig
-    from serving.edge import CLASSIFY, CLASSIFY_BATCH, MODELS, respond
+    from serving.edge import CLASSIFY, CLASSIFY_BATCH, MODELS, UI, respond
     from serving.handlers import Handlers
     from serving.logs import log_event
     from serving.model_set import ModelSet
@@ -32,6 +34,13 @@ with bentoml.importing():
 CONFIG = ServingConfig.from_env()  # a bad setting stops the service here, naming the variable
 # GET routes (BentoML's own APIs are POST-only); FastAPI's own docs pages off: BentoML serves the docs
 models_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+
+# Out of the OpenAPI document, which describes the JSON API; the page is for people.
+@models_app.get(UI, response_class=HTMLResponse, include_in_schema=False)
+def ui_page() -> HTMLResponse:
+    """The browser page (serving/ui.html), served with a strict Content-Security-Policy."""
+    return ui.page()
 
 
 class Classifier:

@@ -46,6 +46,7 @@ def test_bento_is_torch_free_and_packages_every_served_model(
     assert {r["route"] for r in info["schema"]["routes"]} == {"/classify", "/classify_batch"}
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*.py")}
     assert "serving/service.py" in sources and "model_store/preprocess.py" in sources
+    assert (bento / "src/serving/ui.html").is_file()  # GET /ui reads it at start
     assert not [s for s in sources if s.startswith(("training/", "export/", "tests/"))]
 
 

@@ -1,0 +1,177 @@
+"""GET /ui in a real browser: headless Chromium driven by Selenium against a real `bentoml serve`.
+
+Debian's chromium and chromedriver (`make browser`) are used by their paths, so Selenium never looks
+for a driver on the network. Missing, they fail the test under CI and skip it only on a dev box.
+``UI_SCREENSHOT=docs/ui.png`` makes the first test write the README's screenshot there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, bentoml_serve, png_bytes
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+TOKEN = "ui-test-token"
+WAIT_S = 30
+
+
+# Session scope and first in each test's arguments: a box without a browser skips before the server starts.
+@pytest.fixture(scope="session")
+def browser():
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("the selenium package (the test extra)")
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have a browser to test /ui: missing {', '.join(missing)}")
+        pytest.skip(f"no browser to test /ui: missing {', '.join(missing)} (make browser)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,760"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, CSP violations among them
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S).until(lambda d: condition(d), message=f"{what} within {WAIT_S} s")
+
+
+def text(driver, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id).text  # "" while hidden
+
+
+def upload(driver, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "image").send_keys(str(path))
+
+
+def open_page(driver, url: str) -> None:
+    driver.get(f"{url}/ui")
+    wait_for(driver, lambda d: d.execute_script("return document.readyState") == "complete", "the page loaded")
+
+
+def classify(url: str, path: Path, headers: dict | None = None, **form) -> httpx.Response:
+    files = {"image": (path.name, path.read_bytes(), "application/octet-stream")}
+    return httpx.post(f"{url}/classify", files=files, data=form, headers=headers, timeout=30)
+
+
+def test_the_page_shows_what_the_api_answers_for_a_real_image(browser, server, fashion_test, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    page = httpx.get(f"{server}/ui")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "img-src 'self' blob: data:" in policy and "unsafe" not in policy
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["cache-control"] == "no-cache"
+    listed = httpx.get(f"{server}/models").json()
+
+    images, _ = fashion_test
+    shoe = tmp_path / "sneaker.png"  # test image 12, a sneaker the default model is unsure of: three bars to see
+    shoe.write_bytes(png_bytes(images[12]))
+    expected = classify(server, shoe).json()
+
+    browser.get_log("browser")  # drop what earlier pages logged
+    open_page(browser, server)
+    models = Select(browser.find_element(By.ID, "model"))
+    wait_for(browser, lambda d: len(models.options) == len(listed["models"]), "every model listed")
+    assert models.first_selected_option.get_attribute("value") == listed["default"]
+    card = text(browser, "card-fields")
+    accuracy = next(m for m in listed["models"] if m["default"])["card"]["metrics"]["test_acc"]
+    assert f"test accuracy\n{100 * accuracy:.2f} %" in card and "28 × 28 px" in card and "1 (grayscale)" in card
+    assert "precision\nfloat32" in card and "Ankle boot" in card
+
+    upload(browser, shoe)
+    wait_for(browser, lambda d: text(d, "label"), "a prediction")
+    assert text(browser, "label") == expected["label"]
+    bars = [bar.text.split("\n") for bar in browser.find_elements(By.CSS_SELECTOR, "#bars .bar")]
+    assert [name for name, _ in bars] == [ranked["label"] for ranked in expected["top_k"]]
+    assert bars[0][1] == f"{100 * expected['probability']:.1f} %"
+    assert browser.find_element(By.ID, "preview").is_displayed()
+    screenshot = tmp_path / "ui.png"
+    browser.save_screenshot(str(screenshot))
+    if target := os.environ.get("UI_SCREENSHOT"):
+        (REPO / target).parent.mkdir(parents=True, exist_ok=True)
+        (REPO / target).write_bytes(screenshot.read_bytes())
+
+    # Another model, and all its classes: the image is sent again with them.
+    other = next(m["tag"] for m in listed["models"] if not m["default"])
+    expected = classify(server, shoe, model=other, top_k="10").json()
+    top_k = browser.find_element(By.ID, "top-k")
+    top_k.clear()
+    top_k.send_keys("10")
+    models.select_by_value(other)
+    wait_for(browser, lambda d: other in text(d, "answered-by"), "an answer from the other model")
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 10, "ten bars")
+    assert text(browser, "label") == expected["label"]
+
+    # The strict CSP let the page's own script and style run, and nothing failed.
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_a_file_that_is_no_image_shows_the_services_error(browser, server, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    answer = classify(server, notes)
+    assert answer.status_code == 400
+
+    open_page(browser, server)
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('model').options.length"), "models")
+    upload(browser, notes)
+    wait_for(browser, lambda d: "400" in text(d, "message"), "the error")
+    message = text(browser, "message")
+    assert "notes.txt" in message and "400 Bad Request" in message and answer.json()["error"] in message
+    assert text(browser, "label") == ""  # no stale prediction beside the error
+
+
+def test_with_auth_on_the_page_asks_for_the_token_and_keeps_it_for_the_tab(
+    browser, bentoml_home, fashion_test, tmp_path_factory
+):
+    from selenium.webdriver.common.by import By
+
+    folder = tmp_path_factory.mktemp("serve-auth")
+    env = {"SERVING_MODELS": "fashion-lenet:latest", "SERVING_AUTH_TOKEN": TOKEN}
+    with bentoml_serve(bentoml_home, folder / "serve.log", env) as url:
+        assert httpx.get(f"{url}/ui").status_code == 200  # open: a navigation sends no bearer header
+        assert httpx.get(f"{url}/models").status_code == 401  # what the page calls is not
+        image = folder / "trouser.png"
+        image.write_bytes(png_bytes(fashion_test[0][2]))  # test image 2, a trouser
+        expected = classify(url, image, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+
+        open_page(browser, url)
+        wait_for(browser, lambda d: d.find_element(By.ID, "token").is_displayed(), "the token field")
+        assert "needs a bearer token" in text(browser, "message") and "401" in text(browser, "message")
+
+        def submit(token: str) -> None:
+            browser.find_element(By.ID, "token").send_keys(token)
+            browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+
+        submit("wrong")
+        wait_for(browser, lambda d: "token was refused" in text(d, "message"), "the refusal")
+        submit(TOKEN)
+        wait_for(browser, lambda d: not d.find_element(By.ID, "token").is_displayed(), "the token accepted")
+        assert browser.execute_script("return sessionStorage.getItem('classic-cnns-token')") == TOKEN
+        upload(browser, image)
+        wait_for(browser, lambda d: text(d, "label"), "a prediction")
+        assert text(browser, "label") == expected["label"]
+
+        open_page(browser, url)  # a reload in the same tab: the token is still there
+        wait_for(browser, lambda d: "fashion-lenet" in text(d, "model"), "the models, without asking again")
+        assert not browser.find_element(By.ID, "token").is_displayed()
