@@ -15,6 +15,7 @@ file, not this code, says how to preprocess and what the classes are.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import bentoml
@@ -31,7 +32,10 @@ with bentoml.importing():
     from serving.schemas import ClassifyBatchForm, ClassifyBatchOutput, ClassifyForm, ClassifyOutput, ModelsAnswer
     from serving.server import lean_service
 
-CONFIG = ServingConfig.from_env()  # a bad setting stops the service here, naming the variable
+try:
+    CONFIG = ServingConfig.from_env()
+except ValueError as err:  # an operator's mistake: one line naming the variable, not a traceback
+    sys.exit(f"error: {err}")
 # GET routes (BentoML's own APIs are POST-only); FastAPI's own docs pages off: BentoML serves the docs
 models_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 

@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import bentoml_serve, png_bytes
+from tests.conftest import bentoml_serve, png_bytes, run_cli
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -120,3 +120,20 @@ def test_a_bad_setting_stops_the_service_at_start_naming_it(bentoml_home):
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].endswith("SERVING_MAX_BATCH_SIZE must be an integer, got 'lots'")
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"SERVING_MAX_BATCH_SIZE": "zero"}, "error: SERVING_MAX_BATCH_SIZE must be an integer, got 'zero'"),
+        (
+            {"SERVING_MODEL_CONTROL": "true", "SERVING_WORKERS": "2"},
+            "error: SERVING_MODEL_CONTROL needs SERVING_WORKERS=1: a load or unload reaches only one worker",
+        ),
+    ],
+)
+def test_a_bad_setting_stops_bentoml_serve_with_one_line_naming_it(bentoml_home, setting, message):
+    result = run_cli(
+        "-m", "bentoml", "serve", "--port", "1", env={"BENTOML_HOME": str(bentoml_home), **setting}, timeout=120
+    )
+    assert result.returncode != 0 and (result.stdout + result.stderr).strip() == message
