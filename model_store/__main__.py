@@ -7,10 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from model_store.cli import prog
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m model_store", description="Exported models in BentoML's model store."
+        prog=prog("model_store", "cnn-store"), description="Exported models in BentoML's model store."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     register = commands.add_parser(

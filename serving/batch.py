@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model_store import ImageError, ModelCard, image_bytes_to_input
+from model_store.cli import prog
 from model_store.files import atomic_output
 from serving.engine import OnnxClassifier, top_k
 
@@ -55,7 +56,9 @@ class Entry(NamedTuple):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serving.batch", description="Score every image under a folder.")
+    parser = argparse.ArgumentParser(
+        prog=prog("serving.batch", "cnn-score"), description="Score every image under a folder."
+    )
     parser.add_argument("folder", type=Path, help="folder to score, recursively")
     parser.add_argument("--output", type=Path, required=True, help="CSV file to write")
     source = parser.add_mutually_exclusive_group()
