@@ -1,8 +1,9 @@
 -- wrk script: POST prebuilt request bodies in turn, and print the run's figures as one JSON line.
---   wrk -t2 -c32 -d15s -s benchmarks/multipart.lua http://127.0.0.1:3000/classify -- BODY_DIR COUNT CONTENT_TYPE
+--   wrk -t2 -c32 -d15s -s benchmarks/multipart.lua http://127.0.0.1:3000/classify -- BODY_DIR COUNT CONTENT_TYPE [HEADER ...]
 -- BODY_DIR holds COUNT files named 0 .. COUNT-1, each a whole body (a multipart form, say) with
--- CONTENT_TYPE (its boundary included). Written by benchmarks/wrk_load.py.
-local bodies, content_type, next_body = {}, nil, 1
+-- CONTENT_TYPE (its boundary included); each HEADER ("Name: value") is sent with every request.
+-- Written by benchmarks/wrk_load.py.
+local bodies, headers, next_body = {}, {}, 1
 local threads = 0
 
 -- Each thread starts at a different body, so threads do not send the same image at the same moment.
@@ -13,7 +14,11 @@ end
 
 function init(args)
   local dir, count = args[1], tonumber(args[2])
-  content_type = args[3]
+  headers["Content-Type"] = args[3]
+  for i = 4, #args do
+    local name, value = args[i]:match("^([^:]+):%s*(.*)$")
+    headers[name] = value
+  end
   for i = 0, count - 1 do
     local file = assert(io.open(dir .. "/" .. i, "rb"))
     bodies[#bodies + 1] = file:read("*a")
@@ -25,7 +30,7 @@ end
 function request()
   local body = bodies[next_body]
   next_body = next_body % #bodies + 1
-  return wrk.format("POST", nil, {["Content-Type"] = content_type}, body)
+  return wrk.format("POST", nil, headers, body)
 end
 
 function done(summary, latency, requests)

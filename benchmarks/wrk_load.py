@@ -35,6 +35,7 @@ class Bodies:
     folder: Path
     count: int
     content_type: str
+    headers: tuple[str, ...] = ()  # more "Name: value" headers, the same on every request
 
 
 def write_bodies(folder: Path, images: list[bytes], image_type: str, fields: dict[str, str] | None = None) -> Bodies:
@@ -54,6 +55,14 @@ def write_bodies(folder: Path, images: list[bytes], image_type: str, fields: dic
         parts.append(head.encode() + image + f"\r\n--{boundary}--\r\n".encode())
         (folder / str(i)).write_bytes(b"".join(parts))
     return Bodies(folder, len(images), f"multipart/form-data; boundary={boundary}")
+
+
+def write_raw_bodies(folder: Path, bodies: list[bytes], content_type: str, headers: tuple[str, ...] = ()) -> Bodies:
+    """Bodies already encoded (a v2 infer request, say), sent as they are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, body in enumerate(bodies):
+        (folder / str(i)).write_bytes(body)
+    return Bodies(folder, len(bodies), content_type, headers)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -109,6 +118,7 @@ def run_wrk(url: str, bodies: Bodies, concurrency: int, seconds: float, server_p
         str(bodies.folder),
         str(bodies.count),
         bodies.content_type,
+        *bodies.headers,
     ]
     pids = process_tree(server_pid) if server_pid else []
     client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
