@@ -20,6 +20,7 @@ from model_store import ModelCard
 from model_store.files import atomic_output, file_sha256
 from training.checkpoint import load_model
 from training.data import run_splits, stack_items
+from training.dataspec import DataSpec
 
 MAX_ABS_LOGIT_DIFF = 1e-4  # fp32 graph vs PyTorch eval, on any image
 FP16_MIN_TOP1 = 0.999  # fp16 graph: top-1 agreement with fp32 PyTorch
@@ -76,7 +77,7 @@ def main(args: argparse.Namespace) -> ModelCard:
     if args.int8 and args.calibration_images < 1:
         raise ValueError(f"--calibration-images must be at least 1, got {args.calibration_images}")
     model, card, payload = load_model(args.checkpoint)
-    train, evaluation = run_splits(card, payload.get("args", {}), args.data_dir)
+    train, evaluation = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir))
     count = (
         min(args.verify_images, len(evaluation)) if card.dataset == "fashion-mnist" else len(evaluation)
     )  # folders: all of it
