@@ -20,9 +20,11 @@ FORBIDDEN = {
     "model_store": {"torch", "torchvision", "training", "export", "serving", "onnx"},
     "export/quantize.py": {"torch", "torchvision", "training"},  # arrays in, a graph out
     "training/dataspec.py": {"torch", "torchvision", "onnx", "export", "serving"},  # read wherever a checkpoint is
+    "training/extras.py": {"torch", "torchvision", "onnx", "onnxscript"},  # speaks when they are missing
 }
-# The training modules export may use: a checkpoint's model, its data spec, and the splits rebuilt from them.
-EXPORT_USES_FROM_TRAINING = {"training.checkpoint", "training.data", "training.dataspec"}
+# The training modules export may use: a checkpoint's model, its data spec, the splits rebuilt from
+# them, and the one-line answer when the [train] extra the two share is missing.
+EXPORT_USES_FROM_TRAINING = {"training.checkpoint", "training.data", "training.dataspec", "training.extras"}
 
 
 def imported_modules(path: Path) -> set[str]:
