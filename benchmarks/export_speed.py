@@ -38,7 +38,8 @@ from export.__main__ import calibration_sample
 from export.onnx_export import export_graph, serialize
 from export.quantize import quantize_int8
 from model_store import ModelCard
-from training.data import FashionMNIST, stack_items
+from training.data import stack_items
+from training.fashion_mnist import FashionMNIST
 from training.models import build_model, default_size, list_models
 
 SECTIONS = {

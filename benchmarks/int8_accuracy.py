@@ -28,6 +28,7 @@ from export.onnx_export import compare_with_torch, export_graph, serialize
 from export.quantize import DEFAULT_CALIBRATION_IMAGES, quantize_int8
 from training.checkpoint import load_model
 from training.data import run_splits, stack_items
+from training.dataspec import DataSpec
 
 SECTION, HEADING = "int8-accuracy", "## int8 on trained weights: accuracy, size, speed (CPU)"
 BATCH = 64
@@ -47,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def measure(checkpoint: Path, threads: int, rounds: int) -> list[dict]:
     model, card, payload = load_model(checkpoint)
-    train, test = run_splits(card, payload.get("args", {}))
+    train, test = run_splits(card, DataSpec.from_checkpoint(payload, card))
     pixels, labels = stack_items(test, range(len(test)))
     calibration = calibration_sample(train, DEFAULT_CALIBRATION_IMAGES)
     with warnings.catch_warnings():

@@ -135,7 +135,7 @@ class Running:
 
 
 def fashion_images(count: int) -> np.ndarray:
-    from training.data import load_fashion_mnist
+    from training.fashion_mnist import load_fashion_mnist
 
     return load_fashion_mnist("test")[0][:count]
 

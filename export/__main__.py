@@ -11,15 +11,22 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+from training.extras import exit_if_missing_extra
 
-from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, export_graph, serialize, with_card
-from export.quantize import DEFAULT_CALIBRATION_IMAGES, SETTINGS, quantize_int8
-from model_store import ModelCard
-from model_store.files import atomic_output, file_sha256
-from training.checkpoint import load_model
-from training.data import run_splits, stack_items
+try:
+    import numpy as np
+    import torch
+
+    from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, export_graph, serialize, with_card
+    from export.quantize import DEFAULT_CALIBRATION_IMAGES, SETTINGS, quantize_int8
+    from model_store import ModelCard
+    from model_store.files import atomic_output, file_sha256
+    from training.checkpoint import load_model
+    from training.data import run_splits, stack_items
+    from training.dataspec import DataSpec
+except ModuleNotFoundError as err:  # a serving install, without torch or onnx: say how to get them
+    exit_if_missing_extra(err, "export")
+    raise
 
 MAX_ABS_LOGIT_DIFF = 1e-4  # fp32 graph vs PyTorch eval, on any image
 FP16_MIN_TOP1 = 0.999  # fp16 graph: top-1 agreement with fp32 PyTorch
@@ -76,7 +83,7 @@ def main(args: argparse.Namespace) -> ModelCard:
     if args.int8 and args.calibration_images < 1:
         raise ValueError(f"--calibration-images must be at least 1, got {args.calibration_images}")
     model, card, payload = load_model(args.checkpoint)
-    train, evaluation = run_splits(card, payload.get("args", {}), args.data_dir)
+    train, evaluation = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir))
     count = (
         min(args.verify_images, len(evaluation)) if card.dataset == "fashion-mnist" else len(evaluation)
     )  # folders: all of it
@@ -159,6 +166,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # one imported only when needed, e.g. onnxscript by the exporter
+        exit_if_missing_extra(err, "export")
+        raise
     return 0
 
 

@@ -35,7 +35,7 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
 @pytest.fixture(scope="session")
 def fashion_test() -> tuple[np.ndarray, np.ndarray]:
     """The real 10,000 test images and labels. Missing data fails under CI and skips only on a dev box."""
-    from training.data import load_fashion_mnist
+    from training.fashion_mnist import load_fashion_mnist
 
     try:
         return load_fashion_mnist("test")

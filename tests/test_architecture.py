@@ -1,6 +1,8 @@
 """The dependency rules of the design, held by CI: serving never imports torch, training or export;
-model_store imports no other stage; int8 quantization takes arrays, not training's datasets. Checked in the source (every import statement) and at run time
-(what importing the serving path really loads)."""
+model_store imports no other stage; int8 quantization takes arrays, not training's datasets; export
+takes from training only what rebuilds a checkpoint's model and data, never its flags or loop; the
+data spec is torch-free. Checked in the source (every import statement) and at run time (what
+importing the serving path really loads)."""
 
 from __future__ import annotations
 
@@ -17,18 +19,28 @@ FORBIDDEN = {
     "serving": {"torch", "torchvision", "training", "export", "onnx"},
     "model_store": {"torch", "torchvision", "training", "export", "serving", "onnx"},
     "export/quantize.py": {"torch", "torchvision", "training"},  # arrays in, a graph out
+    "training/dataspec.py": {"torch", "torchvision", "onnx", "export", "serving"},  # read wherever a checkpoint is
+    "training/extras.py": {"torch", "torchvision", "onnx", "onnxscript"},  # speaks when they are missing
 }
+# The training modules export may use: a checkpoint's model, its data spec, the splits rebuilt from
+# them, and the one-line answer when the [train] extra the two share is missing.
+EXPORT_USES_FROM_TRAINING = {"training.checkpoint", "training.data", "training.dataspec", "training.extras"}
 
 
-def imported_packages(path: Path) -> set[str]:
-    """Top-level names of every module a file imports, at any depth (lazy imports included)."""
+def imported_modules(path: Path) -> set[str]:
+    """Full names of every module a file imports, at any depth (lazy imports included)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
     return names
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level names of every module a file imports."""
+    return {name.split(".")[0] for name in imported_modules(path)}
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -38,6 +50,18 @@ def test_a_stage_imports_only_what_the_design_allows(package):
         for path in ([REPO / package] if package.endswith(".py") else sorted((REPO / package).rglob("*.py")))
     }
     assert {file: names for file, names in offending.items() if names} == {}
+
+
+def test_export_takes_from_training_only_the_checkpoint_and_its_data():
+    used = {
+        str(path.relative_to(REPO)): sorted(
+            name
+            for name in imported_modules(path)
+            if name.split(".")[0] == "training" and name not in EXPORT_USES_FROM_TRAINING
+        )
+        for path in sorted((REPO / "export").rglob("*.py"))
+    }
+    assert {file: names for file, names in used.items() if names} == {}
 
 
 def test_the_serving_path_loads_no_torch_at_run_time():

@@ -35,7 +35,7 @@ def png_with_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def test_scores_a_folder_reports_broken_files_and_keeps_going(tmp_path, fashion_test):
-    from training.data import FASHION_MNIST_CLASSES
+    from training.fashion_mnist import FASHION_MNIST_CLASSES
 
     images, labels = fashion_test
     folder = tmp_path / "photos"

@@ -45,7 +45,7 @@ def test_rgb_input_and_gradients_reach_every_parameter(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_a_few_steps_on_synthetic_data_reduce_the_loss(name):
-    from training.data import SyntheticShapes
+    from training.synthetic import SyntheticShapes
 
     torch.manual_seed(0)
     size = small_size(name)

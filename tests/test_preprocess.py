@@ -90,7 +90,7 @@ def test_resize_policies():
 
 def test_training_inputs_equal_serving_inputs_bit_for_bit(fashion_test):
     """Training's dataset transform vs the service's decode of the same image sent as PNG (gray and RGB)."""
-    from training.data import FashionMNIST
+    from training.fashion_mnist import FashionMNIST
 
     images, _ = fashion_test
     dataset = FashionMNIST("test", GRAY)
@@ -105,7 +105,7 @@ def test_pytorch_and_onnx_give_the_same_logits_on_served_inputs(fashion_test, ch
     import onnxruntime as ort
 
     from training.checkpoint import load_model
-    from training.data import FashionMNIST
+    from training.fashion_mnist import FashionMNIST
 
     model, card, _ = load_model(checkpoint)
     dataset = FashionMNIST("test", card)

@@ -84,6 +84,8 @@ def test_every_lenet_gives_logits_for_its_classes(name):
         ),
         (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
         (["--lr", "-1"], "error: --lr must be positive, got -1.0"),
+        (["--train-limit", "0"], "error: --train-limit must be an integer of at least 1, got 0"),
+        (["--dataset", "folder"], "error: --dataset folder needs --data-dir"),
         (["--data-dir", "/nonexistent"], "error: --data-dir /nonexistent lacks Fashion-MNIST file(s)"),
     ],
 )

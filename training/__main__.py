@@ -3,7 +3,13 @@
 import argparse
 import sys
 
-from training import evaluate, summary, train
+from training.extras import exit_if_missing_extra
+
+try:
+    from training import evaluate, summary, train
+except ModuleNotFoundError as err:  # a serving install, without torch: say how to get it
+    exit_if_missing_extra(err, "training")
+    raise
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,6 +41,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # one imported only when needed, e.g. torchvision to download
+        exit_if_missing_extra(err, "training")
+        raise
     return 0
 
 

@@ -1,7 +1,7 @@
 """python -m training evaluate --checkpoint runs/lenet_bn/best.pt
 
 Per-class accuracy (printed, and written to per_class.csv) and a confusion-matrix PNG, on the
-test or validation split the run was tested on, rebuilt from the arguments in the checkpoint.
+test or validation split the run was tested on, rebuilt from the data spec in the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from model_store.files import atomic_output
-from training import data
 from training.checkpoint import load_model
+from training.data import run_splits
+from training.dataspec import DataSpec
 from training.plots import plot_confusion
 
 
@@ -47,7 +48,7 @@ def confusion_matrix(model: torch.nn.Module, loader: DataLoader, num_classes: in
 
 def main(args: argparse.Namespace) -> np.ndarray:
     model, card, payload = load_model(args.checkpoint)
-    test = data.evaluation_split(card, payload.get("args", {}), args.data_dir)
+    test = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir))[1]
     matrix = confusion_matrix(model, DataLoader(test, args.batch_size), card.num_classes)
     output_dir = args.output_dir or args.checkpoint.parent
     images, correct = matrix.sum(axis=1), np.diag(matrix)

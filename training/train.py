@@ -28,8 +28,9 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from model_store import ModelCard
-from training import augment, data, optim
+from training import augment, data, dataspec, optim
 from training.checkpoint import read_checkpoint, save_checkpoint
+from training.dataspec import DataSpec
 from training.finetune import load_pretrained, parameter_groups
 from training.models import build_model, default_size, list_models
 from training.plots import plot_curves
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="builder keyword argument, VALUE parsed as JSON if it can be, e.g. activation=relu (default: none)",
     )
     parser.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's own)")
+    dataspec.add_arguments(parser)
     data.add_arguments(parser)
     parser.add_argument(
         "--epochs",
@@ -109,7 +111,7 @@ def parse_model_args(pairs: list[str]) -> dict:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "train_limit", "test_limit", "size", "synthetic_size"):
+    for name in ("epochs", "batch_size", "size"):  # the data flags are checked by DataSpec
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -216,6 +218,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
     check_args(args)
+    # A resumed run reads the images it was trained on from its checkpoint's spec, not from flags.
+    if resumed:
+        spec = DataSpec.from_checkpoint(resumed, ModelCard.from_dict(resumed["card"]))
+    else:
+        spec = DataSpec.from_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -225,7 +232,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     output_dir = args.output_dir or Path("runs") / args.model
 
     train_set, test_set, card = data.load_data(
-        args, args.model, parse_model_args(args.model_arg), args.size or default_size(args.model)
+        spec,
+        args.model,
+        parse_model_args(args.model_arg),
+        args.size or default_size(args.model),
+        args.in_channels,
+        args.resize,
+        augment.Augment.from_args(args),
     )
     model = build_model(card)
     if resumed:  # the same parameter groups as the interrupted run, so its optimizer state fits
@@ -320,6 +333,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             state = {
                 "epoch": epoch,
                 "args": jsonable(vars(args)),
+                "data": spec.to_dict(),
                 "best_acc": best_acc,
                 "pretrained": sorted(pretrained),
                 "optimizer": optimizer.state_dict(),
