@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from model_store.cli import prog
 from training.extras import exit_if_missing_extra
 
 try:
@@ -36,7 +37,7 @@ INT8_MAX_ACCURACY_DROP = 0.005  # ... and accuracy on the true labels at most ha
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m export", description="Export a checkpoint to a verified ONNX graph."
+        prog=prog("export", "cnn-export"), description="Export a checkpoint to a verified ONNX graph."
     )
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="a checkpoint written by `python -m training train`"

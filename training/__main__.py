@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from model_store.cli import prog
 from training.extras import exit_if_missing_extra
 
 try:
@@ -14,7 +15,7 @@ except ModuleNotFoundError as err:  # a serving install, without torch: say how 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training", description="Train, inspect and evaluate the classic CNNs."
+        prog=prog("training", "cnn-train"), description="Train, inspect and evaluate the classic CNNs."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train.add_arguments(
