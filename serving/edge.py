@@ -6,10 +6,10 @@
 - **Routes are a closed set.** A path that is not one of the service's is answered 404 here, so no
   client string reaches BentoML's request metrics, which label the raw path (a path scan once grew
   the worker by 400 MB of time series).
-- **Bodies first.** A classify request's body is read here, under its own bounds: the size limit,
+- **Bodies first.** An inference request's body is read here, under its own bounds: the size limit,
   a minimum rate after a short grace (a slow upload is cut, 408), and one memory budget for every
   body held at once (503). Only then does the request count against admission.
-- **Admission.** At most ``max_concurrency`` classify requests are being answered; the next is
+- **Admission.** At most ``max_concurrency`` inference requests are being answered; the next is
   answered 503 with ``Retry-After``. A queue without bound would only turn overload into timeouts
   for everyone, while a 503 lets a load balancer try another replica. Counting only requests whose
   body is in means slow uploads cannot take the slots that fast clients need.
@@ -20,6 +20,9 @@
   see BENCHMARKS.md. Everything else goes to BentoML's app unchanged, and so do the hot routes when
   tracing (``SERVING_TRACING``) or BentoML's CORS is on, since those live in BentoML's layer; the
   routes' ``@bentoml.api`` methods then call the same :func:`respond`.
+- **The v2 protocol** (``/v2/...``, ``serving.v2``) is answered here whatever the mode: its infer
+  and model-control requests are read and admitted like classify's, its metadata answered from
+  the model set.
 """
 
 from __future__ import annotations
