@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from urllib.parse import urlparse
@@ -13,6 +14,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from model_store.store import DEFAULT_MODEL_FILE
 from tests.conftest import bentoml_serve, png_bytes, run_cli
 
 
@@ -160,5 +162,13 @@ def test_models_load_switch_and_unload_under_load_without_a_failed_request(
         assert not client.is_model_ready("test-lenet")
         with pytest.raises(InferenceServerException, match="is not in the BentoML model store"):
             client.load_model("never-registered")
+        # A stored file that no longer agrees with its card (changed after registering) is refused, naming why.
+        registered = run_cli("-m", "model_store", "register", str(exported), "--name", "tampered", env=home)
+        assert registered.returncode == 0, registered.stderr
+        (stored,) = (log.parent / "bentoml" / "models" / "tampered").glob("*/model.onnx")
+        shutil.copyfile(DEFAULT_MODEL_FILE, stored)
+        with pytest.raises(InferenceServerException, match="cannot be served: the card in the model store differs"):
+            client.load_model("tampered")
+        assert not client.is_model_ready("tampered") and client.is_server_ready()
         with pytest.raises(InferenceServerException, match="is the default model and cannot be unloaded"):
             client.unload_model("fashion-lenet")
