@@ -121,15 +121,13 @@ def main(args: argparse.Namespace) -> None:
                         runs.setdefault((way, concurrency), []).append(result)
                         print(json.dumps({"way": way, "round": round_, **result}), flush=True)
     text = report(runs, args)
-    print(text)
+    print(f"{SECTION}\n\n{text}")
     if args.write:
-        write_section(args.write, SECTION, text)
+        write_section(args.write, "protocol-compare", text, SECTION)
 
 
 def report(runs: dict, args: argparse.Namespace) -> str:
     lines = [
-        SECTION,
-        "",
         f"Device: {device()}. Date: {datetime.date.today()}. Command: `python benchmarks/protocol_compare.py "
         f"--concurrency {' '.join(map(str, args.concurrency))} --seconds {args.seconds:g} --rounds {args.rounds}`.",
         "One `bentoml serve` of the shipped LeNet (SERVING_LOG_REQUESTS=false), one image per request, wrk in a "
