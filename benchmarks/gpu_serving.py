@@ -75,9 +75,9 @@ def images_per_s(call: Callable[[], object], batch: int, seconds: float) -> floa
     return calls * batch / (time.perf_counter() - start)
 
 
-def register(graph: Path, home: Path, name: str) -> Path:
+def register(graph: Path, home: Path, name: str, site: Path | None = None) -> Path:
     """``python -m model_store register`` into a BentoML home of the step's own; returns the home."""
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    env = {**with_site(site), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     command = [sys.executable, "-m", "model_store", "register", str(graph), "--name", name]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
@@ -86,14 +86,16 @@ def register(graph: Path, home: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def service(home: Path, name: str, device: str, workers: int, logs: Path, deadline: float) -> Iterator[tuple[str, int]]:
+def service(
+    home: Path, name: str, device: str, workers: int, logs: Path, deadline: float, site: Path | None = None
+) -> Iterator[tuple[str, int]]:
     """``bentoml serve`` of serving/service.py on a free port; yields (base URL, pid) once /readyz
-    answers, and stops its whole process group afterwards."""
+    answers, and stops its whole process group afterwards. ``site``: packages for it alone."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {
-        **os.environ,
+        **with_site(site),
         "BENTOML_HOME": str(home),
         "BENTOML_DO_NOT_TRACK": "True",
         "SERVING_MODELS": f"{name}:latest",
@@ -130,6 +132,13 @@ def service(home: Path, name: str, device: str, workers: int, logs: Path, deadli
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+
+
+def with_site(site: Path | None) -> dict[str, str]:
+    """This process's environment with ``site`` added to PYTHONPATH: the service's packages reach the
+    service alone, never the training and export subprocesses (a newer typing-extensions among them)."""
+    path = [os.environ.get("PYTHONPATH"), str(site) if site else None]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
 
 
 def load(base: str, bodies: Bodies, concurrency: int, seconds: float, pid: int, client: str = "auto") -> dict:

@@ -4,73 +4,67 @@
     python benchmarks/gpu_suite.py --out /tmp/smoke --smoke            # the same sequence on CPU, tiny (CI)
 
 In priority order, each result written the moment it exists: a JSON line in ``OUT/results.jsonl``
-and its row in ``OUT/BENCHMARKS.md`` (checkpoints and graphs go to ``--work``). A run cut off
-leaves everything finished before. Every step has its own time limit and all share ``--budget-s``
-(520 s: the 600 s of one device command, less the install); a step the budget no longer allows,
-or one this machine cannot run, is a row saying so (``"skipped": why``), never a gap.
+and its row in ``OUT/BENCHMARKS.md`` (checkpoints, graphs and cached inputs go to ``--work``). A
+run cut off leaves everything finished before. Every step has its own time limit and all share
+``--budget-s`` (520 s: the 600 s of one device command, less the install); a step the budget no
+longer allows, or one this machine cannot run, is a row saying so (``"skipped": why``), never a gap.
 
 1. environment: device, torch and CUDA, ONNX Runtime and its providers, whether the CUDA provider
-   really loads, whether wrk and bentoml are there;
-2. training, 10 epochs each at the textbook sizes with the recommended recipe (``RECIPE``): AlexNet
+   really loads (a one-node graph run on it), whether wrk and bentoml are there;
+2. training, 10 epochs each at the textbook sizes with the recommended recipe (``recipe``): AlexNet
    (224), VGG-11 channels/4 (224), NiN (224), GoogLeNet (96), ResNet-18 (96), DenseNet (96), and
-   LeNet (28) for the textbook's throughput figure; examples/s beside the textbook's V100 ones
+   LeNet (28) for the textbook's throughput figure; examples/s beside the textbook's V100 figures
    (``--train-limit-s``, 90 s each);
-3. ResNet-18's long recipe (``LONG_RECIPE``), aiming at 0.95: as many epochs (15 to 60) as
-   ``--long-limit-s`` (150 s) allows at the epoch time step 2 measured, keeping ``--reserve-s``
-   (60 s) of the budget for step 5;
+3. ResNet-18's long recipe (``LONG_RECIPE``), aiming at 0.95: as many epochs (10 to 60) as
+   ``--long-limit-s`` (150 s) allows at the epoch time step 2 measured, leaving ``--reserve-s``
+   (60 s) of the budget to step 5;
 4. export of each trained model, fp32 and on CUDA fp16, each verified against PyTorch by
-   ``python -m export``, then each graph on the CUDA provider against the CPU's (GPU parity). On
-   a GPU these run beside steps 2 and 3, two at a time on CPU cores other than 0 and 1;
+   ``python -m export``, then each graph on the CUDA provider against the fp32 graph on the CPU
+   (GPU parity). On a GPU these run beside steps 2 and 3, two at a time, off CPU cores 0 and 1;
 5. ``benchmarks/export_speed.py`` on ResNet-18: PyTorch eager against ONNX Runtime fp32 and fp16
-   on the CUDA provider, and TensorRT when present, at batches 1 and 64;
-6. ``torch.compile``: ResNet-18 trained 3 epochs with ``--compile``; steady examples/s against
+   on the CUDA provider, and TensorRT when the build has it, at batches 1 and 64;
+6. ``torch.compile``: ResNet-18 trained 3 epochs with ``--compile``, its steady examples/s against
    step 2's eager run (``--compile-limit-s``, 150 s);
-7. serving: step 2's ResNet-18 graph in the real service (``bentoml serve``, SERVING_DEVICE=cuda
-   and SERVING_BATCH_WAIT_MS=2 where the CUDA provider loads), loaded by wrk or, where there is
-   none, ``benchmarks/closed_loop.py``; against the in-process limit, the same graph in one
-   ``OnnxClassifier`` at the service's batch size (64), PNG decode included (the model alone is
-   reported too). Goal: within 2x (``--serve-limit-s``, 90 s).
+7. serving: step 2's ResNet-18 graph in the real service (``bentoml serve``; SERVING_DEVICE=cuda
+   and SERVING_BATCH_WAIT_MS=2 where the CUDA provider loads), SERVING_WORKERS 1 then 4, loaded by
+   wrk or, where there is none, ``benchmarks/closed_loop.py``; against the in-process limit: the
+   service's engine on the same graph at its batch size (64), PNG decode included, one thread (the
+   model alone is reported too). Goal: within 2x (``--serve-limit-s``, 90 s; benchmarks/gpu_serving.py).
 
-``--smoke`` runs every step on the CPU on synthetic data at small sizes for a few batches (fp16,
-GPU parity and the compiled run are rows saying "no CUDA"); CI runs it (tests/test_gpu_suite.py).
+``--smoke`` runs every step on the CPU on synthetic data at small sizes for a few batches, in
+this process; fp16, GPU parity, the CUDA engines and the compiled run are rows saying "no CUDA".
+CI runs it (tests/test_gpu_suite.py).
 
 Launch on a GPU machine (ENVIRONMENT.md: Python 3.12 with torch and a CPU-only onnxruntime, no
-bentoml, no registry; 64 MiB carried per call). Here, once: ``make gpu-parts`` puts the
-onnxruntime-gpu wheel in parts of 60 MiB under ``.gpu/parts/NN/`` (the manifest with the last),
-the Fashion-MNIST files under ``.gpu/data/`` and the serving wheels under ``.gpu/site/``, and
-prints the plan. Then one device ``run`` per part but the last, each within 30 s of the previous
-one's answer (the machine stays warm 30 s), carry ``[".gpu/parts/NN"]``:
+bentoml, no registry; 64 MiB carried per call, 600 s per command). Here, once, in the checkout the
+device tool sends: ``make gpu-parts`` puts the onnxruntime-gpu wheel in parts of 60 MiB under
+``.gpu/parts/NN/`` (the manifest with the last), the Fashion-MNIST files under ``.gpu/data/`` and
+the serving wheels under ``.gpu/site/``, and prints the device calls. One call per part but the
+last, each within 30 s of the previous answer (the machine stays warm 30 s, /tmp with it), with
+carry ``[".gpu/parts/NN"]``:
 
     mkdir -p /tmp/parts && cp .gpu/parts/NN/* /tmp/parts/ && ls -l /tmp/parts
 
-and the last, carry ``[".gpu/parts/LAST", ".gpu/data", ".gpu/site"]``, timeout_s 600:
+then the last, with carry ``[".gpu/parts/LAST", ".gpu/data", ".gpu/site"]`` and timeout_s 600:
 
-    mkdir -p /tmp/parts $OUT/gpu && cp .gpu/parts/*/* /tmp/parts/ &&
-    python3 benchmarks/wheel_parts.py install /tmp/parts --target /tmp/ort &&
-    { python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/site/*.whl ||
-      echo "serving wheels not installed: the serving step will say so"; } &&
-    W=/dev/shm/gpu-work; mkdir -p $W || W=/tmp/gpu-work;
-    PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/ort:/tmp/site python3 benchmarks/gpu_suite.py --out $OUT/gpu
-      --work $W --data-dir .gpu/data 2>&1 | tee $OUT/gpu/suite.log
+    sh benchmarks/gpu_launch.sh
 
-What comes back: ``$OUT/gpu/results.jsonl``, ``BENCHMARKS.md`` and ``suite.log``.
+which installs onnxruntime-gpu into /tmp/ort (on PYTHONPATH) and the serving wheels into
+/tmp/site (``--serving-site``: the service's alone), and runs this suite into ``$OUT/gpu`` with
+``--work`` in /dev/shm when it has room. What comes back: ``results.jsonl``, ``BENCHMARKS.md``
+and ``suite.log``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import importlib.util
-import io
 import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -81,7 +75,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a GPU machine has the repository, not the package installed
 
 import gpu_serving  # noqa: E402  (this script's folder is on sys.path)
-from report import write_section  # noqa: E402
+from suite_runner import MIN_STEP_S, Budget, Results, read_log, steady, step, train_step  # noqa: E402
 
 # (model, textbook size, model args, smoke size): the course's rows, in priority order; LeNet last,
 # for the textbook's throughput figure.
@@ -121,7 +115,13 @@ LONG_RECIPE = (
 LONG_EPOCHS = (10, 60)  # fewer than 10 would not be the long recipe; more than 60, not this lease
 LONG_GOAL = 0.95
 SMOKE = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "1", "--device", "cpu"]
-MIN_STEP_S = 10  # a step given less than this by the budget is skipped, not started
+STEP_NAMES = {
+    "long": "long_recipe",
+    "export": "export",
+    "speed": "export_speed",
+    "compile": "compile",
+    "serving": "serving",
+}
 GOAL_RATIO = 0.5  # the service within 2x of the in-process limit
 
 HEADERS = {
@@ -152,51 +152,6 @@ HEADERS = {
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ],
 }
-
-
-class Results:
-    """``OUT/results.jsonl`` and ``OUT/BENCHMARKS.md``, both written after every record, from any thread."""
-
-    def __init__(self, out: Path, command: str):
-        self.out, self.command = out, command
-        out.mkdir(parents=True, exist_ok=True)
-        self.rows: dict[str, list[str]] = {}
-        self.notes: dict[str, list[str]] = {}
-        self.lock = threading.Lock()
-
-    def add(self, step: str, record: dict, section: str | None = None, row: str | None = None, label: str = "") -> None:
-        """One record; with a ``section``, its ``row`` in the table, or the reason it has none under it."""
-        record = {"step": step, "date": str(date.today()), **record}
-        with self.lock:
-            with open(self.out / "results.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
-            if section is None:
-                return
-            if row is not None:
-                self.rows.setdefault(section, []).append(row)
-            elif why := record.get("skipped") or record.get("error"):
-                self.notes.setdefault(section, []).append(
-                    f"{label}: {'skipped' if 'skipped' in record else 'failed'}, {why}"
-                )
-            lines = [f"Command: `{self.command}`.", "", *HEADERS[section], *self.rows.get(section, [])]
-            if self.notes.get(section):
-                lines += ["", "Not measured: " + "; ".join(self.notes[section]) + "."]
-            marker = f"gpu-suite-{section.replace(' ', '-')}"
-            write_section(self.out / "BENCHMARKS.md", marker, "\n".join(lines), f"## GPU suite: {section}")
-
-
-class Budget:
-    """The suite's seconds left: each step gets the least of its own limit and what remains."""
-
-    def __init__(self, seconds: float):
-        self.end = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return max(0.0, self.end - time.monotonic())
-
-    def limit(self, wanted: float) -> float:
-        return min(wanted, self.left())
 
 
 def environment(args: argparse.Namespace) -> dict:
@@ -236,6 +191,13 @@ def environment(args: argparse.Namespace) -> dict:
     return record
 
 
+def off_training_cores() -> None:
+    """Keep this thread, and the processes it starts (they inherit its mask), off cores 0 and 1, so
+    the training beside it has cores of its own to launch kernels from."""
+    if (os.cpu_count() or 1) >= 8:
+        os.sched_setaffinity(0, range(2, os.cpu_count()))
+
+
 def installed(name: str) -> str | None:
     try:
         return version(name) if importlib.util.find_spec(name) else None
@@ -267,63 +229,6 @@ def cuda_provider_check() -> str:
     return "loads" if used == "CUDAExecutionProvider" else f"error: the session fell back to {used}"
 
 
-def in_process_script(argv: list[str]) -> int:
-    import export_speed as script
-
-    script.main(script.get_args_parser().parse_args(argv))
-    return 0
-
-
-# --smoke's commands run in this process: its subprocesses would each spend seconds importing torch.
-IN_PROCESS = {
-    "-m": lambda argv: __import__(f"{argv[0]}.__main__", fromlist=["cli"]).cli(argv[1:]),  # training, export
-    "benchmarks/export_speed.py": in_process_script,
-}
-
-
-def run(command: list[str], limit_s: float, smoke: bool, cores: list[int] | None = None):
-    """One step's command: a subprocess with a time limit on the GPU (a CUDA error or a hang in one
-    model costs that row only; ``cores`` pins it); in-process for ``--smoke`` (``IN_PROCESS``)."""
-    start = time.perf_counter()
-    if smoke and command[1] in IN_PROCESS:
-        stdout, stderr = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                code = IN_PROCESS[command[1]](command[2:])
-            except SystemExit as err:  # a script's error exit
-                code = 0 if err.code is None else 2
-                print(err.code, file=sys.stderr)
-            except Exception as err:  # a bug in one step is that row's result, as it is in a subprocess
-                code = 1
-                print(f"{type(err).__name__}: {err}", file=sys.stderr)
-        result = subprocess.CompletedProcess(command, code, stdout.getvalue(), stderr.getvalue())
-    else:
-        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit_s, preexec_fn=pin)
-    return result, time.perf_counter() - start
-
-
-def step(results: Results, name: str, record: dict, command: list[str], limit_s: float, args, **where) -> float | None:
-    """Run one step's command; its seconds, or None once its skip or failure is recorded as the row's result."""
-    cores = where.pop("cores", None)
-    if limit_s < MIN_STEP_S and not args.smoke:
-        results.add(name, {**record, "skipped": "the suite's --budget-s was spent before this step"}, **where)
-        return None
-    try:
-        result, seconds = run(command, limit_s, args.smoke, cores)
-    except subprocess.TimeoutExpired:
-        results.add(name, {**record, "error": f"not done within {limit_s:.0f} s"}, **where)
-        return None
-    if result.returncode != 0:
-        results.add(name, {**record, "error": last_line(result.stderr)}, **where)
-        return None
-    return seconds
-
-
-def last_line(text: str) -> str:
-    return (text.strip().splitlines() or ["(no output)"])[-1]
-
-
 def training_command(args, model: str, size: int, flags: list[str], out: Path) -> list[str]:
     command = [sys.executable, "-m", "training", "train", "--model", model, "--size", str(size), *flags]
     if args.smoke:
@@ -333,26 +238,16 @@ def training_command(args, model: str, size: int, flags: list[str], out: Path) -
     return command + ["--output-dir", str(out)]
 
 
-def read_log(out: Path) -> list[dict]:
-    with open(out / "log.csv") as f:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
-
-
-def steady(log: list[dict], key: str = "examples_per_s") -> float:
-    """The median over the epochs after the first (warm-up, compilation), or the only one."""
-    return statistics.median(row[key] for row in (log[1:] or log))
-
-
 def train_row(results: Results, row: tuple, args, budget: Budget) -> Path | None:
     model, textbook_size, model_args, smoke_size = row
     size = smoke_size if args.smoke else textbook_size
     out = args.work / "runs" / model
     command = training_command(args, model, size, [*model_args, *recipe(size), "--epochs", str(args.epochs)], out)
     where = {"section": "training", "label": model}
-    seconds = step(results, "train", {"model": model}, command, budget.limit(args.train_limit_s), args, **where)
-    if seconds is None:
+    limit_s = budget.limit(args.train_limit_s)
+    if (done := train_step(results, "train", {"model": model}, command, limit_s, args, out, **where)) is None:
         return None
-    log = read_log(out)
+    log, seconds, cut = done
     textbook_acc, textbook_speed = TEXTBOOK[model]
     speed = statistics.median(r["examples_per_s"] for r in log)
     record = {
@@ -366,11 +261,13 @@ def train_row(results: Results, row: tuple, args, budget: Budget) -> Path | None
         "ahead_of_textbook_speed": None if textbook_speed is None else speed > textbook_speed,
         "epoch_seconds": statistics.median(r["seconds"] for r in log),
         "seconds": round(seconds, 1),
+        "cut_off": cut,
         "command": " ".join(command[1:]),
     }
     device = "CPU (smoke)" if args.smoke else "GPU"
+    epochs = f"{len(log)}" if cut is None else f"{len(log)} of {args.epochs} ({cut})"
     line = (
-        f"| {model} | {size} | {len(log)} | {record['test_acc']:.4f} | {textbook_acc:.3f} | {speed:,.0f} | "
+        f"| {model} | {size} | {epochs} | {record['test_acc']:.4f} | {textbook_acc:.3f} | {speed:,.0f} | "
         f"{'—' if textbook_speed is None else f'{textbook_speed:,}'} | {seconds:.0f} | {device} |"
     )
     results.add("train", record, row=line, **where)
@@ -394,10 +291,10 @@ def long_run(results: Results, args, budget: Budget, resnet_epoch_s: float | Non
             return None
     out = args.work / "runs" / "resnet18-long"
     command = training_command(args, "resnet18", size, [*LONG_RECIPE, "--epochs", str(epochs)], out)
-    seconds = step(results, "long_recipe", {"model": "resnet18", "epochs": epochs}, command, limit_s, args, **where)
-    if seconds is None:
+    record = {"model": "resnet18", "epochs": epochs}
+    if (done := train_step(results, "long_recipe", record, command, limit_s, args, out, **where)) is None:
         return None
-    log = read_log(out)
+    log, seconds, cut = done
     acc = log[-1]["test_acc"]
     record = {
         "model": "resnet18",
@@ -409,10 +306,12 @@ def long_run(results: Results, args, budget: Budget, resnet_epoch_s: float | Non
         "best_epoch_acc": max(r["test_acc"] for r in log),  # for the record only: chosen on the test set
         "examples_per_s": statistics.median(r["examples_per_s"] for r in log),
         "seconds": round(seconds, 1),
+        "cut_off": cut,  # a cut run's last epoch is not at the end of its schedule: below what it would reach
         "command": " ".join(command[1:]),
     }
+    done_epochs = f"{len(log)}" if cut is None else f"{len(log)} of {epochs} ({cut})"
     line = (
-        f"| resnet18 | {size} | {len(log)} | {acc:.4f} | {'met' if record['met'] else '**missed**'} | "
+        f"| resnet18 | {size} | {done_epochs} | {acc:.4f} | {'met' if record['met'] else '**missed**'} | "
         f"{record['examples_per_s']:,.0f} | {seconds:.0f} | `{' '.join(LONG_RECIPE)}` |"
     )
     results.add("long_recipe", record, row=line, **where)
@@ -432,7 +331,6 @@ def read_card(graph: Path):
 def export_model(results: Results, name: str, checkpoint: Path, args, budget: Budget, cuda: bool) -> None:
     """fp32 and (on CUDA) fp16 graphs of one checkpoint, each verified by ``python -m export``; then GPU parity."""
     graphs = {}
-    cores = list(range(2, os.cpu_count())) if (os.cpu_count() or 1) >= 8 and not args.smoke else None
     for precision in ("fp32", "fp16"):
         record, where = {"model": name, "precision": precision}, {"section": "export", "label": f"{name} {precision}"}
         if precision == "fp16" and not cuda:
@@ -441,9 +339,7 @@ def export_model(results: Results, name: str, checkpoint: Path, args, budget: Bu
         graph = args.work / "onnx" / (f"{name}.onnx" if precision == "fp32" else f"{name}-{precision}.onnx")
         command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--output", str(graph)]
         command += ["--fp16"] if precision == "fp16" else []
-        seconds = step(
-            results, "export", record, command, budget.limit(args.export_limit_s), args, cores=cores, **where
-        )
+        seconds = step(results, "export", record, command, budget.limit(args.export_limit_s), args, **where)
         if seconds is None:
             continue
         graphs[precision] = graph
@@ -550,9 +446,10 @@ def compile_speed(results: Results, args, budget: Budget) -> None:
         return results.add("compile", {**record, "skipped": "not measured on CPU smoke"}, **where)
     out = args.work / "runs" / "resnet18-compile"
     command = training_command(args, "resnet18", size, [*recipe(size), "--epochs", "3", "--compile"], out)
-    if step(results, "compile", record, command, budget.limit(args.compile_limit_s), args, **where) is None:
+    limit_s = budget.limit(args.compile_limit_s)
+    if (done := train_step(results, "compile", record, command, limit_s, args, out, **where)) is None:
         return
-    compiled = read_log(out)
+    compiled, _, record["cut_off"] = done
     record |= {
         "compiled_examples_per_s": steady(compiled),
         "speedup": steady(compiled) / record["eager_examples_per_s"],
@@ -572,8 +469,8 @@ def serve(results: Results, args, budget: Budget) -> None:
     why = None
     if not graph.is_file():
         why = "no ResNet-18 graph: its training or export did not finish"
-    elif installed("bentoml") is None:
-        why = "bentoml is not installed here: carry .gpu/site (make gpu-parts) and put it on PYTHONPATH"
+    elif installed("bentoml") is None and not (args.serving_site and (args.serving_site / "bentoml").is_dir()):
+        why = "bentoml is not installed here: carry .gpu/site (make gpu-parts) and pass --serving-site"
     elif limit_s < MIN_STEP_S and not args.smoke:
         why = "the suite's --budget-s was spent before this step"
     if why:
@@ -593,9 +490,10 @@ def serve(results: Results, args, budget: Budget) -> None:
         limit = gpu_serving.in_process_limit(graph, device, pngs, 0.5 if args.smoke else 3.0)
         results.add("serving_limit", {"model": "resnet18", **limit})
         bodies = gpu_serving.write_bodies(args.work / "bodies", pngs, "image/png")
-        home = gpu_serving.register(graph, args.work / "bentoml", "gpu-resnet18")
+        home = gpu_serving.register(graph, args.work / "bentoml", "gpu-resnet18", args.serving_site)
         for workers in args.serving_workers:
-            with gpu_serving.service(home, "gpu-resnet18", device, workers, args.work, deadline) as (base, pid):
+            started = gpu_serving.service(home, "gpu-resnet18", device, workers, args.work, deadline, args.serving_site)
+            with started as (base, pid):
                 provider = json.loads(gpu_serving.fetch(base + "/models"))["models"][0]["provider"]
                 for concurrency in args.serving_concurrency:
                     if time.monotonic() + args.serving_seconds + 10 > deadline:
@@ -624,6 +522,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=None, help="the Fashion-MNIST idx files (the GPU machine has no download)"
     )
     parser.add_argument("--epochs", type=int, default=10, help="epochs per textbook row (default: 10)")
+    parser.add_argument(
+        "--rows", nargs="+", default=[r[0] for r in ROWS], choices=[r[0] for r in ROWS], help="rows (default: all)"
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=tuple(STEP_NAMES),
+        help="steps left out, e.g. on a rerun (default: none)",
+    )
     parser.add_argument("--budget-s", type=float, default=520, help="seconds for the whole suite (default: 520)")
     parser.add_argument("--train-limit-s", type=float, default=90, help="most seconds per row (default: 90)")
     parser.add_argument("--long-limit-s", type=float, default=150, help="the long recipe's seconds (default: 150)")
@@ -642,6 +550,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--serving-concurrency", type=int, nargs="+", default=None, help="connections (default: 64; smoke 8)"
     )
     parser.add_argument(
+        "--serving-site",
+        type=Path,
+        default=None,
+        help="packages for the service alone, e.g. the serving wheels installed with --target (default: none)",
+    )
+    parser.add_argument(
         "--load-client",
         default="auto",
         choices=("auto", "wrk", "python"),
@@ -655,6 +569,8 @@ def main(args: argparse.Namespace) -> None:
     args.work = (args.work or args.out / "work").resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     args.data_dir = args.data_dir.resolve() if args.data_dir else None
+    args.serving_site = args.serving_site.resolve() if args.serving_site else None
+    os.environ.setdefault("CLASSIC_CNNS_CACHE", str(args.work / "cache"))  # training's inputs, beside the runs
     args.speed_models = ["lenet_bn"] if args.smoke else ["resnet18"]
     args.serving_workers = args.serving_workers or ([1] if args.smoke else [1, 4])
     args.serving_concurrency = args.serving_concurrency or ([8] if args.smoke else [64])
@@ -662,7 +578,7 @@ def main(args: argparse.Namespace) -> None:
     # Subprocesses (export_speed, the load clients, the service and its workers) find the repository too.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))
     budget = Budget(args.budget_s)
-    results = Results(args.out, " ".join(["python", *sys.argv]))
+    results = Results(args.out, " ".join(["python", *sys.argv]), HEADERS)
     env = environment(args)
     args.cuda_provider = env.get("cuda_provider") == "loads"
     line = (
@@ -675,7 +591,7 @@ def main(args: argparse.Namespace) -> None:
 
     cuda = torch.cuda.is_available() and not args.smoke
     # On a GPU, exports (CPU work) run beside the training; in smoke, in turn (in-process runs share stdout).
-    exports = None if args.smoke else ThreadPoolExecutor(2, thread_name_prefix="export")
+    exports = None if args.smoke else ThreadPoolExecutor(2, "export", initializer=off_training_cores)
     jobs = []
 
     def export_later(name: str, checkpoint: Path | None) -> None:
@@ -685,14 +601,24 @@ def main(args: argparse.Namespace) -> None:
         jobs.append(exports.submit(*job) if exports else job[0](*job[1:]))
 
     for row in ROWS:
-        export_later(row[0], train_row(results, row, args, budget))
-    resnet = args.work / "runs" / "resnet18" / "log.csv"
-    resnet_epoch_s = statistics.median(r["seconds"] for r in read_log(resnet.parent)) if resnet.is_file() else None
-    long_checkpoint = long_run(results, args, budget, resnet_epoch_s)
-    if args.smoke:  # its export is step 4's for any row: CI's minute is spent on those already
-        results.add("export", {"model": "resnet18-long", "skipped": "exported on a GPU only"})
+        if row[0] not in args.rows:
+            results.add("train", {"model": row[0], "skipped": "not in --rows"}, section="training", label=row[0])
+        elif "export" in args.skip:
+            train_row(results, row, args, budget)
+        else:
+            export_later(row[0], train_row(results, row, args, budget))
+    if "long" in args.skip:
+        results.add("long_recipe", {"model": "resnet18", "skipped": "--skip long"})
     else:
-        export_later("resnet18-long", long_checkpoint)
+        resnet = args.work / "runs" / "resnet18" / "log.csv"
+        resnet_epoch_s = statistics.median(r["seconds"] for r in read_log(resnet.parent)) if resnet.is_file() else None
+        long_checkpoint = long_run(results, args, budget, resnet_epoch_s)
+        if args.smoke:  # its export is step 4's for any row: CI's minute is spent on those already
+            results.add("export", {"model": "resnet18-long", "skipped": "exported on a GPU only"})
+        elif "export" not in args.skip:
+            export_later("resnet18-long", long_checkpoint)
+    if "export" in args.skip:
+        results.add("export", {"skipped": "--skip export"})
     for job in jobs:
         if exports:
             try:
@@ -701,9 +627,11 @@ def main(args: argparse.Namespace) -> None:
                 results.add("export", {"error": f"{type(err).__name__}: {err}"[:400]})
     if exports:
         exports.shutdown()
-    export_speed(results, args, budget)
-    compile_speed(results, args, budget)
-    serve(results, args, budget)
+    for name, run_step in (("speed", export_speed), ("compile", compile_speed), ("serving", serve)):
+        if name in args.skip:
+            results.add(STEP_NAMES[name], {"skipped": f"--skip {name}"})
+        else:
+            run_step(results, args, budget)
     results.add("done", {"seconds": round(time.monotonic() - started, 1), "budget_s": args.budget_s})
 
 

@@ -4,6 +4,7 @@ ones that need CUDA say so."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import subprocess
@@ -86,3 +87,21 @@ def test_the_python_load_client_reads_sized_and_chunked_answers():
         b"HTTP/1.1 503 Busy\r\ntransfer-encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     )
     assert asyncio.run(answers(sized + chunked)) == [(200, False), (503, True)]
+
+
+def test_a_training_stopped_by_its_limit_keeps_the_epochs_it_finished(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from suite_runner import Results, train_step
+
+    out, results = tmp_path / "run", Results(tmp_path / "out", "test", {})
+    args = argparse.Namespace(smoke=True)  # no budget floor; a plain command still runs as a subprocess
+    one_epoch = "epoch,test_acc,examples_per_s,seconds\n1,0.5,100.0,1.5\n"
+    script = f"import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); p.mkdir(); (p / 'log.csv').write_text({one_epoch!r}); time.sleep(60)"
+    log, seconds, cut = train_step(results, "train", {}, [sys.executable, "-c", script, str(out)], 5, args, out)
+    assert log == [{"epoch": 1.0, "test_acc": 0.5, "examples_per_s": 100.0, "seconds": 1.5}]
+    assert seconds == 5 and cut == "stopped by its 5 s limit"
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]  # the old log.csv is not this run's
+    assert train_step(results, "train", {"model": "m"}, silent, 3, args, out) is None
+    assert json.loads((tmp_path / "out" / "results.jsonl").read_text())["error"] == (
+        "stopped by its 3 s limit, before its first epoch"
+    )
