@@ -170,7 +170,7 @@ def environment(args: argparse.Namespace) -> dict:
         "onnxruntime_from": str(Path(ort.__file__).parent.parent),
         "providers": providers,
         "wrk": shutil.which("wrk"),
-        "bentoml": installed("bentoml"),
+        "bentoml": installed("bentoml") or serving_site_bentoml(args),
         "work": str(args.work),
         "work_free_gb": round(shutil.disk_usage(args.work).free / 1e9, 1),
     }
@@ -198,6 +198,10 @@ def off_training_cores() -> None:
         os.sched_setaffinity(0, range(2, os.cpu_count()))
 
 
+def serving_site_bentoml(args) -> str | None:
+    return "in --serving-site" if args.serving_site and (args.serving_site / "bentoml").is_dir() else None
+
+
 def installed(name: str) -> str | None:
     try:
         return version(name) if importlib.util.find_spec(name) else None
@@ -210,8 +214,8 @@ def warn(message: str) -> None:
 
 
 def cuda_provider_check() -> str:
-    """ "loads", or why a one-node graph does not run on the CUDA provider (listed is not loaded:
-    its CUDA and cuDNN libraries must be found too)."""
+    """The word "loads", or why a one-node graph does not run on the CUDA provider (listed is not
+    loaded: its CUDA and cuDNN libraries must be found too)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -411,18 +415,11 @@ def export_speed(results: Results, args, budget: Budget) -> None:
     jsonl = args.work / "export-speed.jsonl"
     jsonl.unlink(missing_ok=True)
     command = [sys.executable, "benchmarks/export_speed.py", "--models", *args.speed_models, "--device", device]
-    command += [
-        "--rounds",
-        "1" if args.smoke else "5",
-        "--write",
-        str(args.out / "BENCHMARKS.md"),
-        "--jsonl",
-        str(jsonl),
-    ]
+    rounds, document = "1" if args.smoke else "5", str(args.out / "BENCHMARKS.md")
+    command += ["--rounds", rounds, "--write", document, "--jsonl", str(jsonl)]
     command += ["--data-dir", str(args.data_dir)] if args.data_dir else []
-    seconds = step(
-        results, "export_speed", {"models": args.speed_models}, command, budget.limit(args.speed_limit_s), args
-    )
+    limit_s = budget.limit(args.speed_limit_s)
+    seconds = step(results, "export_speed", {"models": args.speed_models}, command, limit_s, args)
     for line in jsonl.read_text().splitlines() if jsonl.exists() else []:  # whatever it finished, even if cut off
         results.add("export_speed", json.loads(line))
     if device == "cpu":  # the CUDA engines were not run: say so, model by model
@@ -469,7 +466,7 @@ def serve(results: Results, args, budget: Budget) -> None:
     why = None
     if not graph.is_file():
         why = "no ResNet-18 graph: its training or export did not finish"
-    elif installed("bentoml") is None and not (args.serving_site and (args.serving_site / "bentoml").is_dir()):
+    elif installed("bentoml") is None and serving_site_bentoml(args) is None:
         why = "bentoml is not installed here: carry .gpu/site (make gpu-parts) and pass --serving-site"
     elif limit_s < MIN_STEP_S and not args.smoke:
         why = "the suite's --budget-s was spent before this step"
