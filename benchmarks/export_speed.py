@@ -3,13 +3,14 @@
     python benchmarks/export_speed.py --write BENCHMARKS.md                  # every model, on the CPU
     python benchmarks/export_speed.py --device cuda --write BENCHMARKS.md    # on a GPU
     python benchmarks/export_speed.py --models resnet34 --rounds 9
+    python benchmarks/export_speed.py --device cuda --data-dir /tmp/fashion-mnist --jsonl speed.jsonl
 
 The engines, per device:
 - cpu: PyTorch eager fp32; the graph in fp32; the graph quantized to int8 as ``python -m export
   --int8`` does it, calibrated on Fashion-MNIST training images.
 - cuda: PyTorch eager fp32; the graph in fp32 and in fp16 (``--fp16``) on the CUDA provider; the
   fp32 graph on the TensorRT provider, in fp32 and with its fp16 mode, when this onnxruntime
-  build has TensorRT.
+  build has TensorRT (an engine it cannot load is a row saying why, never a silent gap).
 All get the same real Fashion-MNIST test images resized to the model's input, and are timed in
 alternating rounds (these machines are shared and noisy), reporting medians. Each row says what its
 speed cost: top-1 agreement with eager fp32 and the largest |logit difference| on the batch-64
@@ -20,6 +21,7 @@ weights is what ``python -m export --int8`` verifies on every export.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -67,6 +69,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--write", type=Path, default=None, help="replace this device's table between its markers in this file"
     )
+    parser.add_argument(
+        "--jsonl",
+        type=Path,
+        default=None,
+        help="also append each row, and each engine not measured, here (default: none)",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="the Fashion-MNIST files (default: found as training finds them)"
+    )
     return parser
 
 
@@ -102,10 +113,20 @@ def onnx_engine(graph: bytes, providers: list, threads: int) -> Engine:
     return lambda pixels: session.run(None, {name: pixels})[0]
 
 
-def engines(model: torch.nn.Module, card: ModelCard, device: str, threads: int, cache: Path) -> dict[str, Engine]:
+def engines(
+    model: torch.nn.Module,
+    card: ModelCard,
+    device: str,
+    threads: int,
+    cache: Path,
+    data_dir: Path | None = None,
+    skipped: dict[str, str] | None = None,
+) -> dict[str, Engine]:
+    """The engines of ``device``; each one not measured goes into ``skipped`` with the reason."""
+    skipped = {} if skipped is None else skipped
     proto = export_graph(model, card)[0]
     if device == "cpu":
-        calibration = calibration_sample(FashionMNIST("train", card), CALIBRATION_IMAGES)
+        calibration = calibration_sample(FashionMNIST("train", card, data_dir), CALIBRATION_IMAGES)
         cpu = ["CPUExecutionProvider"]
         return {
             "eager fp32": eager_engine(model, "cpu"),
@@ -118,7 +139,10 @@ def engines(model: torch.nn.Module, card: ModelCard, device: str, threads: int, 
         "onnx fp32": onnx_engine(graph, ["CUDAExecutionProvider"], threads),
         "onnx fp16": onnx_engine(fp16_graph, ["CUDAExecutionProvider"], threads),
     }
-    if "TensorrtExecutionProvider" in ort.get_available_providers():
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        for label in ("tensorrt fp32", "tensorrt fp16"):
+            skipped[label] = "this onnxruntime build has no TensorrtExecutionProvider"
+    else:
         shape = f"{card.in_channels}x{card.height}x{card.width}"
         for label, fp16 in (("tensorrt fp32", False), ("tensorrt fp16", True)):
             options = {
@@ -133,12 +157,21 @@ def engines(model: torch.nn.Module, card: ModelCard, device: str, threads: int, 
                 found[label] = onnx_engine(
                     graph, [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"], threads
                 )
-            except RuntimeError as err:  # listed by the build, but its libraries are not installed here
-                print(f"{card.arch}: {label} not measured: {err}", flush=True)
+            except Exception as err:  # listed by the build, but its libraries are not installed here
+                skipped[label] = f"TensorrtExecutionProvider did not load: {str(err).strip().splitlines()[0][:300]}"
+                print(f"{card.arch}: {label} not measured: {skipped[label]}", flush=True)
     return found
 
 
-def measure(name: str, device: str, threads: int, rounds: int, cache: Path) -> list[dict]:
+def measure(
+    name: str,
+    device: str,
+    threads: int,
+    rounds: int,
+    cache: Path,
+    data_dir: Path | None = None,
+    skipped: dict[str, str] | None = None,
+) -> list[dict]:
     torch.manual_seed(0)
     size = default_size(name)
     card = ModelCard(
@@ -153,8 +186,8 @@ def measure(name: str, device: str, threads: int, rounds: int, cache: Path) -> l
     model = build_model(card).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        found = engines(model, card, device, threads, cache)
-    test = FashionMNIST("test", card)
+        found = engines(model, card, device, threads, cache, data_dir, skipped)
+    test = FashionMNIST("test", card, data_dir)
     images = stack_items(test, range(max(BATCHES)))[0]
     rows = {label: {"model": name, "input": f"1x{size}x{size}", "engine": label} for label in found}
     for batch in BATCHES:
@@ -183,7 +216,7 @@ def device_name(device: str, threads: int) -> str:
     )
 
 
-def table(rows: list[dict], device: str, threads: int) -> str:
+def table(rows: list[dict], device: str, threads: int, skipped: dict[str, str] | None = None) -> str:
     lines = [
         (
             f"Device: {device_name(device, threads)}; torch {torch.__version__}, onnxruntime {ort.__version__}; "
@@ -196,6 +229,8 @@ def table(rows: list[dict], device: str, threads: int) -> str:
     ]
     for r in rows:
         lines.append(row_line(r, {x["engine"]: x for x in rows if x["model"] == r["model"]}))
+    if skipped:
+        lines += ["", "Not measured: " + "; ".join(f"{engine}: {why}" for engine, why in skipped.items()) + "."]
     return "\n".join(lines)
 
 
@@ -223,14 +258,23 @@ def main(args: argparse.Namespace) -> None:
             f"error: --device cuda, but this onnxruntime has only {ort.get_available_providers()} (install onnxruntime-gpu)"
         )
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, not_measured = [], {}
     with tempfile.TemporaryDirectory(prefix="export-speed-") as cache:
         for name in args.models:
-            mine = measure(name, args.device, args.threads, args.rounds, Path(cache))
+            skipped: dict[str, str] = {}
+            mine = measure(name, args.device, args.threads, args.rounds, Path(cache), args.data_dir, skipped)
             rows += mine
+            not_measured.update(skipped)
             for r in mine:
                 print(row_line(r, {x["engine"]: x for x in mine}), flush=True)
-    text = table(rows, args.device, args.threads)
+            if args.jsonl:  # as each model is done, so a run cut short keeps the models before
+                records = [{**r, "device": args.device} for r in mine]
+                records += [
+                    {"model": name, "engine": e, "device": args.device, "skipped": why} for e, why in skipped.items()
+                ]
+                with open(args.jsonl, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+    text = table(rows, args.device, args.threads, not_measured)
     print(text)
     if args.write:
         section, heading = SECTIONS[args.device]

@@ -115,6 +115,19 @@ def test_resume_without_epochs_finishes_the_run_as_planned(tmp_path):
     assert state(run / "last.pt")["epoch"] == 3
 
 
+def test_compile_trains_through_torch_compile_and_a_resume_compiles_only_when_asked(tmp_path, monkeypatch, capsys):
+    # torch.compile itself is measured on the GPU (benchmarks/gpu_suite.py); on a CPU it takes minutes.
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    run = tmp_path / "run"
+    recipe = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "32", "--model", "lenet"]
+    train_module.main(train_args(*recipe, "--epochs", "1", "--compile", "--output-dir", str(run)))
+    assert len(compiled) == 1 and ", compiled, data path" in capsys.readouterr().out
+    assert state(run / "last.pt")["args"]["compile"] is True
+    train_module.main(train_args("--resume", str(run / "last.pt"), "--epochs", "2"))  # how to run, not what
+    assert len(compiled) == 1 and state(run / "last.pt")["epoch"] == 2
+
+
 def make_folder(root, classes=("blue", "green", "red"), per_class=16):
     colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
     rng = np.random.default_rng(0)

@@ -136,12 +136,12 @@ def augment_batch(pixels: torch.Tensor, augment: Augment, generator: torch.Gener
     device = pixels.device
 
     def uniform(*shape) -> torch.Tensor:  # drawn on the CPU generator, then moved: same on any device
-        return torch.rand(shape, generator=generator).to(device)
+        return to_device(torch.rand(shape, generator=generator), device)
 
     if augment.crop_padding:
         p = augment.crop_padding
         padded = F.pad(pixels, (p, p, p, p))
-        top, left = (torch.randint(0, 2 * p + 1, (2, batch), generator=generator).to(device)).unbind(0)
+        top, left = to_device(torch.randint(0, 2 * p + 1, (2, batch), generator=generator), device).unbind(0)
         rows = (top[:, None] + torch.arange(height, device=device))[:, None, :, None]  # [B, 1, H, 1]
         cols = (left[:, None] + torch.arange(width, device=device))[:, None, None, :]  # [B, 1, 1, W]
         samples = torch.arange(batch, device=device)[:, None, None, None]
@@ -171,3 +171,12 @@ def augment_batch(pixels: torch.Tensor, augment: Augment, generator: torch.Gener
         noise = torch.randint(0, 256, pixels.shape, dtype=torch.uint8, device=device)
         pixels = torch.where((inside & erase[:, None, None])[:, None], noise, pixels)
     return pixels.contiguous()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the GPU: a plain copy from pageable memory
+    first waits for every step already queued, once per draw, every step. Pinned and non-blocking,
+    the host runs ahead; PyTorch keeps the pinned source alive until the copy is done."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -39,7 +39,7 @@ from training.tensors import MAX_BYTES, TensorBatches, as_tensors, input_bytes
 logger = logging.getLogger(__name__)
 # On --resume these come from the command line; every other argument comes from the checkpoint.
 DATA_PATHS = ("auto", "tensors", "loader")
-RESUME_OVERRIDES = ("epochs", "workers", "device", "output_dir", "resume")
+RESUME_OVERRIDES = ("epochs", "workers", "device", "output_dir", "resume", "compile")
 DEFAULT_EPOCHS = 10
 
 
@@ -82,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="fine-tuning: learning rate of loaded parameters relative to --lr (default: 1.0)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="train through torch.compile (default: off; compiling takes a minute or more, and long on a CPU)",
     )
     parser.add_argument("--workers", type=int, default=0, help="data loader processes (default: 0)")
     parser.add_argument(
@@ -150,9 +155,9 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        totals += torch.stack(
-            [loss.detach() * len(labels), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=device)]
-        )
+        # Counted on the device: torch.tensor(n, device=cuda) would copy from the host and wait for the GPU.
+        seen = torch.full((), len(labels), device=device)
+        totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(), seen])
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, correct, seen = totals.tolist()
@@ -281,6 +286,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     device_ids = [device.index] if device.type == "cuda" else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
+    if args.compile:  # training steps only; evaluation and checkpoints use the plain module, which shares its weights
+        net = torch.compile(net)
 
     start_epoch, best_acc = 1, -1.0
     if resumed:
@@ -299,7 +306,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         print(
             f"training {card.arch} {dict(card.arch_args)} on {len(train_set)} {card.dataset} images "
             f"({card.in_channels}x{card.height}x{card.width}), testing on {len(test_set)}; device {device}"
-            f"{f' x{world}' if world > 1 else ''}, amp {amp}, data path {data_path} ({why}), output {output_dir}",
+            f"{f' x{world}' if world > 1 else ''}, amp {amp}{', compiled' if args.compile else ''}, data path {data_path} "
+            f"({why}), output {output_dir}",
             flush=True,
         )
     metrics: dict = {}
