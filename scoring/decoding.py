@@ -1,0 +1,59 @@
+"""Reading and decoding a batch of entries into model input: what a decoding process of the local
+engine, or a Ray task, runs. Imports neither ONNX Runtime nor pyarrow, so a decoding process
+starts quickly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from model_store import ImageError, ModelCard, image_bytes_to_input
+from scoring.sources import Entry, Source
+
+logger = logging.getLogger(__name__)
+
+
+def load_inputs(source: Source, entries: list[Entry], card: ModelCard) -> list[np.ndarray | str]:
+    """Each entry's model input, or the reason it cannot be used; the store's reads overlap."""
+    if source.read_threads > 1 and len(entries) > 1:
+        with ThreadPoolExecutor(min(source.read_threads, len(entries))) as pool:
+            return list(pool.map(lambda entry: _load(source, entry, card), entries))
+    return [_load(source, entry, card) for entry in entries]
+
+
+def _load(source: Source, entry: Entry, card: ModelCard) -> np.ndarray | str:
+    if entry.problem:
+        return entry.problem
+    try:
+        return image_bytes_to_input(source.read(entry.location), card)
+    except (ImageError, OSError) as err:
+        return str(err)
+    except Exception as err:  # a decoder bug on one crafted file costs that file's row, not the run
+        logger.warning("unexpected error decoding %s", entry.name, exc_info=True)
+        kind = f"{type(err).__module__}.{type(err).__qualname__}".removeprefix("builtins.")
+        return f"{kind}: {err}"
+
+
+def load_batch(source: Source, entries: list[Entry], card: ModelCard) -> tuple[np.ndarray | None, list[str | None]]:
+    """A batch's inputs stacked ([N, C, H, W] uint8, None when none could be used) and each entry's
+    error (None where it has an input). Runs in a decoding process or a Ray task."""
+    loaded = load_inputs(source, entries, card)
+    good = [x for x in loaded if not isinstance(x, str)]
+    return (np.stack(good) if good else None), [x if isinstance(x, str) else None for x in loaded]
+
+
+def exit_with_parent(parent: int) -> None:
+    """End this decoding process when ``parent`` is gone. A SIGKILLed scorer cannot stop its pool,
+    and a worker waits on a queue whose writing end it holds itself, so it would wait forever."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
