@@ -54,6 +54,17 @@ def test_a_stage_imports_only_what_the_design_allows(package):
     assert {file: names for file, names in offending.items() if names} == {}
 
 
+def test_only_the_ray_engine_imports_ray():
+    """Ray is the [scale] extra: the default scorer and everything else run without it."""
+    importers = {
+        str(path.relative_to(REPO))
+        for package in ("serving", "model_store", "scoring", "training", "export")
+        for path in sorted((REPO / package).rglob("*.py"))
+        if "ray" in imported_packages(path)
+    }
+    assert importers == {"scoring/ray_engine.py"}
+
+
 def test_export_takes_from_training_only_the_checkpoint_and_its_data():
     used = {
         str(path.relative_to(REPO)): sorted(
