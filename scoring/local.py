@@ -127,7 +127,7 @@ def _batches(entries: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
 def count_in_background(source: Source, progress: tqdm) -> None:
     """Give the progress bar its total (and so its ETA) from a second listing, in a thread: the
     scoring listing is read only as fast as scoring goes, so it cannot tell the total early."""
-    if progress.disable:
+    if progress.disable or not source.can_list_twice:
         return
 
     def count() -> None:

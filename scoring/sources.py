@@ -39,6 +39,7 @@ class FolderSource:
     plain files and folders; an explicit stack, so a deep tree cannot exhaust the recursion limit."""
 
     read_threads = 1
+    can_list_twice = True
 
     def __init__(self, folder: str):
         if not os.path.isdir(folder):
@@ -75,25 +76,26 @@ class FolderSource:
 
 
 class ListSource:
-    """The paths in a text file, one per line, each exactly as written (a name is its bytes up to
-    the newline); a relative path is relative to the list's folder. Empty lines are skipped."""
+    """The paths in a text file or a pipe, one per line, each exactly as written (a name is its
+    bytes up to the newline); a relative path is relative to the current folder, as ``find`` wrote
+    it. Empty lines are skipped."""
 
     read_threads = 1
     hidden = 0
 
     def __init__(self, list_file: str):
         self.list_file = list_file
+        self.can_list_twice = os.path.isfile(list_file)  # not a pipe: `find ... | cnn-score /dev/stdin`
 
     def describe(self) -> str:
         return f"list {os.path.realpath(self.list_file)}"
 
     def entries(self) -> Iterator[Entry]:
-        base = os.path.dirname(os.path.realpath(self.list_file))
         with open(self.list_file, "rb") as lines:
             for line in lines:
                 if line := line.removesuffix(b"\n"):
                     name = os.fsdecode(line)
-                    yield _listed(name, os.path.join(base, name))
+                    yield _listed(name, os.path.abspath(name))
 
     def read(self, location: str) -> bytes:
         return read_regular_file(location)
@@ -105,6 +107,7 @@ class StoreSource:
     Nothing here assumes a local disk: the file system object is what reads."""
 
     read_threads = STORE_READ_THREADS
+    can_list_twice = True
 
     def __init__(self, uri: str):
         import pyarrow.fs

@@ -17,7 +17,7 @@ from scoring import decoding, sources
 from scoring.__main__ import get_args_parser, main
 from scoring.parts import MANIFEST, OutputFolder
 from scoring.sources import FolderSource
-from tests.conftest import png_bytes, run_cli
+from tests.conftest import REPO, png_bytes, run_cli
 
 ONNX = "model_store/default/fashion-lenet.onnx"
 
@@ -285,7 +285,7 @@ def test_each_file_is_read_once(tmp_path, fashion_test, monkeypatch):
     assert sorted(reads) == sorted(str(folder / name) for name in names)
 
 
-def test_a_list_of_paths_gets_a_row_per_line(tmp_path, fashion_test):
+def test_a_list_of_paths_gets_a_row_per_line(tmp_path, fashion_test, monkeypatch):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.png").write_bytes(png_bytes(fashion_test[0][0]))
@@ -296,7 +296,8 @@ def test_a_list_of_paths_gets_a_row_per_line(tmp_path, fashion_test):
     listing = tmp_path / "paths.txt"
     listing.write_text("\n".join([*lines[:2], "", *lines[2:], "photos/fifo.png"]) + "\n")
 
-    record = score_here(listing, tmp_path / "out")
+    monkeypatch.chdir(tmp_path)  # relative lines are relative to the current folder, as find writes them
+    record = score_here(listing, tmp_path / "out", "--onnx", str(REPO / ONNX))
     assert (record["scored"], record["failed"]) == (6, 3)
     rows = {name.decode(): row for name, row in parquet_rows(tmp_path / "out").items()}
     assert sorted(rows) == sorted([*lines, "photos/fifo.png"])
