@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="local engine: decoding processes, 0 to decode in the main one (default: CPU count)",
+        help="local engine: worker processes, 0 to do everything in the main one (default: CPU count)",
     )
     parser.add_argument(
         "--ray-address", default=None, help="ray engine: the cluster to use (default: $RAY_ADDRESS, else a local one)"
@@ -143,7 +143,9 @@ def main(args: argparse.Namespace) -> dict:
         writer = local.PartWriter(args.output, run, args.format, args.part_rows)
         with tqdm(unit="img", initial=len(finished.done), disable=None, smoothing=0.1) as progress:
             local.count_in_background(source, progress)
-            local.score(source, pending(), classifier, writer, args.batch_size, args.top_k, args.workers, progress)
+            local.score(
+                source, pending(), classifier, model_path, writer, args.batch_size, args.top_k, args.workers, progress
+            )
         provider = classifier.provider
     record = output.finish(finished, {"skipped": skipped, "hidden": source.hidden, "provider": provider})
     resumed = f"{skipped} already scored, " if args.resume else ""

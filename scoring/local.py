@@ -1,15 +1,19 @@
-"""The single-machine engine: decode on a pool of processes, infer in batches, write parts as they fill.
+"""The single-machine engine: a pool of worker processes, batched inference, parts written as they fill.
 
 Decoding a small PNG is mostly Python (Pillow's header parsing, NumPy's conversion) holding the
-GIL, so processes, not threads, put every core to work. A decoding process gets a batch of entries
-and returns the stacked inputs and the errors; this process runs ONNX Runtime on the batch, builds
-its rows and adds them to the part being filled. At most two batches per decoding process are in
-flight, so the listing is read only as fast as scoring goes and memory stays bounded.
+GIL, so processes, not threads, put every core to work. A worker gets a batch of entries, reads and
+decodes them and, on the CPU, scores them with its own one-thread ONNX Runtime session, returning
+the probabilities and the errors (as Ray's fused replicas do: no pixels cross processes, and no
+thread pool of this process fights the workers for the cores). With a GPU, this process holds the
+one session and the workers only decode. This process lists, builds the rows and writes the parts.
+At most two batches per worker are in flight, so the listing is read only as fast as scoring goes
+and memory stays bounded.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import multiprocessing
 import os
@@ -24,11 +28,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from scoring.decoding import exit_with_parent, load_batch
+from scoring.decoding import exit_with_parent, load_batch, score_batch
 from scoring.parts import part_name, write_part
 from scoring.results import result_table
 from scoring.sources import Entry, Source
-from serving.engine import OnnxClassifier
+from serving.engine import GPU_PROVIDER, OnnxClassifier
 
 PART_SECONDS = 60.0  # a part is closed this long after its first row even when not full: a slow model loses a minute
 
@@ -70,24 +74,27 @@ def score(
     source: Source,
     entries: Iterator[Entry],
     classifier: OnnxClassifier,
+    model: Path,
     writer: PartWriter,
     batch_size: int,
     k: int,
     workers: int,
     progress: tqdm,
 ) -> tuple[int, int]:
-    """Score ``entries`` into ``writer``; returns (rows written, of which failed). ``workers`` decoding
-    processes (0: decode in this process)."""
+    """Score ``entries`` into ``writer``; returns (rows written, of which failed). ``workers`` worker
+    processes (0: everything in this process, with ``classifier``)."""
     card = classifier.card
     pool = None
     if workers:  # spawned, not forked: this process already runs ONNX Runtime's threads
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(workers, context, initializer=exit_with_parent, initargs=(os.getpid(),))
+    replicas = pool is not None and classifier.provider != GPU_PROVIDER
+    task = functools.partial(score_batch, model=str(model)) if replicas else load_batch
     in_flight: deque[tuple[list[str], Future]] = deque()
     rows = failed = 0
     try:
         for batch in _batches(entries, batch_size):
-            in_flight.append(([entry.name for entry in batch], _submit(pool, source, batch, card)))
+            in_flight.append(([entry.name for entry in batch], _submit(pool, task, source, batch, card)))
             while len(in_flight) > 2 * max(workers, 1):
                 rows, failed = _finish(in_flight.popleft(), classifier, writer, k, progress, rows, failed)
         while in_flight:
@@ -99,11 +106,11 @@ def score(
     return rows, failed
 
 
-def _submit(pool: ProcessPoolExecutor | None, source: Source, batch: list[Entry], card) -> Future:
+def _submit(pool: ProcessPoolExecutor | None, task, source: Source, batch: list[Entry], card) -> Future:
     if pool is not None:
-        return pool.submit(load_batch, source, batch, card)
+        return pool.submit(task, source, batch, card)
     future: Future = Future()
-    future.set_result(load_batch(source, batch, card))
+    future.set_result(task(source, batch, card))
     return future
 
 
@@ -111,9 +118,12 @@ def _finish(
     item: tuple[list[str], Future], classifier: OnnxClassifier, writer: PartWriter, k: int, progress, rows, failed
 ) -> tuple[int, int]:
     names, future = item
-    pixels, errors = future.result()
+    array, errors = future.result()  # inputs, or a worker's probabilities
     card = classifier.card
-    probabilities = classifier.predict(pixels) if pixels is not None else np.empty((0, card.num_classes), np.float32)
+    if array is None:
+        probabilities = np.empty((0, card.num_classes), np.float32)
+    else:
+        probabilities = classifier.predict(array) if array.dtype == np.uint8 else array
     writer.add(result_table(names, errors, probabilities, card.class_names, k))
     progress.update(len(names))
     return rows + len(names), failed + sum(error is not None for error in errors)
