@@ -86,31 +86,33 @@ class Finished:
     parts: dict[str, int] = field(default_factory=dict)  # part name -> rows
 
 
-def read_parts(folder: Path) -> Finished:
-    """The ids, row and failure counts of every part file in ``folder``."""
+def read_parts(folder: Path, ids: bool = True) -> Finished:
+    """The row and failure counts of every part file in ``folder``, and with ``ids`` their ids (what
+    resume needs; counting alone reads only the ``error`` column of a Parquet part)."""
     digests, rows, failed, parts = [], 0, 0, {}
     for name in sorted(os.listdir(folder)):
         if not PART.fullmatch(name):
             continue
         try:
-            ids, errors = _part_ids(folder / name)
+            part_ids, count, errors = _read_part(folder / name, ids)
         except (OSError, ValueError, pa.ArrowException) as err:
             raise ValueError(f"cannot read {folder / name}: {err}; delete it to score its rows again") from None
-        digests.append(np.array([_digest(i) for i in ids], "S16"))
-        rows, failed, parts[name] = rows + len(ids), failed + errors, len(ids)
+        digests.append(np.array([_digest(i) for i in part_ids], "S16"))
+        rows, failed, parts[name] = rows + count, failed + errors, count
     done = DoneSet(np.concatenate(digests) if digests else None)
-    if len(done) != rows:
+    if ids and len(done) != rows:
         logger.warning("%s holds %d rows for %d distinct paths: the input named some twice", folder, rows, len(done))
     return Finished(done, rows, failed, parts)
 
 
-def _part_ids(path: Path) -> tuple[list[bytes], int]:
+def _read_part(path: Path, ids: bool) -> tuple[list[bytes], int, int]:
+    """A part's ids (when asked for), rows and failed rows."""
     if path.suffix == ".parquet":
-        table = pq.read_table(path, columns=["path", "path_bytes", "error"])
-        return row_ids(table), len(table) - table.column("error").null_count
+        table = pq.read_table(path, columns=["path", "path_bytes", "error"] if ids else ["error"])
+        return row_ids(table) if ids else [], len(table), len(table) - table.column("error").null_count
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         pairs = list(read_csv_ids(f))
-    return [i for i, _ in pairs], sum(bad for _, bad in pairs)
+    return [i for i, _ in pairs] if ids else [], len(pairs), sum(bad for _, bad in pairs)
 
 
 class OutputFolder:
@@ -159,7 +161,7 @@ class OutputFolder:
 
     def finish(self, before: Finished, about_run: dict) -> dict:
         """Count what the parts hold now, mark the run and the folder complete; returns the run's record."""
-        now = read_parts(self.path)
+        now = read_parts(self.path, ids=False)
         record = {
             "scored": now.rows - before.rows,
             "failed": now.failed - before.failed,
