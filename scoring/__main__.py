@@ -29,6 +29,7 @@ from serving.engine import OnnxClassifier
 logger = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
+SCALE_INSTALL = "pip install 'classic-cnns[scale]' (from a checkout: pip install -e '.[scale]')"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,14 +86,17 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(
             f"--workers must be 0 or more and --concurrency 1 or more, got {args.workers}, {args.concurrency}"
         )
+    if args.engine == "ray":
+        try:
+            from scoring import ray_engine
+        except ModuleNotFoundError as err:
+            if err.name != "ray":
+                raise
+            raise ValueError(
+                f"--engine ray needs Ray, which is not installed; install it with {SCALE_INSTALL}"
+            ) from None
     source = open_source(args.source)
-    if args.onnx is not None:
-        model_path, model_name = args.onnx, str(args.onnx)
-    else:
-        from model_store.store import MODEL_FILE, open_model
-
-        stored = open_model(args.model)
-        model_path, model_name = Path(stored.path_of(MODEL_FILE)), str(stored.tag)
+    model_path, model_name = _model_file(args)
     classifier = OnnxClassifier(model_path, args.device)
     if classifier.provider_error and args.device == "cuda":
         raise ValueError(f"--device cuda: {classifier.provider_error}")
@@ -120,8 +124,6 @@ def main(args: argparse.Namespace) -> dict:
                 yield entry
 
     if args.engine == "ray":
-        from scoring import ray_engine
-
         provider = ray_engine.score(
             source,
             pending(),
@@ -155,6 +157,16 @@ def main(args: argparse.Namespace) -> dict:
         f"{args.output} holds {record['rows']} rows in {record['parts']} {args.format} parts"
     )
     return record
+
+
+def _model_file(args: argparse.Namespace) -> tuple[Path, str]:
+    """The ONNX file to score with, and how to name it."""
+    if args.onnx is not None:
+        return args.onnx, str(args.onnx)
+    from model_store.store import MODEL_FILE, open_model
+
+    stored = open_model(args.model)
+    return Path(stored.path_of(MODEL_FILE)), str(stored.tag)
 
 
 def cli(argv: list[str] | None = None) -> int:

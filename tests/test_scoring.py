@@ -378,3 +378,24 @@ def test_resume_refuses_other_settings_and_a_busy_or_foreign_folder(tmp_path, fa
     foreign = score(folder, tmp_path / "home")
     assert foreign.returncode == 2 and "is not empty and holds no scoring run" in foreign.stderr
     assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
+
+
+def test_the_ray_engine_without_ray_says_how_to_install_it(tmp_path):
+    fake = tmp_path / "site" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
+    result = run_cli(
+        "-m",
+        "scoring",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "out"),
+        "--onnx",
+        ONNX,
+        "--engine",
+        "ray",
+        env={"PYTHONPATH": str(tmp_path / "site")},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--engine ray needs Ray, which is not installed" in result.stderr and "[scale]" in result.stderr
+    assert not (tmp_path / "out").exists()
