@@ -88,7 +88,8 @@ class ListSource:
         self.can_list_twice = os.path.isfile(list_file)  # not a pipe: `find ... | cnn-score /dev/stdin`
 
     def describe(self) -> str:
-        return f"list {os.path.realpath(self.list_file)}"
+        # a pipe is named as given: /dev/stdin resolves to a new pipe:[inode] on every run
+        return f"list {os.path.realpath(self.list_file) if self.can_list_twice else self.list_file}"
 
     def entries(self) -> Iterator[Entry]:
         with open(self.list_file, "rb") as lines:
