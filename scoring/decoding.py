@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -61,13 +62,29 @@ def score_batch(source: Source, entries: list[Entry], card: ModelCard, model: st
     return _replicas[model].predict(inputs), errors
 
 
-def exit_with_parent(parent: int) -> None:
-    """End this decoding process when ``parent`` is gone. A SIGKILLed scorer cannot stop its pool,
-    and a worker waits on a queue whose writing end it holds itself, so it would wait forever."""
+def exit_with_scorer(scorer: int) -> None:
+    """End this worker once the scorer process has exited. A SIGKILLed scorer cannot stop its pool;
+    its workers would wait forever on a queue whose writing end they hold themselves, and keep the
+    fork server they came from alive (it waits for every holder of the scorer's pipe)."""
+    try:  # Linux: readable once the scorer has exited, even before its parent reaps it
+        exited = os.pidfd_open(scorer)
+    except (AttributeError, OSError):
+        exited = None
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
+        if exited is not None:
+            select.select([exited], [], [])
+        else:
+            while _running(scorer):
+                time.sleep(0.5)
         os._exit(1)
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name="exit-with-scorer", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks the PID, delivers nothing
+    except ProcessLookupError:
+        return False
+    return True

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from scoring.decoding import exit_with_parent, load_batch, score_batch
+from scoring.decoding import exit_with_scorer, load_batch, score_batch
 from scoring.parts import part_name, write_part
 from scoring.results import result_table
 from scoring.sources import Entry, Source
@@ -85,9 +85,12 @@ def score(
     processes (0: everything in this process, with ``classifier``)."""
     card = classifier.card
     pool = None
-    if workers:  # spawned, not forked: this process already runs ONNX Runtime's threads
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(workers, context, initializer=exit_with_parent, initargs=(os.getpid(),))
+    if workers:
+        # Forked from a server process that has imported the decoding path once, not from this one,
+        # which already runs ONNX Runtime's threads (a fork would copy their locks mid-use).
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["scoring.decoding"])
+        pool = ProcessPoolExecutor(workers, context, initializer=exit_with_scorer, initargs=(os.getpid(),))
     replicas = pool is not None and classifier.provider != GPU_PROVIDER
     task = functools.partial(score_batch, model=str(model)) if replicas else load_batch
     in_flight: deque[tuple[list[str], Future]] = deque()
