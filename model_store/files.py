@@ -20,7 +20,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> I
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(path)
+    remove_stale_temp_files(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, mode, **open_kwargs) as f:
@@ -33,15 +33,16 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> I
         raise
 
 
-def _remove_stale_temp_files(path: Path) -> None:
-    """Delete ``.{name}.PID.tmp`` siblings whose PID is no running process: left by a SIGKILL or power cut.
+def remove_stale_temp_files(folder: str | os.PathLike, name: str | None = None) -> None:
+    """Delete the ``.{name}.PID.tmp`` files in ``folder`` (of any name when ``name`` is None) whose PID
+    is no running process: left by a SIGKILL or power cut.
 
     A live process's temp file is never touched. A process of another PID namespace writing to the
     same folder (a container sharing a volume) looks dead from here; its write would then fail at
     the rename, loudly, instead of leaving a wrong file.
     """
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.([0-9]+)\.tmp")
-    for sibling in path.parent.iterdir():
+    pattern = re.compile(rf"\.{re.escape(name) if name else '.+'}\.([0-9]+)\.tmp")
+    for sibling in Path(folder).iterdir():
         match = pattern.fullmatch(sibling.name)
         if match and _process_is_gone(int(match[1])):
             with suppress(OSError):  # another user's file in a shared folder: theirs to clean

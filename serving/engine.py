@@ -37,7 +37,7 @@ class OnnxClassifier:
     onnxruntime-gpu build) and ONNX Runtime fell back to the CPU: the caller must say so loudly.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int = 0):
+    def __init__(self, path: str | os.PathLike | bytes, device: str = "auto", threads: int = 0):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads  # 0: one per core
@@ -45,10 +45,14 @@ class OnnxClassifier:
         # steady load that burnt 42% of the service's CPU, stolen from decoding and HTTP.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers_for(device)
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        # bytes: the graph itself, as a Ray actor on another machine receives it
+        self.session = ort.InferenceSession(
+            path if isinstance(path, bytes) else str(path), options, providers=providers
+        )
         props = self.session.get_modelmeta().custom_metadata_map
         if ONNX_METADATA_KEY not in props:
-            raise ValueError(f"{path} carries no model card; export it with `python -m export`")
+            what = self._name(path) if isinstance(path, bytes) else path
+            raise ValueError(f"{what} carries no model card; export it with `python -m export`")
         self.card = ModelCard.from_json(props[ONNX_METADATA_KEY])
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
@@ -69,8 +73,12 @@ class OnnxClassifier:
             )
             logger.error("%s", self.provider_error)
         logger.info(
-            "loaded %s (%s, %d classes) on %s", Path(path).name, self.card.arch, self.card.num_classes, self.provider
+            "loaded %s (%s, %d classes) on %s", self._name(path), self.card.arch, self.card.num_classes, self.provider
         )
+
+    @staticmethod
+    def _name(path: str | os.PathLike | bytes) -> str:
+        return f"a graph of {len(path):,} bytes" if isinstance(path, bytes) else Path(path).name
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         expected = (self.card.in_channels, self.card.height, self.card.width)

@@ -1,5 +1,6 @@
 """The dependency rules of the design, held by CI: serving never imports torch, training or export;
-model_store imports no other stage; int8 quantization takes arrays, not training's datasets; export
+model_store imports no other stage; the offline scorer (scoring) uses serving's engine, never the
+reverse, and only its Ray engine imports Ray; int8 quantization takes arrays, not training's datasets; export
 takes from training only what rebuilds a checkpoint's model and data, never its flags or loop; the
 data spec is torch-free. Checked in the source (every import statement) and at run time (what
 importing the serving path really loads)."""
@@ -16,8 +17,9 @@ import pytest
 from tests.conftest import REPO
 
 FORBIDDEN = {
-    "serving": {"torch", "torchvision", "training", "export", "onnx"},
-    "model_store": {"torch", "torchvision", "training", "export", "serving", "onnx"},
+    "serving": {"torch", "torchvision", "training", "export", "onnx", "scoring", "ray"},
+    "model_store": {"torch", "torchvision", "training", "export", "serving", "onnx", "scoring", "ray"},
+    "scoring": {"torch", "torchvision", "training", "export", "onnx"},
     "export/quantize.py": {"torch", "torchvision", "training"},  # arrays in, a graph out
     "training/dataspec.py": {"torch", "torchvision", "onnx", "export", "serving"},  # read wherever a checkpoint is
     "training/extras.py": {"torch", "torchvision", "onnx", "onnxscript"},  # speaks when they are missing
@@ -52,6 +54,17 @@ def test_a_stage_imports_only_what_the_design_allows(package):
     assert {file: names for file, names in offending.items() if names} == {}
 
 
+def test_only_the_ray_engine_imports_ray():
+    """Ray is the [scale] extra: the default scorer and everything else run without it."""
+    importers = {
+        str(path.relative_to(REPO))
+        for package in ("serving", "model_store", "scoring", "training", "export")
+        for path in sorted((REPO / package).rglob("*.py"))
+        if "ray" in imported_packages(path)
+    }
+    assert importers == {"scoring/ray_engine.py"}
+
+
 def test_export_takes_from_training_only_the_checkpoint_and_its_data():
     used = {
         str(path.relative_to(REPO)): sorted(
@@ -64,9 +77,9 @@ def test_export_takes_from_training_only_the_checkpoint_and_its_data():
     assert {file: names for file, names in used.items() if names} == {}
 
 
-def test_the_serving_path_loads_no_torch_at_run_time():
-    modules = ["serving.service", "serving.batch", "model_store.store"]
-    code = f"import sys; import {', '.join(modules)}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'torch', 'torchvision', 'training', 'export'}}))"
+def test_the_serving_path_and_the_scorer_load_no_torch_nor_ray_at_run_time():
+    modules = ["serving.service", "scoring.__main__", "scoring.local", "model_store.store"]
+    code = f"import sys; import {', '.join(modules)}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'torch', 'torchvision', 'training', 'export', 'ray'}}))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO, run_cli
 
-SCRIPTS = {"cnn-train": "training", "cnn-export": "export", "cnn-store": "model_store", "cnn-score": "serving.batch"}
+SCRIPTS = {"cnn-train": "training", "cnn-export": "export", "cnn-store": "model_store", "cnn-score": "scoring"}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
