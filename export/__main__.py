@@ -84,7 +84,8 @@ def main(args: argparse.Namespace) -> ModelCard:
     if args.int8 and args.calibration_images < 1:
         raise ValueError(f"--calibration-images must be at least 1, got {args.calibration_images}")
     model, card, payload = load_model(args.checkpoint)
-    train, evaluation = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir))
+    parts = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir))
+    train, evaluation = parts.train, parts.test
     count = (
         min(args.verify_images, len(evaluation)) if card.dataset == "fashion-mnist" else len(evaluation)
     )  # folders: all of it
