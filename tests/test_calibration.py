@@ -175,3 +175,25 @@ def test_the_ood_benchmark_s_auroc_on_controlled_scores():
     assert auroc(known, known + 10) == 1.0 and auroc(known + 10, known) == 0.0
     assert auroc(known, known) == 0.5  # every tie counts half
     assert auroc(np.array([0.0, 2.0]), np.array([1.0, 3.0])) == 0.75  # 3 of the 4 pairs ranked right
+
+
+def test_the_ood_benchmark_measures_every_set_and_draws_the_diagram(exported, fashion_test, tmp_path):
+    ood_eval = _ood_eval()
+    document, figure = tmp_path / "BENCHMARKS.md", tmp_path / "reliability.png"
+    argv = ["--onnx", str(exported), "--write", str(document), "--figure", str(figure)]
+    text = ood_eval.main(ood_eval.get_args_parser().parse_args(argv))
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| lenet_bn")
+    ]
+    assert len(rows) == 1 + 4  # the test set's row, then digits, photographs, noise and blank images
+    assert [row[1].split(" (")[0] for row in rows[1:]] == [
+        "scikit-learn digits",
+        "scikit-image photographs",
+        "uniform noise",
+        "blank, every grey level",
+    ]
+    assert all(0 <= float(row[i]) <= 1 for row in rows[1:] for i in range(2, 7))
+    assert "<!-- ood-eval:start -->" in document.read_text()
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size < 100_000
