@@ -26,6 +26,9 @@ class Ranked(BaseModel):
 
 
 Reason = Literal["out_of_distribution", "low_confidence"]  # model_store.calibration.UNSURE_REASONS
+# BentoML's OpenAPI document (3.0) keeps only the first branch of pydantic's anyOf [type, null]: say
+# "nullable" beside it, or a null answer breaks the document's own schema.
+NULLABLE = {"nullable": True}
 UNSURE = (
     "true when the answer should not be trusted, false when it may be; null when the model has no "
     "calibration to tell by (exported from a run that held no validation images out, like the shipped default). "
@@ -39,8 +42,8 @@ UNSURE_REASON = (
 
 class Prediction(Ranked):
     top_k: list[Ranked] = Field(description="the k most likely classes, most likely first")
-    unsure: bool | None = Field(description=UNSURE)
-    unsure_reason: Reason | None = Field(description=UNSURE_REASON)
+    unsure: bool | None = Field(description=UNSURE, json_schema_extra=NULLABLE)
+    unsure_reason: Reason | None = Field(description=UNSURE_REASON, json_schema_extra=NULLABLE)
 
 
 class ClassifyAnswer(Prediction):
@@ -54,8 +57,8 @@ class BatchItem(BaseModel):
     index: int | None = None
     probability: float | None = None
     top_k: list[Ranked] | None = None
-    unsure: bool | None = Field(None, description=UNSURE)
-    unsure_reason: Reason | None = Field(None, description=UNSURE_REASON)
+    unsure: bool | None = Field(None, description=UNSURE, json_schema_extra=NULLABLE)
+    unsure_reason: Reason | None = Field(None, description=UNSURE_REASON, json_schema_extra=NULLABLE)
     error: str | None = Field(None, description="why this image could not be classified; the others still are")
 
 
