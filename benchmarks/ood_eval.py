@@ -170,7 +170,7 @@ def evaluate(path: Path, sets: dict[str, list[Image.Image]], test: tuple[list[Im
     accepted = calibration.accepted(calibrated, energy)
     correct = calibrated.argmax(axis=1) == labels
     result = {
-        "name": f"{card.arch} {', '.join(f'{k}={v}' for k, v in card.arch_args.items())}".strip(),
+        "name": f"{card.arch} {', '.join(f'{k}={v}' for k, v in card.arch_args.items()) or '(builder defaults)'}",
         "card": card,
         "raw": raw,
         "calibrated": calibrated,
