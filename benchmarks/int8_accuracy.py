@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def measure(checkpoint: Path, threads: int, rounds: int) -> list[dict]:
     model, card, payload = load_model(checkpoint)
-    train, test = run_splits(card, DataSpec.from_checkpoint(payload, card))
+    train, test, _ = run_splits(card, DataSpec.from_checkpoint(payload, card))
     pixels, labels = stack_items(test, range(len(test)))
     calibration = calibration_sample(train, DEFAULT_CALIBRATION_IMAGES)
     with warnings.catch_warnings():

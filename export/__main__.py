@@ -3,6 +3,11 @@
 Exports, verifies against PyTorch on the real test images (Fashion-MNIST) or the validation split
 (image folders), and only then writes the file, with the card in its metadata. ``--int8``
 calibrates on images of the training split, never on the images it is verified on.
+
+When the run held images out of training (``python -m training train --hold-out``, the default),
+the graph's logits on them set the card's calibration (``export.calibrate``): the temperature that
+serving divides logits by, and the thresholds of its ``unsure`` answers. NLL and ECE before and
+after, on those images and on the test split, go into the card's ``metrics["calibration"]``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,16 @@ try:
     import numpy as np
     import torch
 
-    from export.onnx_export import DEFAULT_OPSET, ExportError, compare_with_torch, export_graph, serialize, with_card
+    from export import calibrate
+    from export.onnx_export import (
+        DEFAULT_OPSET,
+        ExportError,
+        compare_with_torch,
+        export_graph,
+        graph_logits,
+        serialize,
+        with_card,
+    )
     from export.quantize import DEFAULT_CALIBRATION_IMAGES, SETTINGS, quantize_int8
     from model_store import ModelCard
     from model_store.files import atomic_output, file_sha256
@@ -71,6 +85,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--verify-batch-size", type=int, default=256, help="the large verification batch (default: 256)"
     )
     parser.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=0.99,
+        help="calibration: answers below the confidence at which validation answers were right this often "
+        "are unsure (default: 0.99)",
+    )
+    parser.add_argument(
+        "--id-acceptance",
+        type=float,
+        default=0.95,
+        help="calibration: share of validation images the out-of-distribution threshold accepts (default: 0.95)",
+    )
+    parser.add_argument(
         "--data-dir", type=Path, default=None, help="where the training data is now (default: as trained)"
     )
     return parser
@@ -83,8 +110,12 @@ def main(args: argparse.Namespace) -> ModelCard:
         )
     if args.int8 and args.calibration_images < 1:
         raise ValueError(f"--calibration-images must be at least 1, got {args.calibration_images}")
+    for name in ("target_accuracy", "id_acceptance"):
+        if not 0 < getattr(args, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
     model, card, payload = load_model(args.checkpoint)
-    train, evaluation = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir))
+    parts = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir))
+    train, evaluation = parts.train, parts.test
     count = (
         min(args.verify_images, len(evaluation)) if card.dataset == "fashion-mnist" else len(evaluation)
     )  # folders: all of it
@@ -127,10 +158,45 @@ def main(args: argparse.Namespace) -> ModelCard:
     if quantization:
         export_info["quantization"] = quantization
     card = ModelCard.from_dict({**card.to_dict(), "export": export_info})
+    card = calibrated(card, model, serialize(proto), parts, args)
     with atomic_output(args.output) as f:
         f.write(serialize(with_card(proto, card)))
     print(f"ok: wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
     return card
+
+
+def calibrated(card: ModelCard, model, graph: bytes, parts, args: argparse.Namespace) -> ModelCard:
+    """``card`` with the calibration fitted on the graph's logits of the run's validation split, and
+    its figures on that split and the test split in ``metrics["calibration"]``; unchanged, and
+    said, when the run held no images out."""
+    if parts.validation is None:
+        print(
+            "not calibrated: this checkpoint's run held no validation images out of training (it predates "
+            '--hold-out, or ran with --no-hold-out); the graph\'s answers will say "unsure": null'
+        )
+        return card
+    logits = {}
+    for name, split in (("validation", parts.validation), ("test", parts.test)):
+        pixels, labels = stack_items(split, range(len(split)))
+        logits[name] = graph_logits(model, graph, pixels), labels
+    calibration = calibrate.fit(*logits["validation"], args.target_accuracy, args.id_acceptance)
+    figures = {name: calibrate.measure(*pair, calibration) for name, pair in logits.items()}
+    threshold = calibration.confidence_threshold
+    print(
+        f"calibrated on {calibration.validation_images} held-out images: temperature {calibration.temperature:.3f}; "
+        + "; ".join(
+            f"{name} ECE {f['ece_before']:.4f} -> {f['ece_after']:.4f}, NLL {f['nll_before']:.4f} -> "
+            f"{f['nll_after']:.4f}, {f['accepted']:.1%} accepted"
+            for name, f in figures.items()
+        )
+    )
+    if threshold is None:
+        print(
+            f"warning: no confidence threshold makes the validation answers {args.target_accuracy:.1%} right; "
+            "every answer will be unsure (low_confidence)"
+        )
+    metrics = {**card.metrics, "calibration": {"ece_bins": calibrate.ECE_BINS, **figures}}
+    return ModelCard.from_dict({**card.to_dict(), "metrics": metrics, "calibration": calibration})
 
 
 def calibration_sample(dataset, count: int, seed: int = 0) -> np.ndarray:

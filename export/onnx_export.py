@@ -158,9 +158,7 @@ def compare_with_torch(
     ``normalize``. Returns the worst |logit difference| and the top-1 agreement over every batch
     size and, given the true ``labels``, both engines' accuracy (the graph's worst).
     """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    session = _session(graph)
     name = session.get_inputs()[0].name
     model = model.eval()
     with torch.no_grad():
@@ -179,6 +177,26 @@ def compare_with_torch(
         if labels is not None:
             report["accuracy_onnx"] = min(report["accuracy_onnx"], float((got.argmax(1) == labels).mean()))
     return report
+
+
+def graph_logits(model: nn.Sequential, graph: bytes, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The graph's logits [N, classes] of uint8 ``pixels``, fed as :func:`compare_with_torch` feeds them."""
+    session = _session(graph)
+    name = session.get_inputs()[0].name
+    logits = []
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start : start + batch_size]
+        if name == FLOAT_INPUT_NAME:
+            with torch.no_grad():
+                batch = model.eval().normalize(torch.from_numpy(batch)).numpy()
+        logits.append(session.run([OUTPUT_NAME], {name: batch})[0])
+    return np.concatenate(logits)
+
+
+def _session(graph: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def serialize(proto: onnx.ModelProto) -> bytes:

@@ -1,7 +1,9 @@
 """The model card: the one contract between training, export, the model store and serving.
 
-It says what the network is (architecture and its arguments), what its outputs mean (class names)
-and exactly how an image becomes its input (channels, size, resize policy, interpolation, mean, std).
+It says what the network is (architecture and its arguments), what its outputs mean (class names),
+exactly how an image becomes its input (channels, size, resize policy, interpolation, mean, std)
+and, once export has fitted it, how logits become calibrated probabilities and when an answer is
+unsure (``calibration``).
 Training writes it into the checkpoint, export into the ONNX file's ``metadata_props``, the store
 into the model's metadata; serving only ever reads it back. This module must stay torch-free.
 """
@@ -13,6 +15,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from model_store.calibration import Calibration
 
 CARD_VERSION = 1
 RESIZE_MODES = ("stretch", "fit", "crop")  # see model_store.preprocess.resize_to_card
@@ -35,6 +39,7 @@ class ModelCard:
     dataset: str = ""  # what the model was trained on, for people
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. {"epoch": 12, "test_acc": 0.91}
     export: dict[str, Any] = field(default_factory=dict)  # filled by export: opset, checkpoint hash, parity
+    calibration: Calibration | None = None  # fitted by export on held-out images; None: unsure is null
 
     def __post_init__(self) -> None:
         # Cards come back from files people can edit, so check everything a consumer relies on.
@@ -65,6 +70,13 @@ class ModelCard:
             raise ValueError(f"model card: resize {self.resize!r} is not one of {RESIZE_MODES}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"model card: interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if isinstance(self.calibration, dict):  # as it comes back from JSON
+            try:
+                object.__setattr__(self, "calibration", Calibration.from_dict(self.calibration))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"model card: {err}") from None
+        if self.calibration is not None and not isinstance(self.calibration, Calibration):
+            raise ValueError(f"model card: calibration must be an object or null, got {self.calibration!r}")
 
     @property
     def num_classes(self) -> int:
@@ -75,7 +87,12 @@ class ModelCard:
         return json.loads(self.to_json())
 
     def to_json(self) -> str:
-        return json.dumps({"card_version": CARD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if self.calibration is None:  # left out, so an uncalibrated card reads as it did before the field
+            del fields["calibration"]
+        else:
+            fields["calibration"] = self.calibration.to_dict()
+        return json.dumps({"card_version": CARD_VERSION, **fields}, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:

@@ -1,5 +1,11 @@
 """The inference engine: an ONNX Runtime session over an exported graph, shared by the HTTP
-service and the batch scorer. Takes uint8 inputs, returns class probabilities."""
+service (``/classify``, ``/classify_batch`` and the v2 protocol) and the batch scorer. Takes uint8
+inputs, returns class probabilities, calibrated with the card's temperature when it has one.
+
+The temperature is applied here, not inside the graph: the graph stays the network export verified
+against PyTorch, logit for logit, and the one place that turns logits into probabilities serves
+every route alike. It costs a division and a log-sum-exp per row, next to the softmax it was already
+computing."""
 
 from __future__ import annotations
 
@@ -7,10 +13,12 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 
+from model_store.calibration import Calibration, scores
 from model_store.card import ONNX_METADATA_KEY, ModelCard
 
 logger = logging.getLogger(__name__)
@@ -30,8 +38,16 @@ def providers_for(device: str = "auto") -> list:
     return [(GPU_PROVIDER, CUDA_OPTIONS), CPU_PROVIDER]
 
 
+class Scored(NamedTuple):
+    """One image's outcome: what ``answer`` turns into its part of a response."""
+
+    probabilities: np.ndarray  # [classes], calibrated
+    energy: float  # -logsumexp(logits / temperature): the out-of-distribution score, higher is less familiar
+
+
 class OnnxClassifier:
-    """An exported classifier: ``predict(uint8 [N, C, H, W]) -> float32 probabilities [N, classes]``.
+    """An exported classifier: ``predict(uint8 [N, C, H, W]) -> float32 probabilities [N, classes]``,
+    ``score`` the same as one :class:`Scored` per image.
 
     ``provider_error`` is set when a GPU was asked for (``device="cuda"``, or ``"auto"`` with an
     onnxruntime-gpu build) and ONNX Runtime fell back to the CPU: the caller must say so loudly.
@@ -62,6 +78,7 @@ class OnnxClassifier:
         mean, std = (np.array(v, np.float32).reshape(1, -1, 1, 1) for v in (self.card.mean, self.card.std))
         self._scale, self._shift = 1.0 / (255.0 * std), -mean / std
         self.output_name = self.session.get_outputs()[0].name
+        self.temperature = self.card.calibration.temperature if self.card.calibration else 1.0
         self.provider = self.session.get_providers()[0]
         self.provider_error = None
         wanted_gpu = device == "cuda" or providers[0] != CPU_PROVIDER
@@ -81,6 +98,16 @@ class OnnxClassifier:
         return f"a graph of {len(path):,} bytes" if isinstance(path, bytes) else Path(path).name
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities [N, classes]."""
+        return scores(self.logits(pixels), self.temperature)[0]
+
+    def score(self, pixels: np.ndarray) -> list[Scored]:
+        """Calibrated probabilities and the energy of each image: the batcher's unit of work."""
+        probabilities, energies = scores(self.logits(pixels), self.temperature)
+        return [Scored(p, e) for p, e in zip(probabilities, energies.tolist())]
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """The graph's float32 logits [N, classes], before any calibration."""
         expected = (self.card.in_channels, self.card.height, self.card.width)
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != expected:
             raise ValueError(
@@ -97,7 +124,7 @@ class OnnxClassifier:
             logits = binding.copy_outputs_to_cpu()[0]
         else:
             logits = self.session.run(None, {self.input_name: feed})[0]
-        return softmax(logits)
+        return logits
 
     def warm_up(self, batch_sizes: list[int]) -> dict[int, float]:
         """Run each batch size once (kernel selection, memory arenas); returns seconds per size."""
@@ -111,8 +138,23 @@ class OnnxClassifier:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    """Uncalibrated probabilities: what the benchmarks' peer servers answer with."""
+    return scores(logits)[0]
+
+
+def unsure(row: Scored, calibration: Calibration | None) -> dict:
+    """An answer's ``unsure`` and ``unsure_reason``. A model without calibration cannot tell, and
+    says so: ``unsure`` is None (JSON null), never a guessed false."""
+    if calibration is None:
+        return {"unsure": None, "unsure_reason": None}
+    reason = calibration.unsure_reason(float(row.probabilities.max()), row.energy)
+    return {"unsure": reason is not None, "unsure_reason": reason}
+
+
+def answer(row: Scored, card: ModelCard, k: int) -> dict:
+    """One image's answer, as /classify, /classify_batch and the batch scorer give it: the label,
+    its probability, the k best, and whether the model is unsure of it."""
+    return {**top_k(row.probabilities, card.class_names, k), **unsure(row, card.calibration)}
 
 
 def top_k(probabilities: np.ndarray, class_names: tuple[str, ...], k: int) -> dict:

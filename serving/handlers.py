@@ -14,7 +14,7 @@ from model_store import ImageError, load_image, open_image, to_input
 from serving import metrics, v2
 from serving.config import ServingConfig
 from serving.decoders import DecodePool
-from serving.engine import top_k
+from serving.engine import answer
 from serving.errors import Forbidden, ModelUnavailable
 from serving.model_set import ModelSet, ServedModel
 from serving.requests import Upload, parse_top_k, read_batch_request, read_classify_request
@@ -42,8 +42,8 @@ class Handlers:
         parsed = await read_classify_request(request, self.config.max_body_bytes)
         model = self.models.get(parsed.model)
         k = parse_top_k(parsed.top_k, model.engine.card.num_classes)
-        probabilities = await model.batcher.submit(await self.decode(parsed.images[0], model))
-        return {**top_k(probabilities, model.engine.card.class_names, k), "model": model.name, "version": model.version}
+        row = await model.batcher.submit(await self.decode(parsed.images[0], model))
+        return {**answer(row, model.engine.card, k), "model": model.name, "version": model.version}
 
     async def classify_batch(self, request: Request) -> dict:
         parsed = await read_batch_request(request, self.config.max_body_bytes, self.config.max_batch_images)
@@ -52,11 +52,11 @@ class Handlers:
 
         async def one(upload: Upload) -> dict:
             try:
-                probabilities = await model.batcher.submit(await self.decode(upload, model))
+                row = await model.batcher.submit(await self.decode(upload, model))
             except ImageError as err:  # this image fails; its neighbours still get answers
                 metrics.rejected.labels(reason="bad_image").inc()
                 return {"filename": upload.filename, "error": str(err)}
-            return {"filename": upload.filename, **top_k(probabilities, model.engine.card.class_names, k)}
+            return {"filename": upload.filename, **answer(row, model.engine.card, k)}
 
         results = await asyncio.gather(*(one(upload) for upload in parsed.images))
         return {"model": model.name, "version": model.version, "results": results}
@@ -71,7 +71,8 @@ class Handlers:
             inputs = await _all(self.decode_nth(i, data, model) for i, data in enumerate(request.images))
         else:
             inputs = request.pixels
-        probabilities = np.stack(await _all(model.batcher.submit(pixels) for pixels in inputs))
+        rows = await _all(model.batcher.submit(pixels) for pixels in inputs)
+        probabilities = np.stack([row.probabilities for row in rows])  # calibrated, as /classify's are
         return v2.encode_infer(request, probabilities, model.name, model.version, card.class_names)
 
     async def repository(self, route: v2.Route, body: bytes) -> dict | v2.Encoded:

@@ -104,7 +104,7 @@ class ModelSet:
         check_model(path)  # the graph agrees with its card: classes, input shape and type, a test run
         engine = OnnxClassifier(path, self.config.device, self.config.engine_threads)
         wait_s = self.config.batch_wait_ms / 1000
-        batcher = MicroBatcher(engine.predict, self.config.max_batch_size, wait_s, _observer(name))
+        batcher = MicroBatcher(engine.score, self.config.max_batch_size, wait_s, _observer(name))
         return ServedModel(name, version, engine, batcher)
 
     @classmethod

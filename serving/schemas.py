@@ -8,7 +8,7 @@ per request.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from bentoml import IODescriptor
 from bentoml._internal.service.openapi.specification import Schema  # what openapi_components returns
@@ -22,11 +22,28 @@ from serving.requests import DEFAULT_TOP_K, IMAGE_FIELD, IMAGES_FIELD
 class Ranked(BaseModel):
     label: str
     index: int = Field(description="the class's position in the model's class list")
-    probability: float
+    probability: float = Field(description="calibrated with the card's temperature when the model has calibration")
+
+
+Reason = Literal["out_of_distribution", "low_confidence"]  # model_store.calibration.UNSURE_REASONS
+# BentoML's OpenAPI document (3.0) keeps only the first branch of pydantic's anyOf [type, null]: say
+# "nullable" beside it, or a null answer breaks the document's own schema.
+NULLABLE = {"nullable": True}
+UNSURE = (
+    "true when the answer should not be trusted, false when it may be; null when the model has no "
+    "calibration to tell by (exported from a run that held no validation images out, like the shipped default). "
+    "The label and top_k are there either way"
+)
+UNSURE_REASON = (
+    "why it is unsure: the image is unlike the training images (out_of_distribution, checked first), "
+    "or the model's calibrated confidence is below the card's threshold (low_confidence); null when not unsure"
+)
 
 
 class Prediction(Ranked):
     top_k: list[Ranked] = Field(description="the k most likely classes, most likely first")
+    unsure: bool | None = Field(description=UNSURE, json_schema_extra=NULLABLE)
+    unsure_reason: Reason | None = Field(description=UNSURE_REASON, json_schema_extra=NULLABLE)
 
 
 class ClassifyAnswer(Prediction):
@@ -40,6 +57,8 @@ class BatchItem(BaseModel):
     index: int | None = None
     probability: float | None = None
     top_k: list[Ranked] | None = None
+    unsure: bool | None = Field(None, description=UNSURE, json_schema_extra=NULLABLE)
+    unsure_reason: Reason | None = Field(None, description=UNSURE_REASON, json_schema_extra=NULLABLE)
     error: str | None = Field(None, description="why this image could not be classified; the others still are")
 
 

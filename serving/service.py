@@ -79,7 +79,9 @@ class Classifier:
     @bentoml.api(route=CLASSIFY, input_spec=ClassifyForm, output_spec=ClassifyOutput)
     async def classify(self, ctx: bentoml.Context) -> dict:
         """Classify one image: multipart field `image`, or the image as the raw body with an image/* type.
-        Optional `top_k` (default 3) and `model` (default: the service's default), as form fields or query parameters."""
+        Optional `top_k` (default 3) and `model` (default: the service's default), as form fields or query parameters.
+        Answers the label and the ranked `top_k` with calibrated probabilities, and `unsure` with its `unsure_reason`
+        (`null` for a model exported without calibration)."""
         ctx.response.status_code, body = await respond(self.handlers, CLASSIFY, self.handlers.classify(ctx.request))
         return body
 

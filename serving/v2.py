@@ -11,6 +11,9 @@ Each model has one output and takes one of two inputs:
 - ``pixels``: ``UINT8 [N, C, H, W]`` at the model's size, the graph's own input: no decoding;
 - ``image``: ``BYTES [N]``, encoded images, decoded by the same ``to_input`` as ``/classify``.
 
+The output ``probabilities`` is the engine's: calibrated with the card's temperature when the model
+has one, as ``/classify``'s are; the protocol has no place for ``unsure``, so v2 answers leave it out.
+
 Model metadata lists ``pixels`` only: the input a client must send, as Triton lists it, and Triton's
 image client expects exactly one. This module parses and encodes; it knows nothing of HTTP
 statuses (it raises ``serving.errors``) nor of batching (``serving.handlers`` runs the requests).

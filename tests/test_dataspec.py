@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +57,31 @@ def test_the_arguments_an_old_checkpoint_kept_give_the_spec_the_flags_give():
     assert DataSpec.from_run_args(CARD, jsonable(vars(args))) == DataSpec.from_args(args)
     # The oldest checkpoints kept none of the data flags: Fashion-MNIST from the card, defaults for the rest.
     oldest = DataSpec.from_run_args(ModelCard.from_dict({**CARD.to_dict(), "dataset": "fashion-mnist"}), {"lr": 0.1})
-    assert oldest == DataSpec("fashion-mnist", None, val_ratio=0.1, seed=0, synthetic_size=512)
+    assert oldest == DataSpec("fashion-mnist", None, val_ratio=0.1, seed=0, synthetic_size=512, hold_out=False)
+
+
+def test_a_spec_saved_before_hold_out_holds_nothing_out_and_a_new_one_holds_out_a_share_of_each_class():
+    old = DataSpec("synthetic").to_dict()
+    del old["hold_out"]  # what checkpoints saved before the field: their runs trained on every image
+    assert DataSpec.from_dict(old).hold_out is False and DataSpec("synthetic").hold_out is True
+    with pytest.raises(ValueError, match="hold_out must be true or false, got 'yes'"):
+        DataSpec("synthetic", hold_out="yes")
+
+    from training.data import hold_out, splits
+    from training.fashion_mnist import FASHION_MNIST_CLASSES
+
+    labels = np.repeat(np.arange(3), [10, 20, 1])
+    kept, held = hold_out(labels, 0.1, seed=4)
+    assert sorted(kept + held) == list(range(31)) and not set(kept) & set(held)
+    assert np.bincount(labels[held], minlength=3).tolist() == [1, 2, 0]  # a class of one keeps its image
+    assert hold_out(labels, 0.1, seed=4) == (kept, held) and hold_out(labels, 0.1, seed=5) != (kept, held)
+    card = ModelCard.from_dict({**CARD.to_dict(), "class_names": FASHION_MNIST_CLASSES})
+    parts = splits(DataSpec("synthetic", synthetic_size=200, val_ratio=0.2), card)
+    assert len(parts.train) + len(parts.validation) == 200 and 30 <= len(parts.validation) <= 50
+    assert parts.train.dataset is parts.validation.dataset and not set(parts.train.indices) & set(
+        parts.validation.indices
+    )
+    assert splits(DataSpec("synthetic", hold_out=False), card).validation is None
 
 
 def test_a_checkpoint_s_saved_spec_wins_and_a_data_dir_given_now_replaces_its_own():
@@ -70,7 +95,7 @@ def test_a_checkpoint_s_saved_spec_wins_and_a_data_dir_given_now_replaces_its_ow
 def test_training_saves_the_spec_beside_the_card_and_its_args_derive_the_same(checkpoint):
     payload = torch.load(checkpoint, weights_only=True)
     spec = DataSpec.from_dict(payload["data"])
-    assert spec == DataSpec("fashion-mnist", train_limit=3000, test_limit=1000)
+    assert spec == DataSpec("fashion-mnist", train_limit=3000, test_limit=1000) and spec.hold_out
     assert DataSpec.from_run_args(ModelCard.from_dict(payload["card"]), payload["args"]) == spec
 
 
@@ -80,7 +105,7 @@ def test_a_checkpoint_from_before_the_spec_still_exports(checkpoint, tmp_path):
 
     payload = torch.load(checkpoint, weights_only=True)
     del payload["data"]
-    for name in ("dataset", "val_ratio", "synthetic_size", "seed", "train_limit", "test_limit"):
+    for name in ("dataset", "val_ratio", "synthetic_size", "seed", "train_limit", "test_limit", "hold_out"):
         del payload["args"][name]  # flags the first checkpoints were written without
     torch.save(payload, tmp_path / "old.pt")
     card = export(
@@ -88,6 +113,7 @@ def test_a_checkpoint_from_before_the_spec_still_exports(checkpoint, tmp_path):
     )
     assert card.dataset == "fashion-mnist" and card.export["parity"]["images"] == 1000
     assert card.export["parity"]["top1_agreement"] == 1.0
+    assert card.calibration is None and "calibration" not in card.metrics  # it held nothing out to calibrate on
 
 
 def test_the_card_and_the_spec_must_name_the_same_dataset():

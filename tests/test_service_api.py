@@ -90,6 +90,26 @@ def test_classify_batch_answers_in_order_and_fails_images_one_by_one(server, fas
     assert all(len(r["top_k"]) == 2 for r in good) and answer["model"] == "fashion-lenet"
 
 
+def test_answers_say_whether_the_model_is_unsure_and_an_uncalibrated_one_says_null(server, fashion_test, exported):
+    from serving.engine import OnnxClassifier, unsure
+
+    classifier = OnnxClassifier(exported, device="cpu")
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    images = [*fashion_test[0][:4], noise]
+    expected = [unsure(row, classifier.card.calibration) for row in classifier.score(np.stack(images)[:, None])]
+    files = [("images", (f"{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(images)]
+    batch = post(server, "/classify_batch", files=files, data={"model": "test-lenet"}).json()["results"]
+    for want, item, image in zip(expected, batch, images):
+        single = post(
+            server, "/classify", files={"image": ("x.png", png_bytes(image), "image/png")}, data={"model": "test-lenet"}
+        ).json()
+        assert isinstance(want["unsure"], bool) and "label" in single and "top_k" in item
+        assert {k: single[k] for k in want} == want == {k: item[k] for k in want}
+    default = post(server, "/classify", files={"image": ("x.png", png_bytes(noise), "image/png")}).json()
+    assert default["model"] == "fashion-lenet" and default["label"] and len(default["top_k"]) == 3
+    assert default["unsure"] is None and default["unsure_reason"] is None  # the shipped model has no calibration
+
+
 @pytest.mark.parametrize(
     "kwargs, status, message",
     [

@@ -139,7 +139,8 @@ def make_folder(root, classes=("blue", "green", "red"), per_class=16):
 
 
 def test_image_folder_trains_and_evaluates_with_its_own_classes(tmp_path):
-    make_folder(tmp_path / "photos")
+    # 20 of each colour: 5 for the validation split, 4 of the other 15 held out of training (--hold-out)
+    make_folder(tmp_path / "photos", per_class=20)
     out = tmp_path / "run"
     metrics = train_module.main(
         train_args(
@@ -167,7 +168,7 @@ def test_image_folder_trains_and_evaluates_with_its_own_classes(tmp_path):
     result = run_cli("-m", "training", "evaluate", "--checkpoint", str(out / "last.pt"))
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(out / "per_class.csv")))
-    assert [r["class"] for r in rows] == ["blue", "green", "red"] and sum(int(r["images"]) for r in rows) == 12
+    assert [r["class"] for r in rows] == ["blue", "green", "red"] and sum(int(r["images"]) for r in rows) == 15
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,5 +1,6 @@
-"""A run's data put together from its ``DataSpec``: the card it trains under, its (train, test)
-splits, and the same splits rebuilt from a checkpoint for export and evaluate.
+"""A run's data put together from its ``DataSpec``: the card it trains under, its splits (train,
+test, and the validation split held out of the training images), and the same splits rebuilt from
+a checkpoint for export and evaluate.
 
 The data sets themselves are in ``fashion_mnist``, ``folder`` and ``synthetic``; which one a run
 uses, and which of its images, is in ``dataspec``.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +23,14 @@ from training.dataspec import DataSpec
 from training.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 from training.folder import ImageFolder, scan_folder
 from training.synthetic import SHAPE_CLASSES, SyntheticShapes
+
+logger = logging.getLogger(__name__)
+
+
+class Splits(NamedTuple):
+    train: Dataset  # what the run trains on
+    test: Dataset  # what it reports on: the test split, or a folder's validation split
+    validation: Dataset | None  # held out of the training images for export's calibration; None: not held out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,39 +93,59 @@ def load_data(
     else:
         classes = FASHION_MNIST_CLASSES if spec.dataset == "fashion-mnist" else SHAPE_CLASSES
     card = make_card(spec, arch, arch_args, size, classes, in_channels, resize)
-    train, test = splits(spec, card, scanned)
-    if isinstance(train, FashionMNIST):
-        mean, std = channel_stats(train.images[: spec.train_limit])  # exact, from all raw training pixels
+    parts = splits(spec, card, scanned)
+    if parts.validation is not None:
+        logger.info("held out %d of the %s training images for validation", len(parts.validation), spec.dataset)
+    train, test = _limit(parts.train, spec.train_limit), _limit(parts.test, spec.test_limit)
+    base, rows = (train.dataset, train.indices) if isinstance(train, Subset) else (train, range(len(train)))
+    if isinstance(base, FashionMNIST):
+        mean, std = channel_stats(base.images[np.asarray(rows)])  # exact, from all raw training pixels
         mean, std = mean * card.in_channels, std * card.in_channels  # grayscale: the same on each channel
     else:
         step = max(1, len(train) // 1000)  # at most 1,000 evenly spaced images for the statistics
         mean, std = channel_stats(stack_items(train, range(0, len(train), step))[0])
     # Only mean and std change, and to_input does not read them: the datasets already preprocess right.
     card = dataclasses.replace(card, mean=mean, std=std)
-    train, test = _limit(train, spec.train_limit), _limit(test, spec.test_limit)
     return (Augmented(train, augment) if augment else train), test, card
 
 
-def splits(spec: DataSpec, card: ModelCard, scanned: tuple | None = None) -> tuple[Dataset, Dataset]:
-    """The full (train, test/validation) sets of ``spec``, preprocessed under ``card``;
-    ``scanned`` is a folder's ``scan_folder`` result when the caller already has it."""
+def splits(spec: DataSpec, card: ModelCard, scanned: tuple | None = None) -> Splits:
+    """The full splits of ``spec``, preprocessed under ``card``; ``scanned`` is a folder's
+    ``scan_folder`` result when the caller already has it."""
     if spec.dataset == "fashion-mnist":
-        return FashionMNIST("train", card, spec.data_dir), FashionMNIST("test", card, spec.data_dir)
-    if spec.dataset == "folder":
+        train, test = FashionMNIST("train", card, spec.data_dir), FashionMNIST("test", card, spec.data_dir)
+    elif spec.dataset == "folder":
         classes, train_items, val_items = scanned or _scan(spec)
         if classes != list(card.class_names):
             raise ValueError(
                 f"{spec.data_dir} now has classes {classes}, the model was trained on {list(card.class_names)}"
             )
-        return ImageFolder(train_items, card), ImageFolder(val_items, card)
-    return SyntheticShapes(spec.synthetic_size, card, spec.seed), SyntheticShapes(
-        max(64, spec.synthetic_size // 4), card, spec.seed + 1
-    )
+        train, test = ImageFolder(train_items, card), ImageFolder(val_items, card)
+    else:
+        train = SyntheticShapes(spec.synthetic_size, card, spec.seed)
+        test = SyntheticShapes(max(64, spec.synthetic_size // 4), card, spec.seed + 1)
+    if not spec.hold_out:
+        return Splits(train, test, None)
+    kept, held = hold_out(np.asarray(train.labels), spec.val_ratio, spec.seed)
+    return Splits(Subset(train, kept), test, Subset(train, held) if held else None)  # too few images: none held
 
 
-def run_splits(card: ModelCard, spec: DataSpec) -> tuple[Dataset, Dataset]:
-    """The full (train, test/validation) sets a checkpoint's run used, without augmentation or
-    limits: ``spec`` is ``DataSpec.from_checkpoint`` of it, ``card`` its card."""
+def hold_out(labels: np.ndarray, ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held out) positions, each in order: ``ratio`` of each class held out, drawn with ``seed``
+    (a class of one image keeps it)."""
+    rng = np.random.default_rng(seed)
+    held = [
+        rng.permutation(members)[: round(len(members) * ratio)]
+        for members in (np.flatnonzero(labels == label) for label in np.unique(labels))
+    ]
+    out = np.zeros(len(labels), bool)
+    out[np.concatenate([np.zeros(0, np.int64), *held])] = True
+    return np.flatnonzero(~out).tolist(), np.flatnonzero(out).tolist()
+
+
+def run_splits(card: ModelCard, spec: DataSpec) -> Splits:
+    """The full splits a checkpoint's run used, without augmentation or limits: ``spec`` is
+    ``DataSpec.from_checkpoint`` of it, ``card`` its card."""
     if card.dataset != spec.dataset:
         raise ValueError(f"the checkpoint's card says dataset {card.dataset!r} but its data spec says {spec.dataset!r}")
     return splits(spec, card)
@@ -151,4 +182,8 @@ def _scan(spec: DataSpec):
 
 
 def _limit(dataset: Dataset, limit: int | None) -> Dataset:
-    return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
+    if not limit:
+        return dataset
+    if isinstance(dataset, Subset):  # a subset of the dataset itself, so the tensor cache still knows it
+        return Subset(dataset.dataset, dataset.indices[:limit])
+    return Subset(dataset, range(min(limit, len(dataset))))

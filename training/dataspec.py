@@ -24,11 +24,12 @@ DATASETS = ("fashion-mnist", "folder", "synthetic")
 class DataSpec:
     dataset: str  # one of DATASETS
     data_dir: Path | None = None  # Fashion-MNIST's files or the image folder; None: found or downloaded
-    val_ratio: float = 0.1  # folder without train/ and val/: the share of each class held out
+    val_ratio: float = 0.1  # share of each class held out: of the training images, and of a folder not split
     seed: int = 0  # the run's seed: draws the folder split and the synthetic images
     synthetic_size: int = 512  # synthetic: training images (the test set is a quarter, at least 64)
     train_limit: int | None = None  # only the first N training images; None: all
     test_limit: int | None = None  # only the first N test images during training; None: all
+    hold_out: bool = True  # keep val_ratio of the training images out of training, for export to calibrate on
 
     def __post_init__(self) -> None:
         # Specs come back from checkpoints as well as from the command line: check what splits rely on.
@@ -41,6 +42,8 @@ class DataSpec:
         # NaN fails both comparisons, so it is refused too.
         if not _is_number(self.val_ratio) or not 0.0 < self.val_ratio < 1.0:
             raise ValueError(f"--val-ratio must be between 0 and 1 (both excluded), got {self.val_ratio!r}")
+        if not isinstance(self.hold_out, bool):
+            raise ValueError(f"hold_out must be true or false, got {self.hold_out!r}")
         if not _is_int(self.seed):
             raise ValueError(f"--seed must be an integer, got {self.seed!r}")
         for name in ("synthetic_size", "train_limit", "test_limit"):
@@ -64,7 +67,9 @@ class DataSpec:
             raise ValueError(f"data spec: unknown field(s) {unknown}; known: {sorted(known)}")
         if "dataset" not in data:
             raise ValueError(f"data spec: missing field 'dataset' (one of {', '.join(DATASETS)})")
-        return cls(**data)
+        # A spec saved before hold_out existed is a run that trained on every training image: holding
+        # some out now would make "validation" images it has seen.
+        return cls(**{"hold_out": False, **data})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DataSpec:
@@ -74,10 +79,12 @@ class DataSpec:
     @classmethod
     def from_run_args(cls, card: ModelCard, run_args: dict[str, Any]) -> DataSpec:
         """The spec of a checkpoint written before specs were saved, from the CLI arguments it kept
-        (``payload["args"]``); the fields its run had no flag for yet take their defaults."""
+        (``payload["args"]``); the fields its run had no flag for yet take their defaults, except
+        ``hold_out``: no such run held training images out."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {name: value for name, value in run_args.items() if name in known}
         values.setdefault("dataset", card.dataset)  # checkpoints from before --dataset were all Fashion-MNIST
+        values.setdefault("hold_out", False)  # nor did they hold training images out
         return cls(**values)
 
     @classmethod
@@ -102,7 +109,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-ratio",
         type=float,
         default=DataSpec.val_ratio,
-        help=f"folder without train/ and val/: validation share (default: {DataSpec.val_ratio})",
+        help="share of each class held out of the training images (--hold-out), and of a folder without "
+        f"train/ and val/ for its evaluation split (default: {DataSpec.val_ratio})",
+    )
+    parser.add_argument(
+        "--hold-out",
+        action=argparse.BooleanOptionalAction,
+        default=DataSpec.hold_out,
+        help="keep --val-ratio of the training images out of training, the validation split export calibrates "
+        "probabilities and sets the unsure thresholds on (default: on)",
     )
     parser.add_argument(
         "--synthetic-size",

@@ -48,7 +48,7 @@ def confusion_matrix(model: torch.nn.Module, loader: DataLoader, num_classes: in
 
 def main(args: argparse.Namespace) -> np.ndarray:
     model, card, payload = load_model(args.checkpoint)
-    test = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir))[1]
+    test = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir)).test
     matrix = confusion_matrix(model, DataLoader(test, args.batch_size), card.num_classes)
     output_dir = args.output_dir or args.checkpoint.parent
     images, correct = matrix.sum(axis=1), np.diag(matrix)

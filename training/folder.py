@@ -73,6 +73,10 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.items]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
         try:

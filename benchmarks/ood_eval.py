@@ -1,0 +1,253 @@
+"""What calibration and ``unsure`` do for calibrated Fashion-MNIST graphs: ECE before and after on
+the test set, reliability diagrams, and how well the energy threshold tells Fashion-MNIST from
+images that are not clothes.
+
+    python benchmarks/ood_eval.py --onnx runs/lenet/model.onnx runs/lenet_bn/model.onnx \
+        --write BENCHMARKS.md --figure docs/reliability.png
+
+Every image goes through ``model_store.to_input`` and ``serving.engine.OnnxClassifier`` as the
+service's would. The out-of-distribution sets ship inside packages (nothing is downloaded):
+scikit-learn's 1,797 handwritten digits (8x8, 0..16, white on black like Fashion-MNIST); scikit-
+image's sample photographs, each whole and as random square crops; uniform noise; and blank images
+of every grey level. AUROC is that of the energy (the score the service uses) between the 10,000
+test images and each set; "accepted" is the share of a set at or below the card's energy threshold,
+which accepted 95% of the validation images, and "answered sure" the share the service would
+answer with ``unsure: false`` (both thresholds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from report import write_section  # this script's folder is on sys.path
+
+from export.calibrate import ECE_BINS, expected_calibration_error, nll
+from model_store import to_input
+from model_store.calibration import scores
+from serving.engine import OnnxClassifier
+
+SECTION, HEADING = "ood-eval", "## Calibration and unsure answers: the test set and images that are not clothes"
+# scikit-image's bundled photographs (its synthetic drawings, e.g. checkerboard or logo, left out)
+PHOTOS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+)
+CROPS_PER_PHOTO = 49  # besides the whole photo
+NOISE_IMAGES = 1000
+FASHION_SIZE = (28, 28)  # noise and blank images are made at Fashion-MNIST's size; to_input resizes them
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--onnx", type=Path, nargs="+", required=True, help="calibrated Fashion-MNIST graphs (python -m export)"
+    )
+    parser.add_argument("--write", type=Path, default=None, help="replace the section between its markers in this file")
+    parser.add_argument("--figure", type=Path, default=None, help="write the reliability diagram PNG here")
+    parser.add_argument("--seed", type=int, default=0, help="draws the crops and the noise (default: 0)")
+    return parser
+
+
+def auroc(in_distribution: np.ndarray, out_of_distribution: np.ndarray) -> float:
+    """The chance that an out-of-distribution image scores higher than an in-distribution one (ties
+    count half): the area under the ROC curve of the score as a detector of the former."""
+    ranked = np.sort(in_distribution)
+    below = np.searchsorted(ranked, out_of_distribution, "left")
+    ties = np.searchsorted(ranked, out_of_distribution, "right") - below
+    return float(np.mean((below + 0.5 * ties) / len(ranked)))
+
+
+def fashion_test() -> tuple[list[Image.Image], np.ndarray]:
+    from training.fashion_mnist import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    return [Image.fromarray(image) for image in images], np.asarray(labels)
+
+
+def digits() -> list[Image.Image]:
+    from sklearn.datasets import load_digits
+
+    return [Image.fromarray(np.round(image * 255 / 16).astype(np.uint8)) for image in load_digits().images]
+
+
+def photos(rng: np.random.Generator) -> list[Image.Image]:
+    import skimage.data
+    from skimage.util import img_as_ubyte
+
+    images = []
+    for name in PHOTOS:
+        photo = Image.fromarray(img_as_ubyte(getattr(skimage.data, name)()))
+        images.append(photo)
+        short = min(photo.size)
+        for _ in range(CROPS_PER_PHOTO):
+            side = int(short * rng.uniform(0.15, 0.6))
+            left, top = rng.integers(0, photo.width - side + 1), rng.integers(0, photo.height - side + 1)
+            images.append(photo.crop((left, top, left + side, top + side)))
+    return images
+
+
+def noise(rng: np.random.Generator, size: tuple[int, int]) -> list[Image.Image]:
+    return [Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for _ in range(NOISE_IMAGES)]
+
+
+def blank(size: tuple[int, int]) -> list[Image.Image]:
+    return [Image.fromarray(np.full(size, level, np.uint8)) for level in range(256)]
+
+
+def logits_of(classifier: OnnxClassifier, images: list[Image.Image]) -> np.ndarray:
+    pixels = np.stack([to_input(image, classifier.card) for image in images])
+    return np.concatenate([classifier.logits(pixels[i : i + 512]) for i in range(0, len(pixels), 512)])
+
+
+def reliability_diagram(results: list[dict], labels: np.ndarray, path: Path) -> None:
+    """Per model, accuracy against confidence in ECE's bins, before and after calibration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, grid = plt.subplots(len(results), 2, figsize=(7, 3 * len(results)), sharey=True, squeeze=False)
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    for axes, result in zip(grid, results):
+        for axis, name in zip(axes, ("raw", "calibrated")):
+            probabilities = result[name]
+            confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+            which = np.clip(np.ceil(confidence * ECE_BINS).astype(int) - 1, 0, ECE_BINS - 1)
+            counts = np.bincount(which, minlength=ECE_BINS)
+            accuracy = np.bincount(which, correct, ECE_BINS) / np.maximum(counts, 1)
+            mean_confidence = np.bincount(which, confidence, ECE_BINS) / np.maximum(counts, 1)
+            shown, left = counts > 0, edges[:-1][counts > 0]
+            axis.bar(left, accuracy[shown], 1 / ECE_BINS, align="edge", edgecolor="k", label="accuracy")
+            gap = (mean_confidence - accuracy)[shown]
+            axis.bar(left, gap, 1 / ECE_BINS, accuracy[shown], align="edge", color="tab:red", alpha=0.35, label="gap")
+            axis.plot([0, 1], [0, 1], "k--", linewidth=1)
+            ece = result["ece"][name == "calibrated"]
+            title = f"{result['name']}\n{'softmax(logits)' if name == 'raw' else 'calibrated'}: ECE {ece:.4f}"
+            axis.set(title=title, xlim=(0, 1), ylim=(0, 1))
+            axis.title.set_fontsize(9)
+        axes[0].set_ylabel("accuracy")
+    for axis in grid[-1]:
+        axis.set_xlabel(f"confidence (largest probability), {ECE_BINS} bins")
+    grid[0][0].legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=72)
+    plt.close(figure)
+
+
+def evaluate(path: Path, sets: dict[str, list[Image.Image]], test: tuple[list[Image.Image], np.ndarray]) -> dict:
+    """One graph's figures: the test set before and after calibration, and each set's detection."""
+    classifier = OnnxClassifier(path, device="cpu")
+    card, calibration = classifier.card, classifier.card.calibration
+    if calibration is None:
+        raise SystemExit(f"error: {path} has no calibration; export it from a run trained with --hold-out")
+    images, labels = test
+    logits = logits_of(classifier, images)
+    raw, (calibrated, energy) = scores(logits)[0], scores(logits, calibration.temperature)
+    accepted = calibration.accepted(calibrated, energy)
+    correct = calibrated.argmax(axis=1) == labels
+    result = {
+        "name": f"{card.arch} {', '.join(f'{k}={v}' for k, v in card.arch_args.items()) or '(builder defaults)'}",
+        "card": card,
+        "raw": raw,
+        "calibrated": calibrated,
+        "accuracy": correct.mean(),
+        "ece": (expected_calibration_error(raw, labels), expected_calibration_error(calibrated, labels)),
+        "nll": (nll(logits, labels), nll(logits, labels, calibration.temperature)),
+        "sure": accepted.mean(),
+        "sure_accuracy": correct[accepted].mean() if accepted.any() else float("nan"),
+        "sets": {},
+    }
+    for name, ood_images in sets.items():
+        ood_logits = logits_of(classifier, ood_images)
+        probabilities, ood_energy = scores(ood_logits, calibration.temperature)
+        result["sets"][name] = {
+            "energy": auroc(energy, ood_energy),
+            "max_logit": auroc(-logits.max(axis=1), -ood_logits.max(axis=1)),
+            "max_probability": auroc(-calibrated.max(axis=1), -probabilities.max(axis=1)),
+            "accepted": np.mean(ood_energy <= calibration.energy_threshold),
+            "sure": np.mean(calibration.accepted(probabilities, ood_energy)),
+        }
+    return result
+
+
+def report(results: list[dict], args: argparse.Namespace) -> str:
+    command = f"python benchmarks/ood_eval.py --onnx {' '.join(map(str, args.onnx))} --write BENCHMARKS.md"
+    lines = [
+        f"Device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), ONNX Runtime "
+        f"{ort.__version__}; {time.strftime('%Y-%m-%d')}. Command: `{command}"
+        + (f" --figure {args.figure}`." if args.figure else "`."),
+        "",
+        "| model | test accuracy | test ECE | test NLL | temperature | answered sure | accuracy of those "
+        "| confidence threshold | energy threshold |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        calibration = r["card"].calibration
+        threshold = calibration.confidence_threshold
+        lines.append(
+            f"| {r['name']} | {r['accuracy']:.4f} | {r['ece'][0]:.4f} → {r['ece'][1]:.4f} "
+            f"| {r['nll'][0]:.4f} → {r['nll'][1]:.4f} | {calibration.temperature:.3f} | {r['sure']:.3f} "
+            f"| {r['sure_accuracy']:.4f} | {'unreachable' if threshold is None else f'{threshold:.4f}'} "
+            f"| {calibration.energy_threshold:.3f} |"
+        )
+    lines += [
+        "",
+        "| model | images that are not clothes | AUROC energy (served) | AUROC max logit | AUROC max probability "
+        "| accepted at the energy threshold | answered sure |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        for name, s in r["sets"].items():
+            lines.append(
+                f"| {r['name']} | {name} | {s['energy']:.4f} | {s['max_logit']:.4f} | {s['max_probability']:.4f} "
+                f"| {s['accepted']:.3f} | {s['sure']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> str:
+    rng = np.random.default_rng(args.seed)
+    handwritten = digits()
+    sets = {
+        f"scikit-learn digits ({len(handwritten):,})": handwritten,
+        f"scikit-image photographs ({len(PHOTOS)} x {1 + CROPS_PER_PHOTO} crops)": photos(rng),
+        f"uniform noise ({NOISE_IMAGES:,})": noise(rng, FASHION_SIZE),
+        "blank, every grey level (256)": blank(FASHION_SIZE),
+    }
+    test = fashion_test()
+    results = [evaluate(path, sets, test) for path in args.onnx]
+    if args.figure:
+        reliability_diagram(results, test[1], args.figure)
+    text = report(results, args)
+    print(text)
+    if args.write:
+        write_section(args.write, SECTION, text, HEADING)
+    return text
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,98 @@
+"""Calibrated probabilities and when to be unsure: what export fits on a run's validation split and
+writes into the card, and the few lines of arithmetic that export, serving and the benchmarks share.
+
+The network's logits become probabilities as ``softmax(logits / temperature)``: one temperature,
+fitted by negative log-likelihood on images held out of training (Guo et al., "On Calibration of
+Modern Neural Networks", 2017). It divides every logit alike, so the ranking, hence the label and
+the accuracy, never changes; only how sure the probabilities say the model is.
+
+An answer is unsure for one of two reasons, checked in this order:
+
+- ``out_of_distribution``: the image's energy, ``-logsumexp(logits / temperature)`` (Liu et al.,
+  "Energy-based Out-of-distribution Detection", 2020), is above a threshold that accepted 95% of
+  the validation images. Low energy is what the images the model was trained on look like.
+- ``low_confidence``: the largest calibrated probability is below the threshold at which the
+  accepted validation answers were right ``target_accuracy`` of the time.
+
+This module stays torch-free: serving imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+LOW_CONFIDENCE, OUT_OF_DISTRIBUTION = "low_confidence", "out_of_distribution"
+UNSURE_REASONS = (OUT_OF_DISTRIBUTION, LOW_CONFIDENCE)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    temperature: float  # probabilities = softmax(logits / temperature); fitted by NLL on the validation split
+    energy_threshold: float  # energy above this: out_of_distribution ...
+    id_acceptance: float  # ... set so that this share of the validation images was accepted, e.g. 0.95
+    target_accuracy: float  # accepted answers were to be right this often on validation, e.g. 0.99 ...
+    validation_images: int  # how many held-out images these were set on
+    # ... at a largest probability of at least this. None, and left out of the JSON (the model store's
+    # metadata holds no nulls): no threshold got there on validation, so every answer is low_confidence.
+    confidence_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        # Like the card that holds it, it may come back from a file someone edited.
+        for name in ("temperature", "energy_threshold", "id_acceptance", "target_accuracy"):
+            if not _is_finite(getattr(self, name)):
+                raise ValueError(f"calibration: {name} must be a finite number, got {getattr(self, name)!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"calibration: temperature must be positive, got {self.temperature!r}")
+        for name in ("id_acceptance", "target_accuracy"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"calibration: {name} must be in (0, 1], got {getattr(self, name)!r}")
+        threshold = self.confidence_threshold
+        if threshold is not None and not (_is_finite(threshold) and 0 <= threshold <= 1):
+            raise ValueError(f"calibration: confidence_threshold must be in [0, 1] or null, got {threshold!r}")
+        count = self.validation_images
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"calibration: validation_images must be a positive integer, got {count!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or not known - {"confidence_threshold"} <= set(data) <= known:
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"calibration: expected the fields {sorted(known)}, got {got}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+    def unsure_reason(self, confidence: float, energy: float) -> str | None:
+        """Why an answer of this largest calibrated probability and energy is unsure; None: it is not."""
+        if energy > self.energy_threshold:
+            return OUT_OF_DISTRIBUTION
+        if self.confidence_threshold is None or confidence < self.confidence_threshold:
+            return LOW_CONFIDENCE
+        return None
+
+    def accepted(self, probabilities: np.ndarray, energies: np.ndarray) -> np.ndarray:
+        """``unsure_reason(...) is None`` for every row at once: bool [N]."""
+        if self.confidence_threshold is None:
+            return np.zeros(len(energies), bool)
+        return (energies <= self.energy_threshold) & (probabilities.max(axis=1) >= self.confidence_threshold)
+
+
+def scores(logits: np.ndarray, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [N, classes], energies [N]) of logits [N, classes]: ``softmax(logits / T)``
+    and ``-logsumexp(logits / T)``, from the same exponentials."""
+    scaled = logits / temperature if temperature != 1.0 else logits
+    top = scaled.max(axis=1, keepdims=True)
+    shifted = np.exp(scaled - top)
+    total = shifted.sum(axis=1, keepdims=True)
+    return shifted / total, -(top + np.log(total))[:, 0]
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
