@@ -72,6 +72,15 @@ def classify(url: str, path: Path, headers: dict | None = None, **form) -> httpx
     return httpx.post(f"{url}/classify", files=files, data=form, headers=headers, timeout=30)
 
 
+# What the page shows for each (unsure, unsure_reason) an answer can carry.
+SURENESS = {
+    (None, None): "no calibration: this model cannot say when it is unsure",
+    (False, None): "sure (calibrated)",
+    (True, "low_confidence"): "unsure: low confidence",
+    (True, "out_of_distribution"): "unsure: not like the images this model was trained on",
+}
+
+
 def test_the_page_shows_what_the_api_answers_for_a_real_image(browser, server, fashion_test, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -101,6 +110,7 @@ def test_the_page_shows_what_the_api_answers_for_a_real_image(browser, server, f
     upload(browser, shoe)
     wait_for(browser, lambda d: text(d, "label"), "a prediction")
     assert text(browser, "label") == expected["label"]
+    assert text(browser, "unsure") == SURENESS[(expected["unsure"], expected["unsure_reason"])]
     bars = [bar.text.split("\n") for bar in browser.find_elements(By.CSS_SELECTOR, "#bars .bar")]
     assert [name for name, _ in bars] == [ranked["label"] for ranked in expected["top_k"]]
     assert bars[0][1] == f"{100 * expected['probability']:.1f} %"
@@ -121,6 +131,7 @@ def test_the_page_shows_what_the_api_answers_for_a_real_image(browser, server, f
     wait_for(browser, lambda d: other in text(d, "answered-by"), "an answer from the other model")
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 10, "ten bars")
     assert text(browser, "label") == expected["label"]
+    assert text(browser, "unsure") == SURENESS[(expected["unsure"], expected["unsure_reason"])]
 
     # The strict CSP let the page's own script and style run, and nothing failed.
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
