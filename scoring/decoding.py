@@ -50,16 +50,19 @@ def load_batch(source: Source, entries: list[Entry], card: ModelCard) -> tuple[n
     return (np.stack(good) if good else None), [x if isinstance(x, str) else None for x in loaded]
 
 
-def score_batch(source: Source, entries: list[Entry], card: ModelCard, model: str) -> tuple[np.ndarray | None, list]:
-    """:func:`load_batch`, then the batch's probabilities from this process's own one-thread ONNX
-    Runtime session of ``model`` (instead of the inputs): a worker per core, each running its own
-    batches start to end, keeps every core busy without two thread pools fighting over them."""
+def score_batch(
+    source: Source, entries: list[Entry], card: ModelCard, model: str
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, list]:
+    """:func:`load_batch`, then the batch's probabilities and energies from this process's own
+    one-thread ONNX Runtime session of ``model`` (instead of the inputs): a worker per core, each
+    running its own batches start to end, keeps every core busy without two thread pools fighting
+    over them."""
     inputs, errors = load_batch(source, entries, card)
     if inputs is None:
         return None, errors
     if model not in _replicas:
         _replicas[model] = OnnxClassifier(model, "cpu", threads=1)
-    return _replicas[model].predict(inputs), errors
+    return _replicas[model].probabilities_and_energies(inputs), errors
 
 
 def exit_with_scorer(scorer: int) -> None:

@@ -3,9 +3,10 @@
 Decoding a small PNG is mostly Python (Pillow's header parsing, NumPy's conversion) holding the
 GIL, so processes, not threads, put every core to work. A worker gets a batch of entries, reads and
 decodes them and, on the CPU, scores them with its own one-thread ONNX Runtime session, returning
-the probabilities and the errors (as Ray's fused replicas do: no pixels cross processes, and no
-thread pool of this process fights the workers for the cores). With a GPU, this process holds the
-one session and the workers only decode. This process lists, builds the rows and writes the parts.
+the probabilities, the energies and the errors (as Ray's fused replicas do: no pixels cross
+processes, and no thread pool of this process fights the workers for the cores). With a GPU, this
+process holds the one session and the workers only decode. This process lists, builds the rows
+(the unsure answers too) and writes the parts.
 At most two batches per worker are in flight, so the listing is read only as fast as scoring goes
 and memory stays bounded.
 """
@@ -32,7 +33,7 @@ from scoring.decoding import exit_with_scorer, load_batch, score_batch
 from scoring.parts import part_name, write_part
 from scoring.results import result_table
 from scoring.sources import Entry, Source
-from serving.engine import GPU_PROVIDER, OnnxClassifier
+from serving.engine import GPU_PROVIDER, OnnxClassifier, unsure_reasons
 
 PART_SECONDS = 60.0  # a part is closed this long after its first row even when not full: a slow model loses a minute
 
@@ -121,13 +122,14 @@ def _finish(
     item: tuple[list[str], Future], classifier: OnnxClassifier, writer: PartWriter, k: int, progress, rows, failed
 ) -> tuple[int, int]:
     names, future = item
-    array, errors = future.result()  # inputs, or a worker's probabilities
+    done, errors = future.result()  # inputs, or a worker's (probabilities, energies)
     card = classifier.card
-    if array is None:
-        probabilities = np.empty((0, card.num_classes), np.float32)
+    if done is None:
+        probabilities, energies = np.empty((0, card.num_classes), np.float32), np.empty(0, np.float32)
     else:
-        probabilities = classifier.predict(array) if array.dtype == np.uint8 else array
-    writer.add(result_table(names, errors, probabilities, card.class_names, k))
+        probabilities, energies = done if isinstance(done, tuple) else classifier.probabilities_and_energies(done)
+    reasons = unsure_reasons(probabilities, energies, card.calibration)
+    writer.add(result_table(names, errors, probabilities, reasons, card.class_names, k))
     progress.update(len(names))
     return rows + len(names), failed + sum(error is not None for error in errors)
 

@@ -13,7 +13,8 @@ Spark skip: they read the folder as one table.
 
 A resumed run reads the ids of every finished part and skips those inputs, so it ends with the same
 rows as an uninterrupted run. It is refused when the source, the model, ``top_k`` or the format
-differ from the run's, naming the difference. One process writes a folder at a time (a lock).
+differ from the run's, or when its parts hold other columns than this scorer writes (another
+version wrote them), naming the difference. One process writes a folder at a time (a lock).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model_store.files import atomic_output, remove_stale_temp_files
-from scoring.results import read_csv_ids, row_ids, write_csv
+from scoring.results import SCHEMA, OtherColumns, check_columns, read_csv_ids, row_ids, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,11 @@ def read_parts(folder: Path, ids: bool = True) -> Finished:
             continue
         try:
             part_ids, count, errors = _read_part(folder / name, ids)
+        except OtherColumns as err:
+            raise ValueError(
+                f"cannot add to the run in {folder}: {name} {err}. A run's parts share their columns; "
+                "score into a new --output folder"
+            ) from None
         except (OSError, ValueError, pa.ArrowException) as err:
             raise ValueError(f"cannot read {folder / name}: {err}; delete it to score its rows again") from None
         digests.append(np.array([_digest(i) for i in part_ids], "S16"))
@@ -108,7 +114,9 @@ def read_parts(folder: Path, ids: bool = True) -> Finished:
 def _read_part(path: Path, ids: bool) -> tuple[list[bytes], int, int]:
     """A part's ids (when asked for), rows and failed rows."""
     if path.suffix == ".parquet":
-        table = pq.read_table(path, columns=["path", "path_bytes", "error"] if ids else ["error"])
+        with pq.ParquetFile(path) as part:
+            check_columns(part.schema_arrow.names, SCHEMA.names)
+            table = part.read(columns=["path", "path_bytes", "error"] if ids else ["error"])
         return row_ids(table) if ids else [], len(table), len(table) - table.column("error").null_count
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         pairs = list(read_csv_ids(f))

@@ -42,7 +42,7 @@ from scoring.decoding import load_batch
 from scoring.parts import part_name, write_part
 from scoring.results import SCHEMA, name_bytes, result_table
 from scoring.sources import Entry, Source
-from serving.engine import GPU_PROVIDER, OnnxClassifier
+from serving.engine import GPU_PROVIDER, OnnxClassifier, unsure_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -155,13 +155,15 @@ class _Classify:
         errors = [error or None for error in batch["error"]]
         ok = np.array([error is None for error in errors], dtype=bool)
         card = self.classifier.card
-        probabilities = (
-            self.classifier.predict(np.ascontiguousarray(batch["pixels"][ok]))
-            if ok.any()
-            else np.empty((0, card.num_classes), np.float32)
-        )
+        if ok.any():
+            probabilities, energies = self.classifier.probabilities_and_energies(
+                np.ascontiguousarray(batch["pixels"][ok])
+            )
+        else:
+            probabilities, energies = np.empty((0, card.num_classes), np.float32), np.empty(0, np.float32)
+        reasons = unsure_reasons(probabilities, energies, card.calibration)
         names = [_text(name) for name in batch["name"]]
-        return result_table(names, errors, probabilities, card.class_names, self.top_k)
+        return result_table(names, errors, probabilities, reasons, card.class_names, self.top_k)
 
 
 class _PartsDatasink(Datasink):

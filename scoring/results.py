@@ -3,15 +3,17 @@
 Parquet columns (``SCHEMA``): ``path`` (the input's name), ``path_bytes`` (the name's bytes on disk,
 only when they are not UTF-8: ``path`` then shows U+FFFD for the bytes it cannot decode; null
 otherwise), ``label`` and ``probability`` (the most likely class), ``top_k`` (a list of
-``{label, probability}``, most likely first) and ``error`` (why the input has no prediction).
-A row has either a prediction or an error; the other columns are null.
+``{label, probability}``, most likely first), ``unsure`` and ``unsure_reason`` (what /classify
+answers for the image: ``out_of_distribution``, ``low_confidence`` or null; both null for a model
+without calibration) and ``error`` (why the input has no prediction). A row has either a
+prediction or an error; the other columns are null.
 
-CSV columns: path, label, probability, top_k (``label:0.1234;...``), error. The CSV is UTF-8,
-except that a name which is not valid UTF-8 is written as its bytes on disk
-(``errors="surrogateescape"``), so every name round-trips exactly. A text cell starting with ``=``,
-``+``, ``-``, ``@``, tab, carriage return or ``'`` is written with a leading ``'``, so that a
-spreadsheet shows it as text instead of running it as a formula (OWASP, "CSV Injection"); reading
-drops that one ``'`` again.
+CSV columns: path, label, probability, top_k (``label:0.1234;...``), unsure (``true``, ``false``,
+or empty for null), unsure_reason, error. The CSV is UTF-8, except that a name which is not valid
+UTF-8 is written as its bytes on disk (``errors="surrogateescape"``), so every name round-trips
+exactly. A text cell starting with ``=``, ``+``, ``-``, ``@``, tab, carriage return or ``'`` is
+written with a leading ``'``, so that a spreadsheet shows it as text instead of running it as a
+formula (OWASP, "CSV Injection"); reading drops that one ``'`` again.
 
 A row's id, which resume matches on, is the name's bytes.
 """
@@ -31,10 +33,13 @@ SCHEMA = pa.schema(
         pa.field("label", pa.string()),
         pa.field("probability", pa.float32()),
         pa.field("top_k", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float32())]))),
+        pa.field("unsure", pa.bool_()),
+        pa.field("unsure_reason", pa.string()),
         pa.field("error", pa.string()),
     ]
 )
-CSV_COLUMNS = ("path", "label", "probability", "top_k", "error")
+CSV_COLUMNS = ("path", "label", "probability", "top_k", "unsure", "unsure_reason", "error")
+CSV_BOOLS = {True: "true", False: "false", None: ""}
 QUOTED_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
@@ -44,12 +49,20 @@ def name_bytes(name: str) -> bytes:
 
 
 def result_table(
-    names: Sequence[str], errors: Sequence[str | None], probabilities: np.ndarray, class_names: Sequence[str], k: int
+    names: Sequence[str],
+    errors: Sequence[str | None],
+    probabilities: np.ndarray,
+    reasons: np.ndarray | None,
+    class_names: Sequence[str],
+    k: int,
 ) -> pa.Table:
     """The rows of one batch: ``names[i]`` failed with ``errors[i]``, or, where that is None, has the
-    next row of ``probabilities`` (one row per successful input, in order)."""
+    next row of ``probabilities`` and of ``reasons`` (one row per successful input, in order: each
+    an ``unsure_reason`` or None, as ``serving.engine.unsure_reasons`` gives them; ``reasons`` is
+    None for a model without calibration)."""
     ok = np.array([error is None for error in errors], dtype=bool)
     assert probabilities.shape[0] == ok.sum(), "one row of probabilities per successful input"
+    assert reasons is None or len(reasons) == ok.sum(), "one reason per successful input"
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     ranked = np.take_along_axis(probabilities, order, axis=1).astype(np.float32)
     labels = np.asarray(class_names, dtype=object)[order]
@@ -57,6 +70,11 @@ def result_table(
     best_label[ok] = labels[:, 0]
     best = np.zeros(len(names), np.float32)
     best[ok] = ranked[:, 0]
+    unsure = np.zeros(len(names), bool)
+    unsure_reason = np.full(len(names), None, dtype=object)
+    if reasons is not None:
+        unsure[ok] = reasons.astype(bool)  # a reason is a non-empty string, sure is None
+        unsure_reason[ok] = reasons
     offsets = np.concatenate([[0], np.cumsum(ok * k)]).astype(np.int32)
     pairs = pa.StructArray.from_arrays(
         [pa.array(labels.ravel(), pa.string()), pa.array(ranked.ravel(), pa.float32())], ["label", "probability"]
@@ -68,6 +86,8 @@ def result_table(
         pa.array(best_label, pa.string()),
         pa.array(best, pa.float32(), mask=~ok),
         pa.ListArray.from_arrays(pa.array(offsets), pairs, mask=pa.array(~ok)).cast(SCHEMA.field("top_k").type),
+        pa.array(unsure, pa.bool_(), mask=~ok if reasons is not None else np.ones(len(names), bool)),
+        pa.array(unsure_reason, pa.string()),
         pa.array(list(errors), pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
@@ -92,13 +112,13 @@ def write_csv(table: pa.Table, f: IO[str]) -> None:
     writer = csv.writer(f)
     writer.writerow(CSV_COLUMNS)
     names = [b.decode("utf-8", "surrogateescape") for b in row_ids(table)]
-    columns = table.select(["label", "probability", "top_k", "error"]).to_pydict()
-    for name, label, probability, ranked, error in zip(names, *columns.values()):
+    columns = table.select(["label", "probability", "top_k", "unsure", "unsure_reason", "error"]).to_pydict()
+    for name, label, probability, ranked, unsure, reason, error in zip(names, *columns.values()):
         if error is None:
             top = ";".join(f"{r['label']}:{r['probability']:.4f}" for r in ranked)
-            row = (name, label, f"{probability:.6f}", top, "")
+            row = (name, label, f"{probability:.6f}", top, CSV_BOOLS[unsure], reason or "", "")
         else:
-            row = (name, "", "", "", error)
+            row = (name, "", "", "", "", "", error)
         writer.writerow([_cell(text) for text in row])
 
 
@@ -106,10 +126,31 @@ def read_csv_ids(f: IO[str]) -> Iterator[tuple[bytes, bool]]:
     """(id, failed) for each row of a CSV part written by :func:`write_csv`."""
     reader = csv.reader(f)
     header = next(reader, None)
-    if header != list(CSV_COLUMNS):
-        raise ValueError(f"not a scoring CSV part: its header is {header}, expected {list(CSV_COLUMNS)}")
+    if header is None:
+        raise ValueError(f"not a scoring CSV part: it is empty, expected the header {list(CSV_COLUMNS)}")
+    check_columns(header, CSV_COLUMNS)
+    error = CSV_COLUMNS.index("error")
     for row in reader:
-        yield name_bytes(row[0].removeprefix("'")), row[4] != ""
+        yield name_bytes(row[0].removeprefix("'")), row[error] != ""
+
+
+class OtherColumns(ValueError):
+    """A part whose columns are not this scorer's: another version wrote it."""
+
+
+def check_columns(got: Sequence[str], expected: Sequence[str]) -> None:
+    """Refuse a part with other columns than this scorer writes, naming the difference: a run's
+    parts must share their columns, or a reader of the folder would see some rows without them."""
+    if list(got) == list(expected):
+        return
+    differences = []
+    if missing := [c for c in expected if c not in got]:
+        differences.append(f"it lacks the columns {', '.join(missing)}")
+    if extra := [c for c in got if c not in expected]:
+        differences.append(f"it has the columns {', '.join(extra)}, which this scorer does not write")
+    if not differences:
+        differences.append(f"its columns are {list(got)}, in another order than {list(expected)}")
+    raise OtherColumns(f"was not written by this version of the scorer: {'; '.join(differences)}")
 
 
 def _cell(text: str) -> str:

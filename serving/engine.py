@@ -99,12 +99,17 @@ class OnnxClassifier:
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Calibrated probabilities [N, classes]."""
-        return scores(self.logits(pixels), self.temperature)[0]
+        return self.probabilities_and_energies(pixels)[0]
 
     def score(self, pixels: np.ndarray) -> list[Scored]:
         """Calibrated probabilities and the energy of each image: the batcher's unit of work."""
-        probabilities, energies = scores(self.logits(pixels), self.temperature)
+        probabilities, energies = self.probabilities_and_energies(pixels)
         return [Scored(p, e) for p, e in zip(probabilities, energies.tolist())]
+
+    def probabilities_and_energies(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`score` as two arrays, calibrated probabilities [N, classes] and energies [N]: the
+        batch scorer's unit of work, with no Python object per image."""
+        return scores(self.logits(pixels), self.temperature)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """The graph's float32 logits [N, classes], before any calibration."""
@@ -149,6 +154,17 @@ def unsure(row: Scored, calibration: Calibration | None) -> dict:
         return {"unsure": None, "unsure_reason": None}
     reason = calibration.unsure_reason(float(row.probabilities.max()), row.energy)
     return {"unsure": reason is not None, "unsure_reason": reason}
+
+
+def unsure_reasons(
+    probabilities: np.ndarray, energies: np.ndarray, calibration: Calibration | None
+) -> np.ndarray | None:
+    """:func:`unsure` for a whole batch, as the batch scorer writes it: each row's ``unsure_reason``
+    (object [N], None where the model is sure), or None for a model without calibration, whose
+    every ``unsure`` is null."""
+    if calibration is None:
+        return None
+    return calibration.unsure_reasons(probabilities.max(axis=1), energies)
 
 
 def answer(row: Scored, card: ModelCard, k: int) -> dict:

@@ -13,7 +13,7 @@ from export.calibrate import confidence_threshold, energy_threshold, expected_ca
 from model_store import ModelCard
 from model_store.calibration import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Calibration, scores
 from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
-from serving.engine import OnnxClassifier, Scored, answer
+from serving.engine import OnnxClassifier, Scored, answer, unsure, unsure_reasons
 
 CARD = dict(arch="lenet_bn", class_names=("a", "b", "c"), in_channels=1, height=28, width=28, mean=(0.3,), std=(0.35,))
 CALIBRATION = Calibration(
@@ -75,6 +75,24 @@ def test_unsure_says_out_of_distribution_first_then_low_confidence():
         CALIBRATION.unsure_reason(p.max(), e) is None for p, e in zip(probabilities, energies)
     ]
     assert not unreachable.accepted(probabilities, energies).any()
+
+
+@pytest.mark.parametrize("calibration", [CALIBRATION, Calibration(1.0, -3.0, 0.95, 0.99, 600)])
+def test_a_batch_gets_the_reasons_each_row_gets_alone(calibration):
+    # float32 rows on both sides of each threshold and at it: the batch rule compares them as the
+    # scalar one does, in float64, not against thresholds rounded to float32
+    energies = np.array([-3.0, -2.9999999, -3.0000001, -5.0, 0.0, -3.0, -5.0], np.float32)
+    confidences = np.array([0.9, 0.9, 0.8999999, 0.9000001, 0.5, 1.0, 0.89], np.float32)
+    grid_energies, grid_confidences = (a.ravel() for a in np.meshgrid(energies, confidences))
+    probabilities = np.stack([grid_confidences, 1 - grid_confidences], axis=1)
+    expected = [calibration.unsure_reason(float(c), float(e)) for c, e in zip(grid_confidences, grid_energies)]
+    assert calibration.unsure_reasons(grid_confidences, grid_energies).tolist() == expected
+    assert {None, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION} >= set(expected) and OUT_OF_DISTRIBUTION in expected
+    reasons = unsure_reasons(probabilities, grid_energies, calibration)
+    rows = [Scored(p, float(e)) for p, e in zip(probabilities, grid_energies)]
+    assert [{"unsure": r is not None, "unsure_reason": r} for r in reasons] == [unsure(r, calibration) for r in rows]
+    assert unsure_reasons(probabilities, grid_energies, None) is None  # no calibration: every row null
+    assert unsure_reasons(probabilities[:0], grid_energies[:0], calibration).tolist() == []
 
 
 def test_the_card_carries_the_calibration_and_cards_without_one_still_load():

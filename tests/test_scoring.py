@@ -13,10 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from model_store import image_bytes_to_input
 from scoring import decoding, sources
 from scoring.__main__ import get_args_parser, main
 from scoring.parts import MANIFEST, OutputFolder
+from scoring.results import CSV_COLUMNS
 from scoring.sources import FolderSource
+from serving.engine import OnnxClassifier, answer
 from tests.conftest import REPO, png_bytes, run_cli
 
 ONNX = "model_store/default/fashion-lenet.onnx"
@@ -87,6 +90,8 @@ def test_scores_a_folder_reports_broken_files_and_keeps_going(tmp_path, fashion_
     ranked = rows[b"class_9/img0.png"]["top_k"]
     assert len(ranked) == 3 and ranked[0]["label"] == rows[b"class_9/img0.png"]["label"]
     assert ranked[0]["probability"] >= ranked[1]["probability"] >= ranked[2]["probability"]
+    # the shipped model has no calibration: /classify answers unsure null for it, and so does every row
+    assert {(row["unsure"], row["unsure_reason"]) for row in rows.values()} == {(None, None)}
     names = sorted(p.name for p in output.iterdir())
     assert names == [
         ".lock",
@@ -95,6 +100,69 @@ def test_scores_a_folder_reports_broken_files_and_keeps_going(tmp_path, fashion_
         "part-0000-000001.parquet",
         "part-0000-000002.parquet",
     ]
+
+
+def test_a_calibrated_model_s_rows_say_unsure_as_classify_answers_in_parquet_and_csv(tmp_path, fashion_test, exported):
+    classifier = OnnxClassifier(exported, device="cpu")
+    assert classifier.card.calibration is not None, "the test export is calibrated on its held-out split"
+    images = [png_bytes(image) for image in fashion_test[0][:150]]
+    noise = np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    images += [png_bytes(image) for image in noise]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, data in enumerate(images):
+        (folder / f"{i:03d}.png").write_bytes(data)
+    (folder / "broken.png").write_bytes(images[0][:40])
+    # /classify's answer for each image: the service's preprocessing, engine and answer
+    pixels = np.stack([image_bytes_to_input(data, classifier.card) for data in images])
+    expected = {f"{i:03d}.png": answer(row, classifier.card, 3) for i, row in enumerate(classifier.score(pixels))}
+    assert {got["unsure"] for got in expected.values()} == {True, False}  # both answers are checked
+
+    flags = ("--onnx", str(exported), "--batch-size", "32", "--part-rows", "64")
+    score_here(folder, tmp_path / "parquet", *flags)  # in this process
+    result = score(folder, tmp_path / "csv", *flags, "--format", "csv", "--workers", "1")  # in a worker process
+    assert result.returncode == 0, result.stderr
+    rows = {name.decode(): row for name, row in parquet_rows(tmp_path / "parquet").items()}
+    by_csv = csv_rows(tmp_path / "csv")
+    assert set(rows) == set(by_csv) == {*expected, "broken.png"}
+    for name, want in expected.items():
+        in_parquet = rows[name]["label"], rows[name]["unsure"], rows[name]["unsure_reason"]
+        assert in_parquet == (want["label"], want["unsure"], want["unsure_reason"]), name
+        in_csv = by_csv[name]["unsure"], by_csv[name]["unsure_reason"]
+        assert in_csv == ("true" if want["unsure"] else "false", want["unsure_reason"] or ""), name
+    broken, broken_csv = rows["broken.png"], by_csv["broken.png"]
+    assert broken["error"] and broken["unsure"] is None and broken["unsure_reason"] is None
+    assert broken_csv["error"] and broken_csv["unsure"] == broken_csv["unsure_reason"] == ""
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_resume_refuses_parts_written_without_the_unsure_columns(tmp_path, fashion_test, fmt):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(png_bytes(fashion_test[0][i]))
+    output = tmp_path / "out"
+    score_here(folder, output, "--format", fmt)
+    (part,) = output.glob("part-*")
+    # the part as the scorer wrote it before it had the unsure columns
+    if fmt == "parquet":
+        pq.write_table(pq.read_table(part).drop_columns(["unsure", "unsure_reason"]), part)
+    else:
+        with open(part, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        old = [column for column in CSV_COLUMNS if not column.startswith("unsure")]
+        with open(part, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, old, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    (folder / "3.png").write_bytes(png_bytes(fashion_test[0][3]))
+
+    with pytest.raises(ValueError) as refused:
+        score_here(folder, output, "--format", fmt, "--resume")
+    message = str(refused.value)
+    assert f"{part.name} was not written by this version of the scorer" in message
+    assert "it lacks the columns unsure, unsure_reason" in message and "new --output folder" in message
+    assert len(list(output.glob("part-*"))) == 1
 
 
 def test_bad_arguments_fail_in_one_line(tmp_path):
@@ -197,6 +265,7 @@ def test_every_name_round_trips_and_none_becomes_a_formula(tmp_path, fashion_tes
         rows = csv_rows(tmp_path / "out")
         starts = ("=", "+", "-", "@", "\t", "'")
         assert {f"'{n}" if n.startswith(starts) else n for n in ODD_NAMES} | {os.fsdecode(b"bad\xff.png")} == set(rows)
+        assert {(row["unsure"], row["unsure_reason"]) for row in rows.values()} == {("", "")}  # null: no calibration
     assert all(row["label"] and not row["error"] for row in rows.values())
 
 

@@ -1,6 +1,6 @@
 """The Ray Data engine, run for real on a local Ray instance with 2 CPUs: its rows equal the local
-engine's on a few hundred real Fashion-MNIST PNGs (and on the inputs that fail), and it resumes a
-run from the parts another engine wrote."""
+engine's on a few hundred real Fashion-MNIST PNGs (and on the inputs that fail), unsure answers of
+a calibrated model included, and it resumes a run from the parts another engine wrote."""
 
 import json
 import os
@@ -63,6 +63,7 @@ def assert_same_rows(got: dict, expected: dict) -> None:
     for key, row in expected.items():
         other = got[key]
         assert (other["path"], other["label"], other["error"]) == (row["path"], row["label"], row["error"]), key
+        assert (other["unsure"], other["unsure_reason"]) == (row["unsure"], row["unsure_reason"]), key
         if row["error"] is None:
             assert [r["label"] for r in other["top_k"]] == [r["label"] for r in row["top_k"]], key
             assert np.allclose([r["probability"] for r in other["top_k"]], [r["probability"] for r in row["top_k"]])
@@ -83,6 +84,14 @@ def test_ray_rows_equal_the_local_engines(ray_local, photos, local_output, tmp_p
     assert got[b'bad\xff, "name".png']["label"] and "leads outside the folder" in got[b"outside.png"]["error"]
     assert "not a regular file but a FIFO" in got[b"fifo.png"]["error"]
     assert not [p.name for p in (tmp_path / "ray").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ray_answers_unsure_as_the_local_engine_does_for_a_calibrated_model(ray_local, photos, exported, tmp_path):
+    run(photos, tmp_path / "local", "--onnx", str(exported), "--workers", "0")
+    run(photos, tmp_path / "ray", "--onnx", str(exported), "--engine", "ray")
+    expected, got = rows_by_id(tmp_path / "local"), rows_by_id(tmp_path / "ray")
+    assert_same_rows(got, expected)
+    assert {row["unsure"] for row in got.values()} == {True, False, None}  # None: the inputs that failed
 
 
 def test_ray_resumes_a_run_from_its_finished_parts(ray_local, photos, local_output, tmp_path):
