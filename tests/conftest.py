@@ -84,6 +84,25 @@ def exported(tmp_path_factory, checkpoint) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def uncalibrated(tmp_path_factory) -> Path:
+    """The shipped graph with its card's calibration taken out: a model as every export made before
+    export calibrated (and as a run with --no-hold-out exports), which cannot say when it is unsure."""
+    import dataclasses
+
+    import onnx
+
+    from export.onnx_export import with_card
+    from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
+
+    card = read_onnx_card(DEFAULT_MODEL_FILE)
+    metrics = {k: v for k, v in card.metrics.items() if k != "calibration"}
+    plain = dataclasses.replace(card, calibration=None, metrics=metrics)
+    path = tmp_path_factory.mktemp("uncalibrated") / "lenet-uncalibrated.onnx"
+    onnx.save(with_card(onnx.load(DEFAULT_MODEL_FILE), plain), path)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,7 @@
 """Calibrated probabilities and unsure answers: the fitting on controlled logits, the card that
 carries the result, the export that fits it on held-out images, and the engine that applies it."""
 
+import asyncio
 import importlib.util
 import json
 import sys
@@ -165,14 +166,39 @@ def test_the_engine_applies_the_temperature_and_answers_unsure(exported, fashion
         assert len(got["top_k"]) == 3 and got["label"] == got["top_k"][0]["label"]  # the answer is there either way
 
 
-def test_the_shipped_uncalibrated_model_answers_unsure_null():
-    classifier = OnnxClassifier(DEFAULT_MODEL_FILE, device="cpu")
+def test_a_model_without_calibration_answers_unsure_null(uncalibrated, fashion_test):
+    classifier = OnnxClassifier(uncalibrated, device="cpu")
     assert classifier.card.calibration is None and classifier.temperature == 1.0
     row = classifier.score(np.zeros((1, 1, 28, 28), np.uint8))[0]
     got = answer(row, classifier.card, 2)
     assert got["unsure"] is None and got["unsure_reason"] is None and len(got["top_k"]) == 2
     assert json.loads(json.dumps(got))["unsure"] is None
     assert isinstance(row, Scored)
+    # and so does the service, through the edge, its handlers and the batcher
+    from serving.config import ServingConfig
+    from serving.edge import Edge
+    from serving.handlers import Handlers
+    from serving.model_set import ModelSet
+    from tests.conftest import png_bytes
+    from tests.test_edge import client
+
+    config = ServingConfig()
+    handlers = Handlers(ModelSet(config, [("plain", "v1", uncalibrated)]), config)
+    edge = Edge(None, config, lambda: handlers)
+
+    async def main():
+        async with client(edge) as http:
+            return await http.post("/classify", files={"image": ("x.png", png_bytes(fashion_test[0][0]))})
+
+    answered = asyncio.run(main()).json()
+    assert answered["unsure"] is None and answered["unsure_reason"] is None and answered["label"]
+
+
+def test_the_shipped_model_is_calibrated():
+    card = read_onnx_card(DEFAULT_MODEL_FILE)
+    assert card.calibration is not None and card.calibration.validation_images == 6000
+    test = card.metrics["calibration"]["test"]
+    assert test["ece_after"] < test["ece_before"] and abs(test["accuracy"] - card.metrics["test_acc"]) < 1e-9
 
 
 def _ood_eval():

@@ -90,8 +90,9 @@ def test_scores_a_folder_reports_broken_files_and_keeps_going(tmp_path, fashion_
     ranked = rows[b"class_9/img0.png"]["top_k"]
     assert len(ranked) == 3 and ranked[0]["label"] == rows[b"class_9/img0.png"]["label"]
     assert ranked[0]["probability"] >= ranked[1]["probability"] >= ranked[2]["probability"]
-    # the shipped model has no calibration: /classify answers unsure null for it, and so does every row
-    assert {(row["unsure"], row["unsure_reason"]) for row in rows.values()} == {(None, None)}
+    # the shipped model is calibrated: every scored row says whether it is unsure, a failed one says null
+    assert {type(row["unsure"]) for name, row in rows.items() if row["error"] is None} == {bool}
+    assert {row["unsure"] for row in rows.values() if row["error"] is not None} == {None}
     names = sorted(p.name for p in output.iterdir())
     assert names == [
         ".lock",
@@ -241,7 +242,7 @@ ODD_NAMES = [
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
-def test_every_name_round_trips_and_none_becomes_a_formula(tmp_path, fashion_test, fmt):
+def test_every_name_round_trips_and_none_becomes_a_formula(tmp_path, fashion_test, fmt, uncalibrated):
     folder = tmp_path / "photos"
     folder.mkdir()
     image = png_bytes(fashion_test[0][0])
@@ -251,7 +252,9 @@ def test_every_name_round_trips_and_none_becomes_a_formula(tmp_path, fashion_tes
         f.write(image)
     expected = {name.encode() for name in ODD_NAMES} | {b"bad\xff.png"}
 
-    result = score(folder, tmp_path / "out", "--format", fmt, "--part-rows", "5", "--workers", "1")
+    # a model without calibration (the last --onnx wins): its rows' unsure columns are null
+    flags = ("--format", fmt, "--part-rows", "5", "--workers", "1", "--onnx", str(uncalibrated))
+    result = score(folder, tmp_path / "out", *flags)
     assert result.returncode == 0, result.stderr
     assert f"scored {len(expected)} of {len(expected)} inputs (0 failed;" in result.stdout
     if fmt == "parquet":
@@ -259,13 +262,14 @@ def test_every_name_round_trips_and_none_becomes_a_formula(tmp_path, fashion_tes
         assert set(rows) == expected
         assert rows[b"bad\xff.png"]["path"] == "bad\ufffd.png"  # readable, and exact in path_bytes
         assert rows[b"plain.png"]["path_bytes"] is None
+        assert {(row["unsure"], row["unsure_reason"]) for row in rows.values()} == {(None, None)}
     else:
         raw = b"".join(part.read_bytes() for part in (tmp_path / "out").glob("part-*.csv"))
         assert b"bad\xff.png" in raw  # the name's bytes on disk, as they are
         rows = csv_rows(tmp_path / "out")
         starts = ("=", "+", "-", "@", "\t", "'")
         assert {f"'{n}" if n.startswith(starts) else n for n in ODD_NAMES} | {os.fsdecode(b"bad\xff.png")} == set(rows)
-        assert {(row["unsure"], row["unsure_reason"]) for row in rows.values()} == {("", "")}  # null: no calibration
+        assert {(row["unsure"], row["unsure_reason"]) for row in rows.values()} == {("", "")}  # null: empty cells
     assert all(row["label"] and not row["error"] for row in rows.values())
 
 
