@@ -14,7 +14,13 @@ from export.calibrate import confidence_threshold, energy_threshold, expected_ca
 from model_store import ModelCard
 from model_store.calibration import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Calibration, scores
 from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
+from serving.config import ServingConfig
+from serving.edge import Edge
 from serving.engine import OnnxClassifier, Scored, answer, unsure, unsure_reasons
+from serving.handlers import Handlers
+from serving.model_set import ModelSet
+from tests.conftest import png_bytes
+from tests.test_edge import client
 
 CARD = dict(arch="lenet_bn", class_names=("a", "b", "c"), in_channels=1, height=28, width=28, mean=(0.3,), std=(0.35,))
 CALIBRATION = Calibration(
@@ -175,13 +181,6 @@ def test_a_model_without_calibration_answers_unsure_null(uncalibrated, fashion_t
     assert json.loads(json.dumps(got))["unsure"] is None
     assert isinstance(row, Scored)
     # and so does the service, through the edge, its handlers and the batcher
-    from serving.config import ServingConfig
-    from serving.edge import Edge
-    from serving.handlers import Handlers
-    from serving.model_set import ModelSet
-    from tests.conftest import png_bytes
-    from tests.test_edge import client
-
     config = ServingConfig()
     handlers = Handlers(ModelSet(config, [("plain", "v1", uncalibrated)]), config)
     edge = Edge(None, config, lambda: handlers)
