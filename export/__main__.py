@@ -27,6 +27,7 @@ try:
     from export.onnx_export import (
         DEFAULT_OPSET,
         ExportError,
+        compare_cam_with_torch,
         compare_with_torch,
         export_graph,
         graph_logits,
@@ -44,6 +45,7 @@ except ModuleNotFoundError as err:  # a serving install, without torch or onnx: 
     raise
 
 MAX_ABS_LOGIT_DIFF = 1e-4  # fp32 graph vs PyTorch eval, on any image
+MAX_REL_CAM_DIFF = 1e-4  # --cam: the graph's map vs PyTorch's, relative to the map's range
 FP16_MIN_TOP1 = 0.999  # fp16 graph: top-1 agreement with fp32 PyTorch
 INT8_MIN_TOP1 = 0.99  # int8 graph: top-1 agreement with fp32 PyTorch ...
 INT8_MAX_ACCURACY_DROP = 0.005  # ... and accuracy on the true labels at most half a point below it
@@ -79,6 +81,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="take normalized float32 input instead of uint8 pixels (default: off)",
     )
     parser.add_argument(
+        "--cam",
+        action="store_true",
+        help="add a second output, the class-activation map of the top class, for POST /explain; "
+        "models with a global-average-pool head only, float32 only (default: off)",
+    )
+    parser.add_argument(
         "--verify-images", type=int, default=1000, help="Fashion-MNIST test images to verify on (default: 1000)"
     )
     parser.add_argument(
@@ -108,6 +116,8 @@ def main(args: argparse.Namespace) -> ModelCard:
         raise ValueError(
             f"--verify-images and --verify-batch-size must be at least 1, got {args.verify_images}, {args.verify_batch_size}"
         )
+    if args.cam and (args.fp16 or args.int8):
+        raise ValueError("--cam exports a float32 graph; leave out --fp16 and --int8")
     if args.int8 and args.calibration_images < 1:
         raise ValueError(f"--calibration-images must be at least 1, got {args.calibration_images}")
     for name in ("target_accuracy", "id_acceptance"):
@@ -121,7 +131,7 @@ def main(args: argparse.Namespace) -> ModelCard:
     )  # folders: all of it
     pixels, labels = stack_items(evaluation, range(count))
 
-    proto, folded = export_graph(model, card, args.opset, args.float_input, args.fp16)
+    proto, folded = export_graph(model, card, args.opset, args.float_input, args.fp16, args.cam)
     print(
         f"eval mode: {folded['batchnorm_folded']} BatchNorm folded into conv/linear weights, "
         f"{folded['batchnorm_to_scale_shift']} turned into a constant scale and shift, "
@@ -144,11 +154,18 @@ def main(args: argparse.Namespace) -> ModelCard:
         f"accuracy {parity['accuracy_onnx']:.4f} (PyTorch fp32: {parity['accuracy_torch']:.4f})"
     )
     check_parity(parity, precision)
+    if args.cam:
+        cam_parity = compare_cam_with_torch(model, card.arch, serialize(proto), pixels)
+        print(f"class-activation map: max |diff| {cam_parity['max_rel_cam_diff']:.2e} of its range")
+        if cam_parity["max_rel_cam_diff"] > MAX_REL_CAM_DIFF:
+            raise ExportError(f"the graph's class-activation map strays from PyTorch's beyond {MAX_REL_CAM_DIFF}")
+        parity = {**parity, **cam_parity}
     export_info = {
         "opset": args.opset,
         "precision": precision,
         "input": "normalized float32 [N, C, H, W]" if args.float_input else "pixels uint8 [N, C, H, W]",
-        "output": "logits float32 [N, classes]",
+        "output": "logits float32 [N, classes]" + (", cam float32 [N, H, W]" if args.cam else ""),
+        "cam": args.cam,
         "checkpoint": args.checkpoint.name,
         "checkpoint_sha256": file_sha256(args.checkpoint),
         "torch": torch.__version__,

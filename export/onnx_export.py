@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from export.cam import CAM_OUTPUT_NAME, CamModel
 from model_store import ModelCard
 from model_store.card import ONNX_METADATA_KEY
 
@@ -49,7 +50,12 @@ class ExportedModel(nn.Module):
 
 
 def export_graph(
-    model: nn.Sequential, card: ModelCard, opset: int = DEFAULT_OPSET, float_input: bool = False, fp16: bool = False
+    model: nn.Sequential,
+    card: ModelCard,
+    opset: int = DEFAULT_OPSET,
+    float_input: bool = False,
+    fp16: bool = False,
+    cam: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Trace a trained model (``normalize`` + ``net``) in eval mode into a checked ONNX graph.
 
@@ -58,21 +64,24 @@ def export_graph(
     Logits are float32 either way. Returns the graph and what eval mode took out: BatchNorms
     folded into a neighbouring conv or linear layer by the exporter, BatchNorms with no such
     neighbour (DenseNet's BN-ReLU-conv) rewritten as a constant per-channel scale and shift, and
-    Dropouts removed.
+    Dropouts removed. With ``cam`` the graph has a second output, "cam": the class-activation map
+    of each image's top class (``export.cam``), float32 [N, H, W].
     """
+    if cam and fp16:
+        raise ValueError("a graph with a class-activation map is exported in float32; leave out fp16")
     model = model.eval()
     dtype = torch.float32 if float_input else torch.uint8
     example = torch.zeros(2, card.in_channels, card.height, card.width, dtype=dtype)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not control
         program = torch.onnx.export(
-            ExportedModel(model, float_input, fp16).eval(),
+            (CamModel(model, card.arch, float_input) if cam else ExportedModel(model, float_input, fp16)).eval(),
             (example,),
             dynamo=True,
             opset_version=opset,
             external_data=False,
             input_names=[FLOAT_INPUT_NAME if float_input else INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[OUTPUT_NAME, CAM_OUTPUT_NAME] if cam else [OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             verbose=False,
         )
@@ -177,6 +186,27 @@ def compare_with_torch(
         if labels is not None:
             report["accuracy_onnx"] = min(report["accuracy_onnx"], float((got.argmax(1) == labels).mean()))
     return report
+
+
+def compare_cam_with_torch(
+    model: nn.Sequential, arch: str, graph: bytes, pixels: np.ndarray, batch_size: int = 64
+) -> dict[str, float]:
+    """The graph's "cam" output against PyTorch's (:class:`export.cam.CamModel` on the unexported
+    model) on uint8 ``pixels``: the worst |difference| relative to each map's range. (Not the peak's
+    position: a map upsampled from a few cells has flat tops, where rounding picks the pixel.)"""
+    session = _session(graph)
+    name = session.get_inputs()[0].name
+    reference = CamModel(model.eval(), arch).eval()
+    worst = 0.0
+    for start in range(0, len(pixels), batch_size):
+        batch = torch.from_numpy(pixels[start : start + batch_size])
+        with torch.no_grad():
+            expected = reference(batch)[1].numpy()
+            feed = model.normalize(batch).numpy() if name == FLOAT_INPUT_NAME else batch.numpy()
+        got = session.run([CAM_OUTPUT_NAME], {name: feed})[0]
+        spread = np.ptp(expected.reshape(len(expected), -1), axis=1).reshape(-1, 1, 1) + 1e-12
+        worst = max(worst, float((np.abs(got - expected) / spread).max()))
+    return {"images": len(pixels), "max_rel_cam_diff": worst}
 
 
 def graph_logits(model: nn.Sequential, graph: bytes, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -22,6 +22,9 @@ CARD_VERSION = 1
 RESIZE_MODES = ("stretch", "fit", "crop")  # see model_store.preprocess.resize_to_card
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 ONNX_METADATA_KEY = "model_card"  # the metadata_props key that holds the card as JSON
+# Architectures whose head is global average pooling -> linear (NiN: no linear), so whose export can
+# add a class-activation map (python -m export --cam); export.cam splits each of them.
+CAM_ARCHS = ("densenet", "googlenet", "nin", "resnet18", "resnet34")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@
   answered 503 with ``Retry-After``. A queue without bound would only turn overload into timeouts
   for everyone, while a 503 lets a load balancer try another replica. Counting only requests whose
   body is in means slow uploads cannot take the slots that fast clients need.
-- **The hot routes** (``POST /classify``, ``POST /classify_batch``) are answered here by
+- **The hot routes** (``POST /classify``, ``POST /classify_batch``, ``POST /explain``) are answered here by
   :func:`respond`, without BentoML's per-request layer. Profiled under load, that layer cost
   several times the request's own work for a small image (OpenTelemetry middleware even when not
   sampling, per-call signature binding, IO descriptors, a timeout timer that is never cancelled);
@@ -58,8 +58,8 @@ if TYPE_CHECKING:
     from serving.handlers import Handlers
 
 # Every route path of the service, defined once.
-CLASSIFY, CLASSIFY_BATCH, MODELS = "/classify", "/classify_batch", "/models"
-HOT_ROUTES = (CLASSIFY, CLASSIFY_BATCH)
+CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS = "/classify", "/classify_batch", "/explain", "/models"
+HOT_ROUTES = (CLASSIFY, CLASSIFY_BATCH, EXPLAIN)
 V2_PREFIX = "/v2"  # the Open Inference Protocol's routes (serving/v2.py), answered here
 V2_INFER = "/v2/models/{model}/infer"  # their infer route's label in metrics and logs: no client string in it
 V2_REPOSITORY = "/v2/repository"  # the label of model control's routes
@@ -71,7 +71,7 @@ UI = "/ui"  # the browser page, serving/ui.html
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/", UI})
 OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
 # Every path the service answers: its own routes, BentoML's schema, and the open ones.
-ROUTES = OPEN_PATHS | {CLASSIFY, CLASSIFY_BATCH, MODELS, "/schema.json"}
+ROUTES = OPEN_PATHS | {CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS, "/schema.json"}
 RETRY_AFTER_S = 1
 BODY_GRACE_S = 2.0  # a body may start slowly (TCP slow start, a phone waking its radio); then it must keep the rate
 
@@ -142,7 +142,8 @@ class Edge:
         if self.hot:
             handlers = self.handlers()
             route = scope["path"]
-            work = (handlers.classify if route == CLASSIFY else handlers.classify_batch)(Request(scope, receive))
+            handler = {CLASSIFY: handlers.classify, CLASSIFY_BATCH: handlers.classify_batch, EXPLAIN: handlers.explain}
+            work = handler[route](Request(scope, receive))
             status, answer = await respond(handlers, route, work)
             await send_answer(send, status, answer)
         else:  # BentoML's layer: tracing or CORS

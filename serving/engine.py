@@ -24,6 +24,7 @@ from model_store.card import ONNX_METADATA_KEY, ModelCard
 logger = logging.getLogger(__name__)
 
 GPU_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
+CAM_OUTPUT = "cam"  # export.cam.CAM_OUTPUT_NAME; serving does not import export
 
 
 # Heuristic cuDNN algorithm search: exhaustive search re-runs for every new batch shape, which the
@@ -78,6 +79,10 @@ class OnnxClassifier:
         mean, std = (np.array(v, np.float32).reshape(1, -1, 1, 1) for v in (self.card.mean, self.card.std))
         self._scale, self._shift = 1.0 / (255.0 * std), -mean / std
         self.output_name = self.session.get_outputs()[0].name
+        # Export records a class-activation map output in the card (``--cam``); older graphs have none.
+        self.has_cam = bool(self.card.export.get("cam"))
+        if self.has_cam and CAM_OUTPUT not in {o.name for o in self.session.get_outputs()}:
+            raise ValueError(f"{self._name(path)}: its card says it has a {CAM_OUTPUT!r} output, the graph has none")
         self.temperature = self.card.calibration.temperature if self.card.calibration else 1.0
         self.provider = self.session.get_providers()[0]
         self.provider_error = None
@@ -113,12 +118,7 @@ class OnnxClassifier:
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """The graph's float32 logits [N, classes], before any calibration."""
-        expected = (self.card.in_channels, self.card.height, self.card.width)
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != expected:
-            raise ValueError(
-                f"expected uint8 input of shape [N, {', '.join(map(str, expected))}], got {pixels.dtype} {pixels.shape}"
-            )
-        feed = pixels.astype(np.float32) * self._scale + self._shift if self.normalize else pixels
+        feed = self._feed(pixels)
         if self.provider == GPU_PROVIDER:
             # I/O binding: one host->device copy of the batch and the logits allocated on the device,
             # instead of ORT staging both through its own CPU buffers on every call.
@@ -126,10 +126,26 @@ class OnnxClassifier:
             binding.bind_cpu_input(self.input_name, feed)
             binding.bind_output(self.output_name, "cuda")
             self.session.run_with_iobinding(binding)
-            logits = binding.copy_outputs_to_cpu()[0]
-        else:
-            logits = self.session.run(None, {self.input_name: feed})[0]
-        return logits
+            return binding.copy_outputs_to_cpu()[0]
+        # By name: a graph with a class-activation map would otherwise compute and copy it too.
+        return self.session.run([self.output_name], {self.input_name: feed})[0]
+
+    def explain(self, pixels: np.ndarray) -> tuple[list[Scored], np.ndarray]:
+        """Each image's :class:`Scored` and the class-activation map of its top class, float32
+        [N, H, W] in logit units; only for a graph exported with ``--cam`` (see ``has_cam``)."""
+        if not self.has_cam:
+            raise ValueError(f"model {self.card.arch!r} was exported without a class-activation map")
+        logits, cam = self.session.run([self.output_name, CAM_OUTPUT], {self.input_name: self._feed(pixels)})
+        probabilities, energies = scores(logits, self.temperature)
+        return [Scored(p, e) for p, e in zip(probabilities, energies.tolist())], cam
+
+    def _feed(self, pixels: np.ndarray) -> np.ndarray:
+        expected = (self.card.in_channels, self.card.height, self.card.width)
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != expected:
+            raise ValueError(
+                f"expected uint8 input of shape [N, {', '.join(map(str, expected))}], got {pixels.dtype} {pixels.shape}"
+            )
+        return pixels.astype(np.float32) * self._scale + self._shift if self.normalize else pixels
 
     def warm_up(self, batch_sizes: list[int]) -> dict[int, float]:
         """Run each batch size once (kernel selection, memory arenas); returns seconds per size."""

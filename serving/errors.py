@@ -58,6 +58,10 @@ class Forbidden(PermissionError):
     """A route the configuration turned off (model control)."""
 
 
+class NotExplainable(LookupError):
+    """``/explain`` asked of a model whose graph has no class-activation map."""
+
+
 class Overloaded(RuntimeError):
     """More requests are in flight than the service admits; retry shortly, or elsewhere."""
 
@@ -75,6 +79,7 @@ HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (BodyTooLarge, 413, "too_large"),
     (UnsupportedMediaType, 415, "unsupported_type"),
     (ClientGone, 499, "disconnected"),  # nginx's code for it: the status only labels the metric and log
+    (NotExplainable, 422, "not_explainable"),
     (ImageError, 400, "bad_image"),
     (RequestError, 400, "bad_request"),
     (Overloaded, 503, "overloaded"),

@@ -5,17 +5,20 @@ answer. They raise the domain errors of ``serving.errors``; ``serving.edge`` tur
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import numpy as np
 from starlette.requests import Request
 
 from model_store import ImageError, load_image, open_image, to_input
+from model_store.card import CAM_ARCHS
 from serving import metrics, v2
 from serving.config import ServingConfig
 from serving.decoders import DecodePool
 from serving.engine import answer
-from serving.errors import Forbidden, ModelUnavailable
+from serving.errors import Forbidden, ModelUnavailable, NotExplainable
+from serving.heatmap import overlay_png
 from serving.model_set import ModelSet, ServedModel
 from serving.requests import Upload, parse_top_k, read_batch_request, read_classify_request
 
@@ -44,6 +47,39 @@ class Handlers:
         k = parse_top_k(parsed.top_k, model.engine.card.num_classes)
         row = await model.batcher.submit(await self.decode(parsed.images[0], model))
         return {**answer(row, model.engine.card, k), "model": model.name, "version": model.version}
+
+    async def explain(self, request: Request, png_allowed: bool = True) -> dict | v2.Encoded:
+        """``/classify``'s answer plus the class-activation map of the top class, drawn over the
+        model's input as a PNG: base64 in ``cam_png``, or the PNG alone when the request accepts
+        ``image/png`` (and ``png_allowed``). It runs on the engine in a thread of its own, not through
+        the batcher, whose batches fetch the logits only."""
+        parsed = await read_classify_request(request, self.config.max_body_bytes)
+        model = self.models.get(parsed.model)
+        card = model.engine.card
+        if not model.engine.has_cam:
+            able = [m.tag for m in self.models.models if m.engine.has_cam]
+            why = (
+                "was exported without one; re-export it with `python -m export --cam`"
+                if card.arch in CAM_ARCHS
+                else "has no global-average-pool head"
+            )
+            raise NotExplainable(
+                f"model {model.tag} ({card.arch}) has no class-activation map: it {why}. Architectures that can "
+                f"have one: {', '.join(CAM_ARCHS)}; served models that have one: {', '.join(able) or 'none'}"
+            )
+        k = parse_top_k(parsed.top_k, card.num_classes)
+        pixels = await self.decode(parsed.images[0], model)
+        rows, cams = await asyncio.to_thread(model.engine.explain, pixels[None])
+        png = await asyncio.to_thread(overlay_png, pixels, cams[0])
+        if png_allowed and "image/png" in request.headers.get("accept", ""):
+            headers = [(b"content-type", b"image/png")]
+            return v2.Encoded(png, headers, model.name, 1)
+        return {
+            **answer(rows[0], card, k),
+            "model": model.name,
+            "version": model.version,
+            "cam_png": base64.b64encode(png).decode("ascii"),
+        }
 
     async def classify_batch(self, request: Request) -> dict:
         parsed = await read_batch_request(request, self.config.max_body_bytes, self.config.max_batch_images)

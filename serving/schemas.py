@@ -51,6 +51,13 @@ class ClassifyAnswer(Prediction):
     version: str = Field(description="its version in the model store (a hash of the ONNX file)")
 
 
+class ExplainAnswer(ClassifyAnswer):
+    cam_png: str = Field(
+        description="base64 PNG: the class-activation map of the top class, coloured (blue low, red high) over the "
+        "model's input; send `Accept: image/png` to get the PNG alone"
+    )
+
+
 class BatchItem(BaseModel):
     filename: str
     label: str | None = None
@@ -119,6 +126,10 @@ class _JsonAnswer(IODescriptor):
 
 class ClassifyOutput(_JsonAnswer):
     answer: ClassVar[type[BaseModel]] = ClassifyAnswer
+
+
+class ExplainOutput(_JsonAnswer):
+    answer: ClassVar[type[BaseModel]] = ExplainAnswer
 
 
 class ClassifyBatchOutput(_JsonAnswer):

@@ -2,6 +2,7 @@
 
     POST /classify         one image -> its class, probability and top-k
     POST /classify_batch   several images -> one answer each, in order
+    POST /explain          one image -> /classify's answer and its class-activation map as a PNG
     GET  /models           the models served, their cards, the default
     GET  /ui               a page for people: pick an image and a model, see the top-k and the card
 
@@ -25,11 +26,18 @@ from fastapi.responses import HTMLResponse
 with bentoml.importing():
     from serving import metrics, ui
     from serving.config import ServingConfig
-    from serving.edge import CLASSIFY, CLASSIFY_BATCH, MODELS, UI, respond
+    from serving.edge import CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS, UI, respond
     from serving.handlers import Handlers
     from serving.logs import log_event
     from serving.model_set import ModelSet
-    from serving.schemas import ClassifyBatchForm, ClassifyBatchOutput, ClassifyForm, ClassifyOutput, ModelsAnswer
+    from serving.schemas import (
+        ClassifyBatchForm,
+        ClassifyBatchOutput,
+        ClassifyForm,
+        ClassifyOutput,
+        ExplainOutput,
+        ModelsAnswer,
+    )
     from serving.server import lean_service
 
 try:
@@ -92,6 +100,16 @@ class Classifier:
         ctx.response.status_code, body = await respond(
             self.handlers, CLASSIFY_BATCH, self.handlers.classify_batch(ctx.request)
         )
+        return body
+
+    @bentoml.api(route=EXPLAIN, input_spec=ClassifyForm, output_spec=ExplainOutput)
+    async def explain(self, ctx: bentoml.Context) -> dict:
+        """Classify one image as /classify does, and show where the model looked: `cam_png` is the
+        class-activation map of the top class over the image, as base64 PNG (`Accept: image/png`: the PNG alone,
+        answered by the edge). Models with a global-average-pool head exported with `--cam` only; others answer 422."""
+        # BentoML's layer (tracing or CORS on) answers JSON only: its output spec cannot switch to a PNG.
+        work = self.handlers.explain(ctx.request, png_allowed=False)
+        ctx.response.status_code, body = await respond(self.handlers, EXPLAIN, work)
         return body
 
     @models_app.get(MODELS, response_model=ModelsAnswer)

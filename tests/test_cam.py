@@ -1,0 +1,155 @@
+"""Class-activation maps: the graph's "cam" output against PyTorch's, where its peak falls on
+Fashion-MNIST items pasted into a larger blank canvas, and ``POST /explain`` through the edge."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from export.cam import CamModel, cam_parts
+from export.onnx_export import compare_cam_with_torch, compare_with_torch, export_graph, serialize, with_card
+from model_store import ModelCard
+from model_store.card import CAM_ARCHS
+from model_store.store import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
+from serving.config import ServingConfig
+from serving.edge import EXPLAIN, Edge
+from serving.engine import OnnxClassifier
+from serving.handlers import Handlers
+from serving.model_set import ModelSet
+from tests.conftest import png_bytes
+from training.models import build_model, default_size, list_models
+
+CANVAS = 56  # a 28x28 item pasted at a random position of a blank 56x56 canvas
+CLASSES = tuple(str(i) for i in range(10))
+
+
+def card_for(arch: str, side: int, **arch_args) -> ModelCard:
+    return ModelCard(
+        arch=arch,
+        class_names=CLASSES,
+        in_channels=1,
+        height=side,
+        width=side,
+        mean=(0.07,),
+        std=(0.2,),
+        arch_args=arch_args,
+    )
+
+
+@pytest.mark.parametrize("arch", CAM_ARCHS)
+def test_the_split_network_gives_the_networks_logits(arch):
+    card = card_for(arch, default_size(arch))
+    torch.manual_seed(0)
+    model = build_model(card).eval()
+    pixels = torch.randint(0, 256, (2, 1, card.height, card.width), dtype=torch.uint8)
+    with torch.no_grad():
+        logits, cam = CamModel(model, arch)(pixels)
+        assert torch.allclose(logits, model(pixels), atol=1e-5)
+    assert cam.shape == (2, card.height, card.width)
+
+
+@pytest.mark.parametrize("arch", sorted(set(list_models()) - set(CAM_ARCHS)))
+def test_a_model_without_a_pooled_head_has_no_map(arch):
+    net = build_model(card_for(arch, default_size(arch))).net
+    with pytest.raises(ValueError, match="the models that have one: densenet, googlenet, nin, resnet18, resnet34"):
+        cam_parts(arch, net)
+
+
+def test_the_graphs_map_is_pytorchs():
+    card = card_for("resnet18", 64)  # a 2x2 map: the smallest that is not one value
+    torch.manual_seed(0)
+    model = build_model(card).eval()
+    graph = serialize(export_graph(model, card, cam=True)[0])
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 1, 64, 64), dtype=np.uint8)
+    assert compare_with_torch(model, graph, pixels, (1, 8))["max_abs_logit_diff"] < 1e-4
+    assert compare_cam_with_torch(model, "resnet18", graph, pixels)["max_rel_cam_diff"] < 1e-4
+    assert [o.name for o in onnx.load_from_string(graph).graph.output] == ["logits", "cam"]
+
+
+def canvases(items: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each item pasted at a random place of a blank canvas: uint8 [N, 1, CANVAS, CANVAS], and each
+    item's box (top, bottom, left, right, inclusive) around its non-blank pixels."""
+    out, boxes = np.zeros((len(items), 1, CANVAS, CANVAS), np.uint8), []
+    for image, (top, left) in zip(items, rng.integers(0, CANVAS - 28 + 1, (len(items), 2))):
+        out[len(boxes), 0, top : top + 28, left : left + 28] = image
+        rows, cols = np.nonzero(image)
+        boxes.append((top + rows.min(), top + rows.max(), left + cols.min(), left + cols.max()))
+    return out, np.array(boxes)
+
+
+@pytest.fixture(scope="module")
+def canvas_model(tmp_path_factory, fashion_test) -> tuple[str, ModelCard]:
+    """A small DenseNet (one transition: a 7x7 map at 56x56) trained for 300 steps (about 20 s on
+    two cores) on canvases of the first 8,000 test items, exported with its map."""
+    images, labels = fashion_test
+    card = card_for("densenet", CANVAS, growth_rate=12, units=(2, 2))
+    torch.manual_seed(0)
+    model, rng = build_model(card), np.random.default_rng(0)
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(300):
+        chosen = rng.integers(0, 8000, 64)
+        pixels, _ = canvases(images[chosen], rng)
+        loss = nn.functional.cross_entropy(model(torch.from_numpy(pixels)), torch.from_numpy(labels[chosen]).long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    proto, _ = export_graph(model.eval(), card, cam=True)
+    card = dataclasses.replace(card, export={"cam": True})
+    path = tmp_path_factory.mktemp("cam") / "canvas.onnx"
+    onnx.save(with_card(proto, card), path)
+    return str(path), card
+
+
+def test_the_maps_peak_falls_on_the_item(canvas_model, fashion_test):
+    images, _ = fashion_test
+    pixels, boxes = canvases(images[8000:8500], np.random.default_rng(1))  # items the model never saw
+    _, cams = OnnxClassifier(canvas_model[0], device="cpu").explain(pixels)
+    peaks = cams.reshape(len(cams), -1).argmax(1)
+    rows, cols = peaks // CANVAS, peaks % CANVAS
+    inside = (rows >= boxes[:, 0]) & (rows <= boxes[:, 1]) & (cols >= boxes[:, 2]) & (cols <= boxes[:, 3])
+    assert inside.mean() >= 0.9, f"the peak is inside the item's box on {inside.mean():.1%} of canvases"
+
+
+def make_edge(cam_path: str) -> tuple[Edge, Handlers]:
+    config = ServingConfig()
+    models = ModelSet(config, [(DEFAULT_MODEL_NAME, "shipped", DEFAULT_MODEL_FILE), ("canvas", "v1", cam_path)])
+    handlers = Handlers(models, config)
+    return Edge(None, config, lambda: handlers), handlers
+
+
+def test_explain_answers_json_or_a_png(canvas_model, fashion_test):
+    edge, handlers = make_edge(canvas_model[0])
+    canvas, _ = canvases(fashion_test[0][8000:8001], np.random.default_rng(2))
+    image = png_bytes(canvas[0, 0])
+    files = {"image": ("x.png", image, "image/png")}
+
+    async def main():
+        transport = httpx.ASGITransport(app=edge)
+        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as http:
+            as_json = await http.post(EXPLAIN, files=files, data={"model": "canvas", "top_k": "2"})
+            as_png = await http.post(EXPLAIN, files=files, data={"model": "canvas"}, headers={"accept": "image/png"})
+            lenet = await http.post(EXPLAIN, files=files)
+        return as_json, as_png, lenet
+
+    as_json, as_png, lenet = asyncio.run(main())
+    assert as_json.status_code == 200, as_json.text
+    body = as_json.json()
+    expected = handlers.models.get("canvas").engine.predict(canvas)[0]
+    assert body["index"] == int(expected.argmax()) and len(body["top_k"]) == 2 and body["model"] == "canvas"
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["cam_png"])))
+    assert overlay.format == "PNG" and overlay.size == (CANVAS, CANVAS) and overlay.mode == "RGB"
+    assert as_png.status_code == 200 and as_png.headers["content-type"] == "image/png"
+    assert as_png.content == base64.b64decode(body["cam_png"])
+    assert lenet.status_code == 422
+    error = lenet.json()["error"]
+    assert "lenet_bn" in error and "densenet, googlenet, nin, resnet18, resnet34" in error and "canvas:v1" in error
