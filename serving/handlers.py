@@ -56,6 +56,9 @@ class Handlers:
         parsed = await read_classify_request(request, self.config.max_body_bytes)
         model = self.models.get(parsed.model)
         card = model.engine.card
+        # The request is checked whole first (top_k, the image), so a bad one is a 400 whatever the model.
+        k = parse_top_k(parsed.top_k, card.num_classes)
+        pixels = await self.decode(parsed.images[0], model)
         if not model.engine.has_cam:
             able = [m.tag for m in self.models.models if m.engine.has_cam]
             why = (
@@ -67,8 +70,6 @@ class Handlers:
                 f"model {model.tag} ({card.arch}) has no class-activation map: it {why}. Architectures that can "
                 f"have one: {', '.join(CAM_ARCHS)}; served models that have one: {', '.join(able) or 'none'}"
             )
-        k = parse_top_k(parsed.top_k, card.num_classes)
-        pixels = await self.decode(parsed.images[0], model)
         rows, cams = await asyncio.to_thread(model.engine.explain, pixels[None])
         png = await asyncio.to_thread(overlay_png, pixels, cams[0])
         if png_allowed and "image/png" in request.headers.get("accept", ""):
