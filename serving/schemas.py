@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from bentoml import IODescriptor
-from bentoml._internal.service.openapi.specification import Schema  # what openapi_components returns
+from bentoml._internal.service.openapi.specification import MediaType, Response, Schema
 from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -207,3 +207,11 @@ class ClassifyBatchForm(_UnreadBody):
     def properties(cls, file: dict) -> dict[str, dict]:
         images = {"type": "array", "items": file, "description": "the images, answered in this order"}
         return {IMAGES_FIELD: images, **_OPTIONS}
+
+
+def explain_refusals() -> dict[int, Response]:
+    """The answers of /explain that BentoML's document does not list (it lists 200, 400, 404 and
+    500 for every route): 422 for a model without a class-activation map."""
+    error = {"application/json": MediaType(schema=Schema(**ErrorAnswer.model_json_schema()))}
+    why = "the model has no class-activation map (not a global-average-pool model, or exported without --cam)"
+    return {422: Response(description=why, content=error)}

@@ -17,7 +17,8 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 
 from serving.config import ServingConfig
-from serving.edge import OPEN_PREFIXES, Edge
+from serving.edge import EXPLAIN, OPEN_PREFIXES, Edge
+from serving.schemas import explain_refusals
 
 
 def lean_service(config: ServingConfig) -> type[bentoml.Service]:
@@ -30,6 +31,13 @@ def lean_service(config: ServingConfig) -> type[bentoml.Service]:
             # Tracing and CORS live in BentoML's request layer: with either on, classify requests go through it.
             hot = not (config.tracing or BentoMLContainer.http.cors.enabled.get())
             return Edge(app, config, _current_handlers, hot=hot)
+
+        @property
+        def openapi_spec(self):
+            spec = super().openapi_spec
+            if EXPLAIN in spec.paths:
+                spec.paths[EXPLAIN].post["responses"].update(explain_refusals())
+            return spec
 
     return LeanService
 
