@@ -36,6 +36,7 @@ try:
     )
     from export.quantize import DEFAULT_CALIBRATION_IMAGES, SETTINGS, quantize_int8
     from model_store import ModelCard
+    from model_store.card import CAM_ARCHS
     from model_store.files import atomic_output, file_sha256
     from training.checkpoint import load_model
     from training.data import run_splits, stack_items
@@ -124,6 +125,11 @@ def main(args: argparse.Namespace) -> ModelCard:
         if not 0 < getattr(args, name) <= 1:
             raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
     model, card, payload = load_model(args.checkpoint)
+    if args.cam and card.arch not in CAM_ARCHS:  # before the data is read and the graph traced
+        raise ValueError(
+            f"--cam: model {card.arch!r} has no global-average-pool head, so no class-activation map; "
+            f"the models that have one: {', '.join(CAM_ARCHS)}"
+        )
     parts = run_splits(card, DataSpec.from_checkpoint(payload, card, args.data_dir))
     train, evaluation = parts.train, parts.test
     count = (

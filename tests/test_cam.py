@@ -26,7 +26,7 @@ from serving.edge import EXPLAIN, Edge
 from serving.engine import OnnxClassifier
 from serving.handlers import Handlers
 from serving.model_set import ModelSet
-from tests.conftest import png_bytes
+from tests.conftest import png_bytes, run_cli
 from training.models import build_model, default_size, list_models
 
 CANVAS = 56  # a 28x28 item pasted at a random position of a blank 56x56 canvas
@@ -153,3 +153,11 @@ def test_explain_answers_json_or_a_png(canvas_model, fashion_test):
     assert lenet.status_code == 422
     error = lenet.json()["error"]
     assert "lenet_bn" in error and "densenet, googlenet, nin, resnet18, resnet34" in error and "canvas:v1" in error
+
+
+@pytest.mark.parametrize("flags, message", [([], "the models that have one: densenet"), (["--fp16"], "float32")])
+def test_export_refuses_a_map_it_cannot_make(checkpoint, tmp_path, flags, message):
+    result = run_cli(
+        "-m", "export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx"), "--cam", *flags
+    )
+    assert result.returncode == 2 and message in result.stderr and not (tmp_path / "m.onnx").exists()
