@@ -161,3 +161,29 @@ def test_export_refuses_a_map_it_cannot_make(checkpoint, tmp_path, flags, messag
         "-m", "export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx"), "--cam", *flags
     )
     assert result.returncode == 2 and message in result.stderr and not (tmp_path / "m.onnx").exists()
+
+
+def test_train_then_export_with_a_map_end_to_end(tmp_path, fashion_test):
+    """The CLIs as a user runs them: a DenseNet at 64x64 (a 2x2 map) trained briefly, exported with
+    --cam; the card says so and the engine explains."""
+    from export.__main__ import get_args_parser as export_args
+    from export.__main__ import main as export
+    from training.__main__ import get_args_parser as training_args
+    from training.train import main as train
+
+    run = ["train", "--model", "densenet", "--model-arg", "growth_rate=12", "--size", "64", "--epochs", "1"]
+    limits = ["--train-limit", "512", "--test-limit", "200", "--no-hold-out", "--output-dir", str(tmp_path)]
+    train(training_args().parse_args(run + limits))
+    graph = tmp_path / "densenet.onnx"
+    card = export(
+        export_args().parse_args(
+            ["--checkpoint", str(tmp_path / "last.pt"), "--output", str(graph), "--cam", "--verify-images", "200"]
+        )
+    )
+    assert card.export["cam"] is True and card.export["parity"]["max_rel_cam_diff"] < 1e-4
+    engine = OnnxClassifier(graph, device="cpu")
+    pixels = fashion_test[0][:3, None].repeat(2, axis=2).repeat(2, axis=3).astype(np.uint8)  # 28 -> 56, padded below
+    pixels = np.pad(pixels, ((0, 0), (0, 0), (0, 8), (0, 8)))
+    rows, cams = engine.explain(pixels)
+    assert engine.has_cam and cams.shape == (3, 64, 64) and len(rows) == 3
+    assert np.allclose([r.probabilities for r in rows], engine.predict(pixels), atol=1e-6)
