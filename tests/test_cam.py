@@ -111,6 +111,7 @@ def canvas_model(tmp_path_factory, fashion_test) -> tuple[str, ModelCard]:
 
 
 def test_the_maps_peak_falls_on_the_item(canvas_model, fashion_test):
+    """Measured 96.4% (the model untrained: 94.2%; a random pixel: 16.6%, the boxes' share of the canvas)."""
     images, _ = fashion_test
     pixels, boxes = canvases(images[8000:8500], np.random.default_rng(1))  # items the model never saw
     _, cams = OnnxClassifier(canvas_model[0], device="cpu").explain(pixels)
@@ -118,6 +119,41 @@ def test_the_maps_peak_falls_on_the_item(canvas_model, fashion_test):
     rows, cols = peaks // CANVAS, peaks % CANVAS
     inside = (rows >= boxes[:, 0]) & (rows <= boxes[:, 1]) & (cols >= boxes[:, 2]) & (cols <= boxes[:, 3])
     assert inside.mean() >= 0.9, f"the peak is inside the item's box on {inside.mean():.1%} of canvases"
+
+
+def side_by_side(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    """Canvases of two items of different classes, side by side (left and right, or top and bottom,
+    each at a random offset along the other axis): uint8 [N, 1, CANVAS, CANVAS], each item's box
+    [N, 2, 4] and class [N, 2]."""
+    first = np.arange(8000, 8500)
+    pool = rng.permutation(np.arange(8500, len(images)))
+    second = np.array([next(j for j in pool if labels[j] != labels[i]) for i in first])
+    pixels, boxes = np.zeros((len(first), 1, CANVAS, CANVAS), np.uint8), np.zeros((len(first), 2, 4), int)
+    for n, pair in enumerate(zip(first, second)):
+        offsets = rng.integers(0, CANVAS - 28 + 1, 2)
+        spots = [(0, offsets[0]), (28, offsets[1])] if rng.integers(2) else [(offsets[0], 0), (offsets[1], 28)]
+        for k, (item, (top, left)) in enumerate(zip(pair, spots)):
+            pixels[n, 0, top : top + 28, left : left + 28] = images[item]
+            rows, cols = np.nonzero(images[item])
+            boxes[n, k] = (top + rows.min(), top + rows.max(), left + cols.min(), left + cols.max())
+    return pixels, boxes, np.stack([labels[first], labels[second]], axis=1)
+
+
+def test_the_map_points_at_the_item_of_the_answered_class(canvas_model, fashion_test):
+    """On one item and a blank canvas any map peaks on the item: the model untrained scores 94% on
+    the test above. With two items of different classes, the map of the answered class must pick
+    its item: measured 84.9% (untrained: 34%, below a coin's 50%), over the 62.4% of canvases whose
+    answer is one of the two classes."""
+    pixels, boxes, classes = side_by_side(*fashion_test, np.random.default_rng(3))
+    rows, cams = OnnxClassifier(canvas_model[0], device="cpu").explain(pixels)
+    answered = np.array([row.probabilities.argmax() for row in rows])
+    shown = (classes == answered[:, None]).argmax(1)  # which of the two items has the answered class
+    named = (classes == answered[:, None]).any(1)
+    box = boxes[np.arange(len(boxes)), shown]
+    peaks = cams.reshape(len(cams), -1).argmax(1)
+    rows_, cols = peaks // CANVAS, peaks % CANVAS
+    inside = (rows_ >= box[:, 0]) & (rows_ <= box[:, 1]) & (cols >= box[:, 2]) & (cols <= box[:, 3])
+    assert named.mean() >= 0.5 and inside[named].mean() >= 0.75, f"{inside[named].mean():.1%} of {named.mean():.1%}"
 
 
 def make_edge(cam_path: str) -> tuple[Edge, Handlers]:
