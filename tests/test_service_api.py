@@ -228,6 +228,7 @@ def test_with_tracing_on_requests_go_through_bentomls_layer_with_the_same_answer
         ),
         ("/classify", {"content": b"junk", "headers": {"Content-Type": "image/png"}}),
         ("/classify", {"content": image, "headers": {"Content-Type": "image/png"}, "params": {"model": "nope"}}),
+        ("/explain", {"files": {"image": ("x.png", image, "image/png")}}),  # 422: the served LeNet has no map
     ]:
         lean, through_bentoml = post(server, path, **kwargs), post(traced, path, **kwargs)
         assert (through_bentoml.status_code, through_bentoml.json()) == (lean.status_code, lean.json()), path
