@@ -44,7 +44,7 @@ def test_bento_is_torch_free_and_packages_every_served_model(
     assert {m["tag"].split(":")[0] for m in info["services"][0]["models"]} == {"fashion-lenet", "test-lenet"}
     assert {"name": "SERVING_DEVICE", "value": device, "stage": "all"} in info["envs"]
     assert {"name": "SERVING_MODEL_CONTROL", "value": "false", "stage": "all"} in info["envs"]
-    assert {r["route"] for r in info["schema"]["routes"]} == {"/classify", "/classify_batch"}
+    assert {r["route"] for r in info["schema"]["routes"]} == {"/classify", "/classify_batch", "/explain"}
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*.py")}
     assert "serving/service.py" in sources and "model_store/preprocess.py" in sources
     assert (bento / "src/serving/ui.html").is_file()  # GET /ui reads it at start
