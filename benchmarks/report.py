@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 from pathlib import Path
 
 from model_store.files import atomic_output
@@ -20,3 +23,12 @@ def write_section(path: Path, name: str, text: str, heading: str) -> None:
         document = f"{document.rstrip()}\n\n{heading}\n\n{start}\n{text}\n{end}\n"
     with atomic_output(path, "w") as f:
         f.write(document)
+
+
+def device() -> str:
+    """The CPU the figures were measured on, for a section's "Device:" line."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        if names:
+            return f"CPU {names[0]}, {os.cpu_count()} cores"
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores"

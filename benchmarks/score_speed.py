@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import io
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's packages, whatever the environment has installed
 
-from report import write_section  # noqa: E402  (this script's folder is on sys.path)
+from report import device, write_section  # noqa: E402  (this script's folder is on sys.path)
 from wrk_load import cpu_seconds, process_tree  # noqa: E402
 
 from model_store import image_bytes_to_input  # noqa: E402
@@ -183,14 +182,6 @@ def measure(name: str, model: Path, files: list[bytes], extension: str, args, wo
         print(f"{name} round {r}: " + ", ".join(f"{k} {v[-1]:,.3f}" for k, v in rounds.items() if v), flush=True)
     row = {key: statistics.median(values) if values else float("nan") for key, values in rounds.items()}
     return {"model": name, "images": len(files), **row, "list_rate": listing_rate(folder), "row_bytes": bytes_per_row}
-
-
-def device() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-        if names:
-            return f"CPU {names[0]}, {os.cpu_count()} cores"
-    return f"CPU {platform.machine()}, {os.cpu_count()} cores"
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:

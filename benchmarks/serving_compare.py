@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -44,7 +43,7 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
-from report import write_section  # this script's folder is on sys.path
+from report import device, write_section  # this script's folder is on sys.path
 from wrk_load import Bodies, run_wrk, write_bodies
 
 from model_store import ModelCard
@@ -348,14 +347,6 @@ def cells(r: dict) -> str:
         f"{rate} | {r['p50']:.2f} | {r['p99']:.2f} | {r['server_cpu_ms']:.3f} | {r['server_cores']:.2f} | "
         f"{r['mean_batch']:.1f} | {r['errors']} | {r['client_cores']:.2f}"
     )
-
-
-def device() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-        if names:
-            return f"CPU {names[0]}, {os.cpu_count()} cores"
-    return f"CPU {platform.machine()}, {os.cpu_count()} cores"
 
 
 def goals(rows: list[dict]) -> list[str]:
