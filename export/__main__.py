@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from model_store.cli import prog
+from model_store.cli import prog, run
 from training.extras import exit_if_missing_extra
 
 try:
@@ -250,16 +250,11 @@ def check_parity(parity: dict, precision: str) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
     try:
-        main(args)
-    except (ValueError, OSError, ExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return run(main, get_args_parser(), argv, (ValueError, OSError, ExportError))
     except ModuleNotFoundError as err:  # one imported only when needed, e.g. onnxscript by the exporter
         exit_if_missing_extra(err, "export")
         raise
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from model_store.cli import prog
+from model_store.cli import prog, run
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,13 +55,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ValueError, OSError, LookupError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

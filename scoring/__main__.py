@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from model_store.cli import prog
+from model_store.cli import prog, run
 from model_store.files import file_sha256
 from scoring.parts import FORMATS, OutputFolder
 from scoring.results import name_bytes
@@ -170,13 +170,7 @@ def _model_file(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ValueError, OSError, LookupError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

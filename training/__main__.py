@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from model_store.cli import prog
+from model_store.cli import prog, run
 from training.extras import exit_if_missing_extra
 
 try:
@@ -36,16 +36,11 @@ COMMANDS = {
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return run(lambda args: COMMANDS[args.command](args), get_args_parser(), argv, (ValueError, OSError))
     except ModuleNotFoundError as err:  # one imported only when needed, e.g. torchvision to download
         exit_if_missing_extra(err, "training")
         raise
-    return 0
 
 
 if __name__ == "__main__":
