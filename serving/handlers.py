@@ -119,7 +119,9 @@ class Handlers:
             raise Forbidden("model control is off; start the service with SERVING_MODEL_CONTROL=true to use it")
         options = v2.repository_options(body)
         if route.kind == "index":
-            return v2.json_answer(self.models.index(ready_only=options.get("ready") is True))
+            # Reading the store means reading every model's files: off the event loop.
+            index = await asyncio.to_thread(self.models.index, options.get("ready") is True)
+            return v2.json_answer(index)
         async with self.changing:  # one load or unload at a time; requests go on meanwhile
             if route.kind == "load":
                 model = await asyncio.to_thread(self.models.prepare, route.model)

@@ -27,6 +27,7 @@ from serving.logs import log_event
 
 # A requested name is echoed in the 404 and its log line only this far: it comes from the client.
 ECHO_MAX_CHARS = 64
+MAX_TAG_CHARS = 63 + 1 + 63  # BentoML's longest name, a colon, its longest version
 
 
 @dataclass
@@ -142,8 +143,7 @@ class ModelSet:
             if failed.name == name and version in ("", "latest", failed.version):
                 which = f"model {failed.tag}" if requested else f"the default model {failed.tag}"
                 raise ModelUnavailable(f"{which} is not served: {failed.error}; this service has {choices}")
-        shown = requested if len(requested) <= ECHO_MAX_CHARS else requested[:ECHO_MAX_CHARS] + "…"
-        raise UnknownModel(f"unknown model {shown!r}; this service has {choices}")
+        raise UnknownModel(f"unknown model {_shown(requested)!r}; this service has {choices}")
 
     @property
     def default_tag(self) -> str:
@@ -198,6 +198,11 @@ class ModelSet:
         """A model of the store (``name``, ``name:version``, ``name:latest``), checked, loaded and
         warmed up at every batch size, not yet serving: :meth:`install` switches traffic to it.
         Blocking (seconds for a large model): run it on a thread."""
+        if len(requested) > MAX_TAG_CHARS:  # BentoML's errors below would echo all of it
+            raise RequestError(
+                f"not a model tag: {_shown(requested)!r} is longer than {MAX_TAG_CHARS} characters (name:version, "
+                "each at most 63)"
+            )
         try:
             entry = open_model(requested)
         except LookupError as err:
@@ -237,8 +242,7 @@ class ModelSet:
         model = self.find(name)
         failed = [f for f in self.failed if f.name == name]
         if model is None and not failed:
-            shown = name if len(name) <= ECHO_MAX_CHARS else name[:ECHO_MAX_CHARS] + "…"
-            raise UnknownModel(f"model {shown!r} is not loaded")
+            raise UnknownModel(f"model {_shown(name)!r} is not loaded")
         self.models = [m for m in self.models if m is not model]
         self.failed = [f for f in self.failed if f.name != name]
         if model is not None:
@@ -268,6 +272,10 @@ class ModelSet:
             "models": [m.describe(m.name == self.default_name) for m in self.models],
             "failed": [f.describe() for f in self.failed],
         }
+
+
+def _shown(requested: str) -> str:
+    return requested if len(requested) <= ECHO_MAX_CHARS else requested[:ECHO_MAX_CHARS] + "…"
 
 
 def _check_store_card(entry, model: ServedModel) -> None:

@@ -373,6 +373,8 @@ def repository_options(body: bytes) -> dict:
     configs and files sent with a load are refused: a model comes from the BentoML store only."""
     if not body.strip():
         return {}
+    if len(body) > MAX_JSON_BYTES:  # parsed on the event loop, like an infer request's JSON part
+        raise RequestError(f"a repository request is a small JSON object; this one has {len(body):,} bytes")
     request = _json_object(body)
     parameters = request.get("parameters") or {}
     if not isinstance(parameters, dict):

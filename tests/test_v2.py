@@ -260,3 +260,17 @@ def test_bytes_tensors_round_trip_and_truncated_ones_are_refused():
     assert v2.deserialize_bytes(v2.serialize_bytes(items)) == items
     with pytest.raises(ValueError, match="ends inside an element"):
         v2.deserialize_bytes(v2.serialize_bytes(items)[:-1])
+
+
+def test_a_load_of_a_tag_longer_than_any_is_refused_without_echoing_it():
+    edge, _, _ = make_edge(model_control=True)
+    (response,) = run(edge, ("POST", f"/v2/repository/models/{'a' * 5000}/load", {}))
+    error = response.json()["error"]
+    assert response.status_code == 400 and "is longer than 127 characters" in error and len(error) < 300
+
+
+def test_a_repository_request_larger_than_a_json_part_may_be_is_refused():
+    edge, _, _ = make_edge(model_control=True)
+    body = b'{"parameters": {"x": "' + b"a" * (v2.MAX_JSON_BYTES + 1) + b'"}}'
+    (response,) = run(edge, ("POST", "/v2/repository/index", {"content": body}))
+    assert response.status_code == 400 and "a repository request is a small JSON object" in response.json()["error"]
