@@ -194,6 +194,10 @@ class OutputFolder:
             return json.loads((self.path / MANIFEST).read_text())
         except FileNotFoundError:
             return None
+        except (UnicodeDecodeError, ValueError) as err:  # written whole by a rename, so changed by hand
+            raise ValueError(
+                f"{self.path / MANIFEST} is not a scoring manifest ({err}); score into a new --output folder"
+            ) from None
 
     def _write_manifest(self) -> None:
         with atomic_output(self.path / MANIFEST, "w") as f:

@@ -451,6 +451,10 @@ def test_resume_refuses_other_settings_and_a_busy_or_foreign_folder(tmp_path, fa
     foreign = score(folder, tmp_path / "home")
     assert foreign.returncode == 2 and "is not empty and holds no scoring run" in foreign.stderr
     assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
+    (output / MANIFEST).write_text("{broken")  # changed by hand: the scorer only ever renames it whole
+    damaged = score(folder, output, "--resume")
+    assert damaged.returncode == 2 and len(damaged.stderr.strip().splitlines()) == 1
+    assert f"{output / MANIFEST} is not a scoring manifest" in damaged.stderr
 
 
 def test_the_ray_engine_without_ray_says_how_to_install_it(tmp_path):
