@@ -17,6 +17,17 @@ def test_short_run_reduces_loss_and_learns(checkpoint):
     assert float(epochs[1]["test_acc"]) > 0.6  # chance is 0.1
 
 
+def test_best_pt_is_chosen_on_the_held_out_images_and_the_test_set_is_only_reported(checkpoint):
+    with open(checkpoint.parent / "log.csv") as f:
+        epochs = list(csv.DictReader(f))
+    assert {"val_loss", "val_acc", "test_loss", "test_acc"} <= set(epochs[0])
+    assert all(row["val_acc"] != row["test_acc"] for row in epochs)  # two splits, not one reported twice
+    best = torch.load(checkpoint.parent / "best.pt", weights_only=True)
+    chosen = max(epochs, key=lambda row: float(row["val_acc"]))  # the first of equals, as training keeps it
+    assert best["best_on"] == "val" and best["epoch"] == int(chosen["epoch"])
+    assert best["best_acc"] == float(chosen["val_acc"]) == best["card"]["metrics"]["val_acc"]
+
+
 def test_checkpoint_reloads_with_weights_only_and_rebuilds_the_same_network(checkpoint):
     payload = torch.load(checkpoint, weights_only=True)
     assert payload["epoch"] == 2 and payload["card"]["arch"] == "lenet_bn"

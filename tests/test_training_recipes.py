@@ -320,6 +320,14 @@ def test_both_data_paths_train_and_each_run_says_which_it_took(tmp_path, capsys)
         assert f"data path {path} (" in out and why in out and (tmp_path / path / "last.pt").is_file()
 
 
+def test_without_a_held_out_split_best_pt_is_chosen_on_the_test_split_and_the_run_says_so(tmp_path, capsys):
+    recipe = ["--dataset", "synthetic", "--synthetic-size", "64", "--model", "lenet_bn", "--epochs", "1"]
+    train_module.main(train_args(*recipe, "--no-hold-out", "--output-dir", str(tmp_path)))
+    assert "validating on 0, testing on 64; best.pt chosen on test accuracy" in capsys.readouterr().out
+    assert state(tmp_path / "best.pt")["best_on"] == "test"
+    assert "val_acc" not in next(csv.DictReader(open(tmp_path / "log.csv")))
+
+
 def test_training_without_matplotlib_skips_the_pictures_and_goes_on(tmp_path):
     # A bare GPU machine may lack matplotlib; the pictures are a convenience, the checkpoint is the result.
     code = (

@@ -84,9 +84,10 @@ def load_data(
     in_channels: int | None = None,
     resize: str | None = None,
     augment: Augment | None = None,
-) -> tuple[Dataset, Dataset, ModelCard]:
-    """(train set, test/validation set, the run's card) of ``spec``; the card's mean and std are
-    measured on the training inputs, and ``augment`` wraps the training set."""
+) -> tuple[Splits, ModelCard]:
+    """(the run's splits, its card) of ``spec``: the card's mean and std are measured on the
+    training inputs, ``augment`` wraps the training set, and the test and validation splits are cut
+    to ``spec.test_limit``."""
     scanned = _scan(spec) if spec.dataset == "folder" else None  # walk a folder once, however large
     if scanned:
         classes = scanned[0]
@@ -97,6 +98,7 @@ def load_data(
     if parts.validation is not None:
         logger.info("held out %d of the %s training images for validation", len(parts.validation), spec.dataset)
     train, test = _limit(parts.train, spec.train_limit), _limit(parts.test, spec.test_limit)
+    validation = _limit(parts.validation, spec.test_limit) if parts.validation is not None else None
     base, rows = (train.dataset, train.indices) if isinstance(train, Subset) else (train, range(len(train)))
     if isinstance(base, FashionMNIST):
         mean, std = channel_stats(base.images[np.asarray(rows)])  # exact, from all raw training pixels
@@ -106,7 +108,7 @@ def load_data(
         mean, std = channel_stats(stack_items(train, range(0, len(train), step))[0])
     # Only mean and std change, and to_input does not read them: the datasets already preprocess right.
     card = dataclasses.replace(card, mean=mean, std=std)
-    return (Augmented(train, augment) if augment else train), test, card
+    return Splits(Augmented(train, augment) if augment else train, test, validation), card
 
 
 def splits(spec: DataSpec, card: ModelCard, scanned: tuple | None = None) -> Splits:

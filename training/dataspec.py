@@ -28,7 +28,7 @@ class DataSpec:
     seed: int = 0  # the run's seed: draws the folder split and the synthetic images
     synthetic_size: int = 512  # synthetic: training images (the test set is a quarter, at least 64)
     train_limit: int | None = None  # only the first N training images; None: all
-    test_limit: int | None = None  # only the first N test images during training; None: all
+    test_limit: int | None = None  # only the first N test and validation images during training; None: all
     hold_out: bool = True  # keep val_ratio of the training images out of training, for export to calibrate on
 
     def __post_init__(self) -> None:
@@ -128,7 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-limit", type=int, default=None, help="use only the first N training images (default: all)"
     )
-    parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (default: all)")
+    parser.add_argument(
+        "--test-limit",
+        type=int,
+        default=None,
+        help="evaluate each epoch on only the first N test and validation images (default: all)",
+    )
 
 
 def _is_int(value: Any) -> bool:

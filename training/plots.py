@@ -38,8 +38,9 @@ def plot_curves(log_csv: Path, output: Path) -> None:
         rows = list(csv.DictReader(f))
     epochs = [int(r["epoch"]) for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, style in (("train_loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):
-        ax.plot(epochs, [float(r[key]) for r in rows], style, label=key.replace("_", " "))
+    for key, style in (("train_loss", "-"), ("train_acc", "--"), ("val_acc", ":"), ("test_acc", "-.")):
+        if key in rows[0]:  # val_acc: only runs that held images out
+            ax.plot(epochs, [float(r[key]) for r in rows], style, label=key.replace("_", " "))
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     ax.legend()

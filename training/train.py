@@ -4,9 +4,10 @@
     python -m training train --resume runs/lenet_bn/last.pt         # finish an interrupted run
     torchrun --nproc-per-node 2 -m training train --model resnet18  # DistributedDataParallel
 
-Per epoch it prints loss, train accuracy and test accuracy, appends them to ``log.csv``, redraws
-``curves.png`` and writes ``last.pt`` (and ``best.pt`` when test accuracy improves) into
-``--output-dir``. On a GPU it uses mixed precision and channels-last; the code runs unchanged on CPU.
+Per epoch it prints loss, train accuracy, validation accuracy (on the images ``--hold-out`` kept
+out of training) and test accuracy, appends them to ``log.csv``, redraws ``curves.png`` and writes
+``last.pt`` into ``--output-dir``, and ``best.pt`` when validation accuracy improves: the test set
+is reported, never used to choose. On a GPU it uses mixed precision and channels-last; the code runs unchanged on CPU.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, device, amp=None) -> dict[str, float]:
+def evaluate(model, loader, criterion, device, amp=None, split: str = "test") -> dict[str, float]:
+    """``{split}_loss`` and ``{split}_acc`` of ``model`` on ``loader``."""
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for pixels, labels in loader:
@@ -175,7 +177,7 @@ def evaluate(model, loader, criterion, device, amp=None) -> dict[str, float]:
         loss_sum += criterion(logits.float(), labels).item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
-    return {"test_loss": loss_sum / seen, "test_acc": correct / seen}
+    return {f"{split}_loss": loss_sum / seen, f"{split}_acc": correct / seen}
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int]:
@@ -236,7 +238,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)
     output_dir = args.output_dir or Path("runs") / args.model
 
-    train_set, test_set, card = data.load_data(
+    parts, card = data.load_data(
         spec,
         args.model,
         parse_model_args(args.model_arg),
@@ -245,6 +247,10 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         args.resize,
         augment.Augment.from_args(args),
     )
+    train_set, test_set = parts.train, parts.test
+    # Which split chooses best.pt: the held-out one. Without it, the test split, and the log says so:
+    # for a folder that is its own validation split, for Fashion-MNIST the real test set.
+    choose_on = "val" if parts.validation is not None else "test"
     model = build_model(card)
     if resumed:  # the same parameter groups as the interrupted run, so its optimizer state fits
         pretrained = set(resumed.get("pretrained", []))
@@ -256,6 +262,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         model.to(memory_format=torch.channels_last)
 
     generator = torch.Generator().manual_seed(args.seed)
+    evaluated = [("val", parts.validation)] if parts.validation is not None else []
+    evaluated.append(("test", test_set))
     data_path, why = choose_data_path(args.data_path, world, train_set, card)
     if data_path == "tensors":
         augmenter = train_set.augment if isinstance(train_set, data.Augmented) else None
@@ -263,7 +271,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         train_loader = TensorBatches(
             *as_tensors(items, card), args.batch_size, device, generator, augmenter, len(train_set) > args.batch_size
         )
-        test_loader = TensorBatches(*as_tensors(test_set, card), 512, device)
+        eval_loaders = {split: TensorBatches(*as_tensors(items, card), 512, device) for split, items in evaluated}
     else:
         sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
         pin = device.type == "cuda"
@@ -278,7 +286,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             drop_last=len(train_set) > args.batch_size * world,
             persistent_workers=args.workers > 0,
         )
-        test_loader = DataLoader(test_set, 512, num_workers=args.workers, pin_memory=pin)
+        eval_loaders = {
+            split: DataLoader(items, 512, num_workers=args.workers, pin_memory=pin) for split, items in evaluated
+        }
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = optim.make_optimizer(args, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor(args, len(train_loader)))
@@ -299,13 +309,16 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         generator.set_state(resumed["rng"]["loader"])
         if device.type == "cuda" and resumed["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-        start_epoch, best_acc = resumed["epoch"] + 1, resumed["best_acc"]
+        start_epoch = resumed["epoch"] + 1
+        # A run from before best_on was saved chose on the test split.
+        best_acc = resumed["best_acc"] if resumed.get("best_on", "test") == choose_on else -1.0
 
     show = rank == 0
     if show:
         print(
             f"training {card.arch} {dict(card.arch_args)} on {len(train_set)} {card.dataset} images "
-            f"({card.in_channels}x{card.height}x{card.width}), testing on {len(test_set)}; device {device}"
+            f"({card.in_channels}x{card.height}x{card.width}), validating on {len(evaluated[0][1]) if choose_on == 'val' else 0}, "
+            f"testing on {len(test_set)}; best.pt chosen on {choose_on} accuracy; device {device}"
             f"{f' x{world}' if world > 1 else ''}, amp {amp}{', compiled' if args.compile else ''}, data path {data_path} "
             f"({why}), output {output_dir}",
             flush=True,
@@ -323,26 +336,32 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 "epoch": epoch,
                 "train_loss": trained["train_loss"],
                 "train_acc": trained["train_acc"],
-                **evaluate(model, test_loader, criterion, device, amp),
+                **{
+                    key: value
+                    for split, loader in eval_loaders.items()
+                    for key, value in evaluate(model, loader, criterion, device, amp, split).items()
+                },
                 "lr": lr,
                 "examples_per_s": round(trained["seen"] / seconds, 1),
                 "seconds": round(time.perf_counter() - start, 2),
             }
             print(
                 f"epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  train acc {metrics['train_acc']:.4f}  "
-                f"test acc {metrics['test_acc']:.4f}  lr {lr:.2e}  {metrics['examples_per_s']:.0f} img/s",
+                + (f"val acc {metrics['val_acc']:.4f}  " if "val_acc" in metrics else "")
+                + f"test acc {metrics['test_acc']:.4f}  lr {lr:.2e}  {metrics['examples_per_s']:.0f} img/s",
                 flush=True,
             )
             log_epoch(output_dir / "log.csv", metrics)
             plot_curves(output_dir / "log.csv", output_dir / "curves.png")
-            improved = metrics["test_acc"] > best_acc
-            best_acc = max(best_acc, metrics["test_acc"])
+            improved = metrics[f"{choose_on}_acc"] > best_acc
+            best_acc = max(best_acc, metrics[f"{choose_on}_acc"])
             epoch_card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics})
             state = {
                 "epoch": epoch,
                 "args": jsonable(vars(args)),
                 "data": spec.to_dict(),
                 "best_acc": best_acc,
+                "best_on": choose_on,
                 "pretrained": sorted(pretrained),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -359,7 +378,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         if world > 1:
             dist.barrier()
     if show:
-        print(f"best test acc {best_acc:.4f}; checkpoints in {output_dir}")
+        print(f"best {choose_on} acc {best_acc:.4f} (best.pt); checkpoints in {output_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return metrics
