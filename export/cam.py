@@ -21,8 +21,7 @@ def cam_parts(arch: str, net: nn.Module) -> tuple[nn.Module, nn.Linear | None]:
     """The network split at its global average pool: the feature extractor, and the linear layer
     after the pool (None for NiN, whose last convolution already emits one map per class)."""
     if arch.startswith("resnet"):
-        stem = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
-        return nn.Sequential(*stem), net.fc
+        return net.features(), net.fc
     if arch == "densenet":  # ... BN, ReLU, AdaptiveAvgPool2d, Flatten, Linear
         return net[:-3], net[-1]
     if arch == "googlenet":  # the last block ends Inception, Inception, AdaptiveAvgPool2d, Flatten; then Linear

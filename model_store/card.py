@@ -24,7 +24,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 ONNX_METADATA_KEY = "model_card"  # the metadata_props key that holds the card as JSON
 # Architectures whose head is global average pooling -> linear (NiN: no linear), so whose export can
 # add a class-activation map (python -m export --cam); export.cam splits each of them.
-CAM_ARCHS = ("densenet", "googlenet", "nin", "resnet18", "resnet34")
+CAM_ARCHS = ("densenet", "googlenet", "nin", "resnet18", "resnet20", "resnet34")
 
 
 @dataclass(frozen=True)

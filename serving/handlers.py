@@ -52,9 +52,10 @@ class Handlers:
         """``/classify``'s answer plus the class-activation map of the top class, drawn over the
         model's input as a PNG: base64 in ``cam_png``, or the PNG alone when the request accepts
         ``image/png`` (and ``png_allowed``). It runs on the engine in a thread of its own, not through
-        the batcher, whose batches fetch the logits only."""
+        the batcher, whose batches fetch the logits only. Without a model named, the first served
+        model that has a map answers (``ModelSet.explainer``); the answer names it."""
         parsed = await read_classify_request(request, self.config.max_body_bytes)
-        model = self.models.get(parsed.model)
+        model = self.models.explainer(parsed.model)
         card = model.engine.card
         # The request is checked whole first (top_k, the image), so a bad one is a 400 whatever the model.
         k = parse_top_k(parsed.top_k, card.num_classes)

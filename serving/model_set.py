@@ -145,6 +145,17 @@ class ModelSet:
                 raise ModelUnavailable(f"{which} is not served: {failed.error}; this service has {choices}")
         raise UnknownModel(f"unknown model {_shown(requested)!r}; this service has {choices}")
 
+    def explainer(self, requested: str | None) -> ServedModel:
+        """The model ``/explain`` answers with: the one a request names, else the default model when
+        it has a class-activation map, else the first served model that has one (the shipped
+        LeNet has none, the shipped ResNet-20 has), else the default, which then says why not."""
+        if requested:
+            return self.get(requested)
+        default = self.default
+        if default is not None and default.engine.has_cam:
+            return default
+        return next((m for m in self.models if m.engine.has_cam), None) or self.get(None)
+
     @property
     def default_tag(self) -> str:
         """The default model's tag: the version now served under the default name (a load may

@@ -61,7 +61,7 @@ def test_the_split_network_gives_the_networks_logits(arch):
 @pytest.mark.parametrize("arch", sorted(set(list_models()) - set(CAM_ARCHS)))
 def test_a_model_without_a_pooled_head_has_no_map(arch):
     net = build_model(card_for(arch, default_size(arch))).net
-    with pytest.raises(ValueError, match="the models that have one: densenet, googlenet, nin, resnet18, resnet34"):
+    with pytest.raises(ValueError, match=f"the models that have one: {', '.join(CAM_ARCHS)}"):
         cam_parts(arch, net)
 
 
@@ -174,10 +174,11 @@ def test_explain_answers_json_or_a_png(canvas_model, fashion_test):
         async with httpx.AsyncClient(transport=transport, base_url="http://edge") as http:
             as_json = await http.post(EXPLAIN, files=files, data={"model": "canvas", "top_k": "2"})
             as_png = await http.post(EXPLAIN, files=files, data={"model": "canvas"}, headers={"accept": "image/png"})
-            lenet = await http.post(EXPLAIN, files=files)
-        return as_json, as_png, lenet
+            unnamed = await http.post(EXPLAIN, files=files)  # the default, LeNet, has no map: canvas answers
+            lenet = await http.post(EXPLAIN, files=files, data={"model": DEFAULT_MODEL_NAME})
+        return as_json, as_png, unnamed, lenet
 
-    as_json, as_png, lenet = asyncio.run(main())
+    as_json, as_png, unnamed, lenet = asyncio.run(main())
     assert as_json.status_code == 200, as_json.text
     body = as_json.json()
     expected = handlers.models.get("canvas").engine.predict(canvas)[0]
@@ -186,9 +187,11 @@ def test_explain_answers_json_or_a_png(canvas_model, fashion_test):
     assert overlay.format == "PNG" and overlay.size == (CANVAS, CANVAS) and overlay.mode == "RGB"
     assert as_png.status_code == 200 and as_png.headers["content-type"] == "image/png"
     assert as_png.content == base64.b64decode(body["cam_png"])
+    assert unnamed.status_code == 200 and unnamed.json()["model"] == "canvas"
+    assert unnamed.json()["cam_png"] == body["cam_png"]
     assert lenet.status_code == 422
     error = lenet.json()["error"]
-    assert "lenet_bn" in error and "densenet, googlenet, nin, resnet18, resnet34" in error and "canvas:v1" in error
+    assert "lenet_bn" in error and ", ".join(CAM_ARCHS) in error and "canvas:v1" in error
 
 
 @pytest.mark.parametrize("flags, message", [([], "the models that have one: densenet"), (["--fp16"], "float32")])
