@@ -17,6 +17,7 @@ from tests.conftest import REPO, run_cli
 from training import train as train_module
 from training.__main__ import get_args_parser
 from training.augment import Augment
+from training.checkpoint import load_model
 from training.folder import scan_folder
 from training.optim import lr_factor
 
@@ -326,6 +327,16 @@ def test_without_a_held_out_split_best_pt_is_chosen_on_the_test_split_and_the_ru
     assert "validating on 0, testing on 64; best.pt chosen on test accuracy" in capsys.readouterr().out
     assert state(tmp_path / "best.pt")["best_on"] == "test"
     assert "val_acc" not in next(csv.DictReader(open(tmp_path / "log.csv")))
+
+
+def test_channels_last_on_a_cpu_trains_and_its_checkpoint_rebuilds_the_same_network(tmp_path, capsys):
+    recipe = ["--dataset", "synthetic", "--synthetic-size", "64", "--model", "resnet20", "--epochs", "1"]
+    train_module.main(train_args(*recipe, "--channels-last", "--device", "cpu", "--output-dir", str(tmp_path)))
+    assert "amp None, channels-last, data path" in capsys.readouterr().out
+    model, card, _ = load_model(tmp_path / "last.pt")
+    pixels = torch.randint(0, 256, (2, card.in_channels, card.height, card.width), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(model(pixels), model(pixels.contiguous(memory_format=torch.channels_last)), atol=1e-5)
 
 
 def test_training_without_matplotlib_skips_the_pictures_and_goes_on(tmp_path):
