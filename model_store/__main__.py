@@ -21,7 +21,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     register.add_argument("onnx", type=Path, help="the .onnx file")
     register.add_argument("--name", required=True, help="model name, e.g. fashion-lenet; the version is the file hash")
-    commands.add_parser("register-default", help="add the model this repository ships")
+    commands.add_parser(
+        "register-default", help="add the models this repository ships (fashion-lenet, fashion-resnet20)"
+    )
     commands.add_parser("list", help="list stored models with their architecture, classes and accuracy")
     show = commands.add_parser("show", help="print a stored model's card as JSON")
     show.add_argument("tag", help="NAME:VERSION or NAME (the latest)")
@@ -31,11 +33,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     import bentoml
 
-    from model_store.store import card_of, open_model, register, register_default
+    from model_store.store import card_of, open_model, register, register_shipped
 
     if args.command in ("register", "register-default"):
-        model = register(args.onnx, args.name) if args.command == "register" else register_default()
-        print(f"registered {model.tag} at {model.path}")
+        for model in [register(args.onnx, args.name)] if args.command == "register" else register_shipped():
+            print(f"registered {model.tag} at {model.path}")
     elif args.command == "show":
         print(json.dumps(card_of(open_model(args.tag)).to_dict(), indent=2))
     else:

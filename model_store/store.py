@@ -20,8 +20,12 @@ from model_store.card import ONNX_METADATA_KEY, ModelCard
 from model_store.files import file_sha256
 
 MODEL_FILE = "model.onnx"
-DEFAULT_MODEL_NAME = "fashion-lenet"
+# The models this repository ships (model_store/default/NAME.onnx), served by default, the default
+# model first: LeNet answers /classify fastest; ResNet-20, with a global-average-pool head, explains.
+SHIPPED_MODELS = ("fashion-lenet", "fashion-resnet20")
+DEFAULT_MODEL_NAME, EXPLAINER_MODEL_NAME = SHIPPED_MODELS
 DEFAULT_MODEL_FILE = Path(__file__).parent / "default" / f"{DEFAULT_MODEL_NAME}.onnx"
+EXPLAINER_MODEL_FILE = DEFAULT_MODEL_FILE.with_name(f"{EXPLAINER_MODEL_NAME}.onnx")
 INPUT_TYPES = ("tensor(uint8)", "tensor(float)")  # raw pixels, or pixels the caller normalized with the card
 
 
@@ -135,9 +139,9 @@ def register(onnx_path: Path, name: str) -> bentoml.Model:
     return bentoml.models.get(tag)  # the stored copy, not the temp dir it was built in
 
 
-def register_default() -> bentoml.Model:
-    """The model this repository ships, so serving works right after install."""
-    return register(DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME)
+def register_shipped() -> list[bentoml.Model]:
+    """The models this repository ships, so serving works right after install."""
+    return [register(DEFAULT_MODEL_FILE.with_name(f"{name}.onnx"), name) for name in SHIPPED_MODELS]
 
 
 def open_model(tag: str) -> bentoml.Model:
@@ -147,7 +151,7 @@ def open_model(tag: str) -> bentoml.Model:
     except NotFound:
         raise LookupError(
             f"model {tag!r} is not in the BentoML model store under {bentoml_home()}; "
-            "register one with `python -m model_store register-default` or `python -m model_store register FILE --name NAME`"
+            "register the shipped ones with `python -m model_store register-default` or `python -m model_store register FILE --name NAME`"
         ) from None
 
 

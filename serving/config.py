@@ -39,7 +39,10 @@ def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    models: tuple[str, ...] = ("fashion-lenet:latest",)  # BentoML store tags; the first is the default
+    models: tuple[str, ...] = (
+        "fashion-lenet:latest",
+        "fashion-resnet20:latest",
+    )  # store tags; the first is the default
     device: str = "auto"  # auto: CUDA when this onnxruntime build has it; cuda: the same, but a fallback is an error in the logs and /models
     max_batch_size: int = 64  # images per ONNX Runtime call
     batch_wait_ms: float = 0.0  # extra time a batch waits to fill; 0: run with whatever queued meanwhile

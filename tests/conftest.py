@@ -122,7 +122,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
 
 @pytest.fixture(scope="session")
 def bentoml_home(tmp_path_factory) -> Path:
-    """A private BentoML home with the shipped default model registered through the CLI."""
+    """A private BentoML home with the shipped models registered through the CLI."""
     home = tmp_path_factory.mktemp("bentoml")
     result = run_cli("-m", "model_store", "register-default", env={"BENTOML_HOME": str(home)})
     assert result.returncode == 0, result.stderr

@@ -1,15 +1,25 @@
-"""The model store CLI, and the default model this repository ships."""
+"""The model store CLI, and the models this repository ships and serves by default."""
 
+import base64
+import io
 import json
+import os
 from collections import Counter
 
+import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
+from PIL import Image
 
-from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
-from tests.conftest import run_cli
+from model_store.card import CAM_ARCHS
+from model_store.store import DEFAULT_MODEL_FILE, SHIPPED_MODELS, read_onnx_card
+from tests.conftest import bentoml_serve, png_bytes, run_cli
 from tests.test_model_checks import RGB, with_card, with_external_data
+
+# What the README promises of each shipped model: its test accuracy at least, and its file size at most.
+PROMISED = {"fashion-lenet": (0.90, 1 * 2**20), "fashion-resnet20": (0.93, 5 * 2**20)}
 
 
 def test_register_is_idempotent_and_list_and_show_report_the_card(tmp_path, exported):
@@ -62,17 +72,46 @@ def test_register_refuses_a_card_that_contradicts_its_graph_and_external_weights
     assert run_cli("-m", "model_store", "list", env=env).stdout.splitlines()[1:] == []
 
 
-def test_default_model_is_small_and_reaches_its_stated_accuracy(fashion_test):
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
+def test_each_shipped_model_is_small_calibrated_and_reaches_its_stated_accuracy(name, fashion_test):
     """The shipped graph on all 10,000 real test images, through ONNX Runtime as served."""
-    assert DEFAULT_MODEL_FILE.stat().st_size < 1024 * 1024
-    card = read_onnx_card(DEFAULT_MODEL_FILE)
-    ops = Counter(node.op_type for node in onnx.load(str(DEFAULT_MODEL_FILE)).graph.node)
+    path = DEFAULT_MODEL_FILE.with_name(f"{name}.onnx")
+    least_accuracy, most_bytes = PROMISED[name]
+    assert path.stat().st_size <= most_bytes
+    card = read_onnx_card(path)
+    ops = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     assert ops["BatchNormalization"] == ops["Dropout"] == 0
+    assert card.calibration is not None and card.metrics["calibration"]["test"]["ece_after"] < 0.02
     images, labels = fashion_test
-    session = ort.InferenceSession(str(DEFAULT_MODEL_FILE), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    output = session.get_outputs()[0].name  # the logits; a graph exported with --cam has the map second
     logits = np.concatenate(
-        [session.run(None, {"pixels": images[i : i + 1000, None]})[0] for i in range(0, 10000, 1000)]
+        [session.run([output], {"pixels": images[i : i + 1000, None]})[0] for i in range(0, 10000, 1000)]
     )
     accuracy = float((logits.argmax(1) == labels).mean())
-    assert accuracy >= 0.90
+    assert accuracy >= least_accuracy
     assert abs(accuracy - card.metrics["test_acc"]) < 1e-3  # the card states what the graph does
+    # The one that explains carries its map; the default model answers /classify and has none.
+    assert bool(card.export.get("cam")) == (card.arch in CAM_ARCHS) == (name != SHIPPED_MODELS[0])
+
+
+def test_with_no_settings_the_service_serves_both_shipped_models_and_explains_with_resnet20(
+    bentoml_home, fashion_test, tmp_path
+):
+    """What `make serve` starts: `bentoml serve` with no SERVING_MODELS, on the store register-default fills."""
+    assert "SERVING_MODELS" not in os.environ
+    images, _ = fashion_test
+    files = {"image": ("boot.png", png_bytes(images[0]), "image/png")}  # test image 0, an ankle boot
+    with bentoml_serve(bentoml_home, tmp_path / "serve.log", {}) as url:
+        listed = httpx.get(f"{url}/models").json()
+        classified = httpx.post(f"{url}/classify", files=files).json()
+        explained = httpx.post(f"{url}/explain", files=files)
+        refused = httpx.post(f"{url}/explain", files=files, data={"model": SHIPPED_MODELS[0]})
+    assert [m["name"] for m in listed["models"]] == list(SHIPPED_MODELS)
+    assert listed["default"].startswith("fashion-lenet:") and classified["model"] == "fashion-lenet"
+    assert explained.status_code == 200, explained.text
+    body = explained.json()
+    assert body["model"] == "fashion-resnet20" and body["label"] == "Ankle boot" and body["unsure"] is False
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["cam_png"])))
+    assert overlay.format == "PNG" and overlay.size == (28, 28)
+    assert refused.status_code == 422 and "fashion-resnet20:" in refused.json()["error"]

@@ -152,19 +152,27 @@ def test_a_file_that_is_no_image_shows_the_services_error(browser, server, tmp_p
     assert text(browser, "label") == ""  # no stale prediction beside the error
 
 
-def test_with_auth_on_the_page_asks_for_the_token_and_keeps_it_for_the_tab(
+def test_with_auth_on_the_page_asks_for_the_token_keeps_it_and_draws_a_models_map(
     browser, bentoml_home, fashion_test, tmp_path_factory
 ):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     folder = tmp_path_factory.mktemp("serve-auth")
-    env = {"SERVING_MODELS": "fashion-lenet:latest", "SERVING_AUTH_TOKEN": TOKEN}
+    env = {"SERVING_AUTH_TOKEN": TOKEN}  # and the shipped models, as `make serve` serves them
     with bentoml_serve(bentoml_home, folder / "serve.log", env) as url:
         assert httpx.get(f"{url}/ui").status_code == 200  # open: a navigation sends no bearer header
         assert httpx.get(f"{url}/models").status_code == 401  # what the page calls is not
         image = folder / "trouser.png"
         image.write_bytes(png_bytes(fashion_test[0][2]))  # test image 2, a trouser
         expected = classify(url, image, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        explainer = next(
+            m["tag"]
+            for m in httpx.get(f"{url}/models", headers=auth).json()["models"]
+            if m["name"] == "fashion-resnet20"
+        )
+        explained = classify(url, image, headers=auth, model=explainer).json()
 
         open_page(browser, url)
         wait_for(browser, lambda d: d.find_element(By.ID, "token").is_displayed(), "the token field")
@@ -182,6 +190,14 @@ def test_with_auth_on_the_page_asks_for_the_token_and_keeps_it_for_the_tab(
         upload(browser, image)
         wait_for(browser, lambda d: text(d, "label"), "a prediction")
         assert text(browser, "label") == expected["label"]
+        assert not browser.find_element(By.ID, "cam").is_displayed()  # LeNet has no map to show
+
+        # The shipped ResNet-20 has one: the page asks /explain, and draws the map beside the image.
+        Select(browser.find_element(By.ID, "model")).select_by_value(explainer)
+        wait_for(browser, lambda d: "fashion-resnet20" in text(d, "answered-by"), "the ResNet-20's answer")
+        cam = browser.find_element(By.ID, "cam")
+        wait_for(browser, lambda d: d.execute_script("return arguments[0].naturalWidth", cam) == 28, "the map drawn")
+        assert cam.is_displayed() and text(browser, "label") == explained["label"]
 
         open_page(browser, url)  # a reload in the same tab: the token is still there
         wait_for(browser, lambda d: "fashion-lenet" in text(d, "model"), "the models, without asking again")
