@@ -24,8 +24,14 @@ MODEL_FILE = "model.onnx"
 # model first: LeNet answers /classify fastest; ResNet-20, with a global-average-pool head, explains.
 SHIPPED_MODELS = ("fashion-lenet", "fashion-resnet20")
 DEFAULT_MODEL_NAME, EXPLAINER_MODEL_NAME = SHIPPED_MODELS
-DEFAULT_MODEL_FILE = Path(__file__).parent / "default" / f"{DEFAULT_MODEL_NAME}.onnx"
-EXPLAINER_MODEL_FILE = DEFAULT_MODEL_FILE.with_name(f"{EXPLAINER_MODEL_NAME}.onnx")
+
+
+def shipped_file(name: str) -> Path:
+    """The ONNX file of the shipped model ``name`` (one of SHIPPED_MODELS)."""
+    return Path(__file__).parent / "default" / f"{name}.onnx"
+
+
+DEFAULT_MODEL_FILE, EXPLAINER_MODEL_FILE = shipped_file(DEFAULT_MODEL_NAME), shipped_file(EXPLAINER_MODEL_NAME)
 INPUT_TYPES = ("tensor(uint8)", "tensor(float)")  # raw pixels, or pixels the caller normalized with the card
 
 
@@ -141,7 +147,7 @@ def register(onnx_path: Path, name: str) -> bentoml.Model:
 
 def register_shipped() -> list[bentoml.Model]:
     """The models this repository ships, so serving works right after install."""
-    return [register(DEFAULT_MODEL_FILE.with_name(f"{name}.onnx"), name) for name in SHIPPED_MODELS]
+    return [register(shipped_file(name), name) for name in SHIPPED_MODELS]
 
 
 def open_model(tag: str) -> bentoml.Model:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
 
+from model_store.store import SHIPPED_MODELS
+
 DEVICES = ("auto", "cpu", "cuda")
 RENAMED = {"SERVING_DECODE_THREADS": "SERVING_DECODE_WORKERS"}
 # Start-up resident sizes, measured (RSS after warm-up): a service worker with BentoML, ONNX Runtime
@@ -39,10 +41,7 @@ def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    models: tuple[str, ...] = (
-        "fashion-lenet:latest",
-        "fashion-resnet20:latest",
-    )  # store tags; the first is the default
+    models: tuple[str, ...] = tuple(f"{name}:latest" for name in SHIPPED_MODELS)  # store tags; the first is the default
     device: str = "auto"  # auto: CUDA when this onnxruntime build has it; cuda: the same, but a fallback is an error in the logs and /models
     max_batch_size: int = 64  # images per ONNX Runtime call
     batch_wait_ms: float = 0.0  # extra time a batch waits to fill; 0: run with whatever queued meanwhile

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from model_store.card import CAM_ARCHS
-from model_store.store import DEFAULT_MODEL_FILE, SHIPPED_MODELS, read_onnx_card
+from model_store.store import SHIPPED_MODELS, read_onnx_card, shipped_file
 from tests.conftest import bentoml_serve, png_bytes, run_cli
 from tests.test_model_checks import RGB, with_card, with_external_data
 
@@ -75,7 +75,7 @@ def test_register_refuses_a_card_that_contradicts_its_graph_and_external_weights
 @pytest.mark.parametrize("name", SHIPPED_MODELS)
 def test_each_shipped_model_is_small_calibrated_and_reaches_its_stated_accuracy(name, fashion_test):
     """The shipped graph on all 10,000 real test images, through ONNX Runtime as served."""
-    path = DEFAULT_MODEL_FILE.with_name(f"{name}.onnx")
+    path = shipped_file(name)
     least_accuracy, most_bytes = PROMISED[name]
     assert path.stat().st_size <= most_bytes
     card = read_onnx_card(path)

@@ -147,10 +147,9 @@ def train_one_epoch(
 ) -> dict[str, float]:
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
-    channels_last = args.channels_last
     for pixels, labels in tqdm(loader, leave=False, disable=None if show else True):
         pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if channels_last:
+        if args.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
             logits = model(pixels)
@@ -257,7 +256,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     train_set, test_set = parts.train, parts.test
     # Which split chooses best.pt: the held-out one. Without it, the test split, and the log says so:
     # for a folder that is its own validation split, for Fashion-MNIST the real test set.
-    choose_on = "val" if parts.validation is not None else "test"
+    evaluated = {"val": parts.validation, "test": test_set} if parts.validation is not None else {"test": test_set}
+    choose_on = "val" if "val" in evaluated else "test"
     model = build_model(card)
     if resumed:  # the same parameter groups as the interrupted run, so its optimizer state fits
         pretrained = set(resumed.get("pretrained", []))
@@ -271,8 +271,6 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         model.to(memory_format=torch.channels_last)
 
     generator = torch.Generator().manual_seed(args.seed)
-    evaluated = [("val", parts.validation)] if parts.validation is not None else []
-    evaluated.append(("test", test_set))
     data_path, why = choose_data_path(args.data_path, world, train_set, card)
     if data_path == "tensors":
         augmenter = train_set.augment if isinstance(train_set, data.Augmented) else None
@@ -280,7 +278,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         train_loader = TensorBatches(
             *as_tensors(items, card), args.batch_size, device, generator, augmenter, len(train_set) > args.batch_size
         )
-        eval_loaders = {split: TensorBatches(*as_tensors(items, card), 512, device) for split, items in evaluated}
+        eval_loaders = {
+            split: TensorBatches(*as_tensors(items, card), 512, device) for split, items in evaluated.items()
+        }
     else:
         sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
         pin = device.type == "cuda"
@@ -296,7 +296,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             persistent_workers=args.workers > 0,
         )
         eval_loaders = {
-            split: DataLoader(items, 512, num_workers=args.workers, pin_memory=pin) for split, items in evaluated
+            split: DataLoader(items, 512, num_workers=args.workers, pin_memory=pin)
+            for split, items in evaluated.items()
         }
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = optim.make_optimizer(args, groups)
@@ -326,7 +327,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if show:
         print(
             f"training {card.arch} {dict(card.arch_args)} on {len(train_set)} {card.dataset} images "
-            f"({card.in_channels}x{card.height}x{card.width}), validating on {len(evaluated[0][1]) if choose_on == 'val' else 0}, "
+            f"({card.in_channels}x{card.height}x{card.width}), validating on {len(evaluated.get('val', ()))}, "
             f"testing on {len(test_set)}; best.pt chosen on {choose_on} accuracy; device {device}"
             f"{f' x{world}' if world > 1 else ''}, amp {amp}{', compiled' if args.compile else ''}{', channels-last' if args.channels_last else ''}, data path {data_path} "
             f"({why}), output {output_dir}",
