@@ -34,7 +34,11 @@ def main(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not args.model.is_file():
+        raise SystemExit(f"error: --model {args.model} does not exist")
     engine = OnnxClassifier(args.model, device="cpu")
+    if not engine.has_cam:
+        raise SystemExit(f"error: --model {args.model} has no class-activation map; export it with --cam")
     names = engine.card.class_names
     images, labels = load_fashion_mnist("test")
     chosen = [int(np.flatnonzero(labels == label)[0]) for label in range(len(names))]
