@@ -13,7 +13,9 @@ costly images earlier, from their header, with a clearer message).
 
 Each process is fed by one thread of the parent: the thread writes the request to a pipe and waits
 on the answer with the GIL released, so the event loop only pays for the hop to that thread, as it
-did when decodes ran on threads.
+did when decodes ran on threads. Processes are started on threads of their own, never on the
+feeding threads: a replacement queued behind waiting decodes would never start once every feeding
+thread waited for an idle process (three slow images at once stopped all decoding for good).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class DecodePool:
         if not self.started:
             self.started = True
             for _ in range(self.size):
-                self.threads.submit(self._add)
+                self._start_one()
 
     async def decode(self, data: bytes, card: ModelCard) -> np.ndarray:
         self.start()
@@ -93,7 +95,7 @@ class DecodePool:
                 logger.warning("decoder process exited with %s on a %d-byte image; replaced", exit_code, len(data))
                 message = "the decoder crashed on this image"
             decoder = None
-            self.threads.submit(self._add)  # a replacement, started off this request's path
+            self._start_one()  # a replacement, started off this request's path
             raise ImageError(message) from None
         finally:
             if decoder is not None:
@@ -101,6 +103,9 @@ class DecodePool:
         if reply[:1] == b"!":
             raise ImageError(reply[1:].decode())
         return np.frombuffer(reply, np.uint8).reshape(card.in_channels, card.height, card.width)
+
+    def _start_one(self) -> None:
+        threading.Thread(target=self._add, name="decoder-start", daemon=True).start()
 
     def _add(self) -> None:
         try:

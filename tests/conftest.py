@@ -103,6 +103,18 @@ def uncalibrated(tmp_path_factory) -> Path:
     return path
 
 
+def wait_until(condition, what, timeout_s: float = 60, every_s: float = 0.05):
+    """Poll ``condition()`` until it returns something true, and return that; fail naming ``what``
+    (a string, or a function that makes one) if it has not within ``timeout_s``. The deadline is a
+    bound for a hung test, never a pace: it is generous, and the wait ends once the condition holds."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s:g} s: {what() if callable(what) else what}")
+        time.sleep(every_s)
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,18 +173,7 @@ def bentoml_serve(bentoml_home: Path, log: Path, env: dict[str, str]):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready after 180 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_until(lambda: ready(url, process, log), lambda: f"{url} ready:\n{log.read_text()[-4000:]}", 180, 0.2)
         yield url
     finally:
         if process.poll() is None:  # else it ended on its own, and the failure above says why
@@ -181,6 +182,16 @@ def bentoml_serve(bentoml_home: Path, log: Path, env: dict[str, str]):
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def ready(url: str, process: subprocess.Popen | None = None, log: Path | None = None) -> bool:
+    """Whether the server at ``url`` answers /readyz with 200; fails at once if its process has exited."""
+    if process is not None and process.poll() is not None:
+        pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()[-4000:] if log else ''}")
+    try:
+        return httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @pytest.fixture(scope="session")

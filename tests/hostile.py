@@ -1,11 +1,16 @@
 """Small hostile images, made here rather than shipped: each one a class of input that once made the
-service answer 500, spend unbounded time or memory, or kill a scoring run (issue 12's attack run)."""
+service answer 500, spend unbounded time or memory, or kill a scoring run (issue 12's attack run);
+and decoder processes stalled on purpose, the decode that never ends."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
 import struct
 import zlib
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -73,3 +78,19 @@ def crafted() -> dict[str, bytes]:
         "webp-exif-not-tiff": encoded("WEBP", exif=b"Exif\x00\x00garbage!"),
         "tiff-second-page-without-size": two_page_tiff_without_dimensions(),
     }
+
+
+@contextlib.contextmanager
+def stalled(pids: Iterable[int]) -> Iterator[None]:
+    """Decoder processes stopped (SIGSTOP) while inside: every decode sent to them never ends, as a
+    decoder stuck in C code on a crafted file, on any machine however fast. The ones still alive
+    are let go (SIGCONT) on the way out; a SIGKILL reaches a stopped process all the same."""
+    pids = list(pids)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

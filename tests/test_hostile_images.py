@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import time
+import threading
 import warnings
 
 import numpy as np
@@ -18,8 +18,10 @@ import pytest
 from model_store import ImageError, image_bytes_to_input
 from model_store.preprocess import DECODE_COPIES, MAX_JPEG_SCANS, ROW_OVERHEAD_BYTES, decode_cost_bytes, open_image
 from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
+from serving import decoders
 from serving.decoders import DecodePool
-from tests.hostile import crafted, encoded, progressive_jpeg_with_scans, tall_png
+from tests.conftest import wait_until
+from tests.hostile import crafted, encoded, progressive_jpeg_with_scans, stalled, tall_png
 
 CARD = read_onnx_card(DEFAULT_MODEL_FILE)  # 1 x 28 x 28
 RGB_CARD = dataclasses.replace(CARD, in_channels=3, height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -91,14 +93,12 @@ def test_fuzz_only_image_errors_come_out_of_to_input(fashion_test):
     assert outcomes["refused"] > 300 and outcomes["decoded"] > 100  # both paths were exercised
 
 
-@pytest.fixture
-def pool():
-    pool = DecodePool(2, timeout_s=0.3, max_pixels=40_000_000, max_decode_bytes=512 * 2**20)
-    yield pool
-    pool.close()
+DECODE_TIMEOUT_S = 0.5  # about 100 times what a 300x300 JPEG takes here: holds on one core, and 4x slower
+SMALL = encoded("JPEG", np.full((300, 300, 3), 90, np.uint8))
+TIMED_OUT = rf"decoding took longer than {DECODE_TIMEOUT_S:g} s \(SERVING_DECODE_TIMEOUT_S\); stopped"
 
 
-def decoder_pids(pool: DecodePool) -> set[int]:
+def decoder_pids() -> set[int]:
     """This process's live decoder processes (killed ones may linger as zombies until reaped)."""
     pids = set()
     for child in psutil.Process().children():
@@ -110,48 +110,75 @@ def decoder_pids(pool: DecodePool) -> set[int]:
     return pids
 
 
+@pytest.fixture
+def pool():
+    """Two decoder processes, both started and idle; ``pool.pids()`` are theirs, live."""
+    others = decoder_pids()  # another test's pool may still be closing
+    pool = DecodePool(2, timeout_s=DECODE_TIMEOUT_S, max_pixels=40_000_000, max_decode_bytes=512 * 2**20)
+    pool.pids = lambda: decoder_pids() - others
+    pool.start()
+    wait_until(lambda: pool.idle.qsize() == 2, "two idle decoder processes")
+    yield pool
+    pool.close()
+
+
 def test_a_decode_past_its_time_limit_is_stopped_and_its_process_replaced(pool):
-    slow = encoded("PNG", np.zeros((6000, 6000, 3), np.uint8))  # ~0.5 s of decoding, 36 megapixels of black
-    small = encoded("JPEG", np.full((300, 300, 3), 90, np.uint8))
+    before = pool.pids()
 
     async def main():
-        assert (await pool.decode(small, RGB_CARD)).shape == (3, 224, 224)
-        before = decoder_pids(pool)
-        start = time.perf_counter()
-        with pytest.raises(ImageError, match=r"decoding took longer than 0.3 s \(SERVING_DECODE_TIMEOUT_S\); stopped"):
-            await pool.decode(slow, RGB_CARD)
-        stopped_after = time.perf_counter() - start
-        answers = [await pool.decode(small, RGB_CARD) for _ in range(4)]  # the pool goes on, one process new
-        return before, stopped_after, answers
+        with stalled(before):  # the decode never ends: only the time limit can stop it
+            with pytest.raises(ImageError, match=TIMED_OUT):
+                await pool.decode(SMALL, RGB_CARD)
+        return [await pool.decode(SMALL, RGB_CARD) for _ in range(4)]  # the pool goes on, one process new
 
-    before, stopped_after, answers = asyncio.run(main())
-    assert stopped_after < 1.0 and all(a.shape == (3, 224, 224) for a in answers)
-    deadline = time.monotonic() + 30
-    while len(after := decoder_pids(pool)) != 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(after) == 2 and len(before & after) == 1 and pool.restarts == 1
+    answers = asyncio.run(main())
+    assert all(a.shape == (3, 224, 224) for a in answers)
+    after = wait_until(lambda: pids if len(pids := pool.pids()) == 2 else None, "two live decoders")
+    assert len(before & after) == 1 and pool.restarts == 1
 
 
-def test_a_cancelled_decode_is_stopped_too(pool):
-    slow = encoded("PNG", np.zeros((6000, 6000, 3), np.uint8))
+def test_a_cancelled_decode_is_stopped_too(pool, monkeypatch):
+    before, asked = pool.pids(), threading.Event()
+    ask = decoders._Decoder.ask
+
+    def noted_ask(decoder, *args):  # the image is on its way to a decoder process
+        asked.set()
+        return ask(decoder, *args)
+
+    monkeypatch.setattr(decoders._Decoder, "ask", noted_ask)
 
     async def main():
-        await pool.decode(encoded("PNG", np.zeros((300, 300), np.uint8)), CARD)
-        before = decoder_pids(pool)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):  # the request's deadline, or its client hanging up
-                await pool.decode(slow, RGB_CARD)
-        return before
+        with stalled(before):
+            decode = asyncio.create_task(pool.decode(SMALL, RGB_CARD))
+            await asyncio.to_thread(asked.wait, 60)
+            decode.cancel()  # the request's deadline passed, or its client hung up
+            with pytest.raises(asyncio.CancelledError):
+                await decode
 
-    before = asyncio.run(main())
-    deadline = time.monotonic() + 30
-    while pool.restarts == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert pool.restarts == 1 and len(before - decoder_pids(pool)) == 1  # killed, not left running to 0.3 s
+    asyncio.run(main())
+    wait_until(lambda: pool.restarts == 1, "the cancelled decode's process killed")
+    assert len(before - pool.pids()) == 1  # killed, not left to run to the time limit
+
+
+def test_more_stuck_decodes_than_processes_do_not_stop_decoding(pool):
+    """Each stuck decode's replacement starts at once, not behind the decodes queued for a process:
+    once every feeding thread waited for an idle process, the replacements never started, and no
+    image was decoded again."""
+    before = pool.pids()
+
+    async def main():
+        with stalled(before):
+            decodes = [pool.decode(SMALL, RGB_CARD) for _ in range(6)]
+            return await asyncio.wait_for(asyncio.gather(*decodes, return_exceptions=True), 120)
+
+    answers = asyncio.run(main())
+    assert [type(a) for a in answers] == [ImageError] * 2 + [np.ndarray] * 4, answers
+    assert pool.restarts == 2 and not before & pool.pids()
 
 
 def test_worst_case_decodes_at_once_stay_under_the_documented_memory_bound():
     budget = 96 * 2**20
+    others = decoder_pids()
     pool = DecodePool(2, timeout_s=30, max_pixels=40_000_000, max_decode_bytes=budget)
     # The largest of each shape the estimate admits: a square RGB image, and a 1-pixel-wide one.
     side = 2800
@@ -162,7 +189,7 @@ def test_worst_case_decodes_at_once_stay_under_the_documented_memory_bound():
 
         async def main():
             await pool.decode(encoded("PNG", np.zeros((300, 300), np.uint8)), CARD)
-            started = {pid: psutil.Process(pid).memory_info().rss for pid in decoder_pids(pool)}
+            started = {pid: psutil.Process(pid).memory_info().rss for pid in decoder_pids() - others}
             answers = await asyncio.gather(*(pool.decode(data, RGB_CARD) for data in (square, tall, square, tall)))
             return started, answers
 
