@@ -72,21 +72,36 @@ def test_batch_size_must_be_positive():
 
 
 def test_max_wait_fills_a_batch_that_would_otherwise_run_at_size_one():
-    sizes = []
+    """Inputs arriving one at a time run alone without a wait, and fill a batch with one. The batch
+    closes once full, long before its minute is up: the test decides when each input arrives."""
 
-    async def main(max_wait_s: float):
+    async def one_at_a_time(max_wait_s: float) -> tuple[list, list[int]]:
+        sizes = []
         batcher = MicroBatcher(
             lambda b: b, max_batch_size=8, max_wait_s=max_wait_s, on_batch=lambda size, *_: sizes.append(size)
         )
+        submitted = []
+        for i in range(8):
+            submitted.append(asyncio.create_task(batcher.submit(np.array([i]))))
+            while not max_wait_s and len(sizes) <= i:  # without a wait: until this input's batch has run
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)  # with one: the batcher has taken the input and waits for more
+        return await asyncio.gather(*submitted), sizes
 
-        async def late(i: int):
-            await asyncio.sleep(0.005 * i)  # arrivals spread over 35 ms, each after the last batch started
-            return await batcher.submit(np.array([i]))
+    eager, eager_sizes = asyncio.run(one_at_a_time(0.0))
+    filled, filled_sizes = asyncio.run(one_at_a_time(60.0))
+    assert [int(r[0]) for r in eager] == [int(r[0]) for r in filled] == list(range(8))
+    assert eager_sizes == [1] * 8 and filled_sizes == [8]
 
-        return await asyncio.gather(*(late(i) for i in range(8)))
 
-    asyncio.run(main(0.0))
-    eager, sizes[:] = list(sizes), []
-    results = asyncio.run(main(0.2))
-    assert [int(r[0]) for r in results] == list(range(8))
-    assert max(eager) < 8 and sizes == [8], (eager, sizes)
+@pytest.mark.processes
+def test_a_batch_that_does_not_fill_runs_when_its_wait_is_over():
+    sizes = []
+
+    async def main():
+        batcher = MicroBatcher(
+            lambda b: b, max_batch_size=8, max_wait_s=0.05, on_batch=lambda size, *_: sizes.append(size)
+        )
+        return await asyncio.gather(*(batcher.submit(np.array([i])) for i in range(3)))
+
+    assert [int(r[0]) for r in asyncio.run(main())] == [0, 1, 2] and sizes == [3]

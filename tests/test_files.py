@@ -9,7 +9,9 @@ from model_store.files import atomic_output
 def test_atomic_output_removes_temp_files_of_dead_processes_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)  # waited for and reaped: no process has this PID now
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )  # until killed
     try:
         target = tmp_path / "per_class.csv"
         stale = tmp_path / f".per_class.csv.{dead_pid}.tmp"

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["alexnet", "vgg11", "nin", "googlenet", "resnet18", "densenet", "lenet"]
 
@@ -18,7 +20,8 @@ MODELS = ["alexnet", "vgg11", "nin", "googlenet", "resnet18", "densenet", "lenet
 def test_the_smoke_run_goes_through_every_step_and_says_why_of_each_it_skips(tmp_path):
     # The Python load client, as on the GPU machines, which have no wrk.
     command = [sys.executable, "benchmarks/gpu_suite.py", "--out", str(tmp_path), "--smoke", "--load-client", "python"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # A bound for a hung run only: it takes about 90 s on 2 cores here, several times that on one slow core.
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
@@ -89,6 +92,7 @@ def test_the_python_load_client_reads_sized_and_chunked_answers():
     assert asyncio.run(answers(sized + chunked)) == [(200, False), (503, True)]
 
 
+@pytest.mark.processes
 def test_a_training_stopped_by_its_limit_keeps_the_epochs_it_finished(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from suite_runner import Results, train_step
@@ -96,12 +100,15 @@ def test_a_training_stopped_by_its_limit_keeps_the_epochs_it_finished(tmp_path):
     out, results = tmp_path / "run", Results(tmp_path / "out", "test", {})
     args = argparse.Namespace(smoke=True)  # no budget floor; a plain command still runs as a subprocess
     one_epoch = "epoch,test_acc,examples_per_s,seconds\n1,0.5,100.0,1.5\n"
-    script = f"import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); p.mkdir(); (p / 'log.csv').write_text({one_epoch!r}); time.sleep(60)"
-    log, seconds, cut = train_step(results, "train", {}, [sys.executable, "-c", script, str(out)], 5, args, out)
+    # Each command writes (or not) and then never ends: only the limit stops it. Time is the subject;
+    # writing one small file takes a fresh Python some 50 ms, a fortieth of the 2 s limit.
+    forever = "import threading; threading.Event().wait()"
+    script = f"import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(); (p / 'log.csv').write_text({one_epoch!r}); {forever}"
+    log, seconds, cut = train_step(results, "train", {}, [sys.executable, "-c", script, str(out)], 2, args, out)
     assert log == [{"epoch": 1.0, "test_acc": 0.5, "examples_per_s": 100.0, "seconds": 1.5}]
-    assert seconds == 5 and cut == "stopped by its 5 s limit"
-    silent = [sys.executable, "-c", "import time; time.sleep(60)"]  # the old log.csv is not this run's
-    assert train_step(results, "train", {"model": "m"}, silent, 3, args, out) is None
+    assert seconds == 2 and cut == "stopped by its 2 s limit"
+    silent = [sys.executable, "-c", forever]  # the old log.csv is not this run's
+    assert train_step(results, "train", {"model": "m"}, silent, 1, args, out) is None
     assert json.loads((tmp_path / "out" / "results.jsonl").read_text())["error"] == (
-        "stopped by its 3 s limit, before its first epoch"
+        "stopped by its 1 s limit, before its first epoch"
     )

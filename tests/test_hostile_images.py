@@ -122,6 +122,7 @@ def pool():
     pool.close()
 
 
+@pytest.mark.processes
 def test_a_decode_past_its_time_limit_is_stopped_and_its_process_replaced(pool):
     before = pool.pids()
 
@@ -137,6 +138,7 @@ def test_a_decode_past_its_time_limit_is_stopped_and_its_process_replaced(pool):
     assert len(before & after) == 1 and pool.restarts == 1
 
 
+@pytest.mark.processes
 def test_a_cancelled_decode_is_stopped_too(pool, monkeypatch):
     before, asked = pool.pids(), threading.Event()
     ask = decoders._Decoder.ask
@@ -160,6 +162,7 @@ def test_a_cancelled_decode_is_stopped_too(pool, monkeypatch):
     assert len(before - pool.pids()) == 1  # killed, not left to run to the time limit
 
 
+@pytest.mark.processes
 def test_more_stuck_decodes_than_processes_do_not_stop_decoding(pool):
     """Each stuck decode's replacement starts at once, not behind the decodes queued for a process:
     once every feeding thread waited for an idle process, the replacements never started, and no
@@ -176,6 +179,7 @@ def test_more_stuck_decodes_than_processes_do_not_stop_decoding(pool):
     assert pool.restarts == 2 and not before & pool.pids()
 
 
+@pytest.mark.processes
 def test_worst_case_decodes_at_once_stay_under_the_documented_memory_bound():
     budget = 96 * 2**20
     others = decoder_pids()

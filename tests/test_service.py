@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import png_bytes
+from tests.conftest import bentoml_serve, png_bytes
 
 N_IMAGES = 300
 
@@ -49,22 +49,42 @@ def test_top_k_is_ranked_and_can_be_asked_for(server, fashion_test):
     )
 
 
-def test_concurrent_requests_are_batched(server, fashion_test):
+# A batch waits (up to SERVING_BATCH_WAIT_MS: a minute, never reached) until SERVING_MAX_BATCH_SIZE
+# inputs are queued, so concurrent requests make full batches on any machine, however fast or slow.
+BATCHING = {"SERVING_MAX_BATCH_SIZE": "8", "SERVING_BATCH_WAIT_MS": "60000", "SERVING_LOG_REQUESTS": "false"}
+
+
+@pytest.fixture(scope="module")
+def batching(bentoml_home, tmp_path_factory) -> str:
+    with bentoml_serve(bentoml_home, tmp_path_factory.mktemp("batching") / "serve.log", BATCHING) as url:
+        yield url
+
+
+def batch_sizes(url: str) -> tuple[float, float]:
+    """(batches run, inputs in them) so far, over every model."""
+    count = total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("classify_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("classify_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
+@pytest.mark.processes
+def test_concurrent_requests_are_batched(batching, fashion_test):
     image = png_bytes(fashion_test[0][0])
+    before = batch_sizes(batching)
     with ThreadPoolExecutor(32) as pool:
         codes = list(
             pool.map(
-                lambda _: classify(server, content=image, headers={"Content-Type": "image/png"}).status_code, range(128)
+                lambda _: classify(batching, content=image, headers={"Content-Type": "image/png"}).status_code,
+                range(32),
             )
         )
-    assert codes == [200] * 128
-    total = count = 0.0
-    for line in httpx.get(f"{server}/metrics").text.splitlines():
-        if line.startswith("classify_batch_size_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("classify_batch_size_count"):
-            count += float(line.rsplit(" ", 1)[1])
-    assert count > 0 and total / count > 1.0, (total, count)
+    after = batch_sizes(batching)
+    assert codes == [200] * 32
+    assert (after[0] - before[0], after[1] - before[1]) == (4, 32)  # this test's requests: 4 batches of 8
 
 
 TRUNCATED = png_bytes(__import__("numpy").full((28, 28), 7, "uint8"))[:50]
