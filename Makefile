@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test data browser default-model explainer-model gpu-suite gpu-parts clean
+.PHONY: serve test test-stress data browser default-model explainer-model gpu-suite gpu-parts clean
 
 serve: $(VENV)/.serving
 	$(BIN)/python -m model_store register-default
@@ -15,6 +15,12 @@ test: $(VENV)/.full data browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# The suite pinned to one core, beside a CPU hog, and as is; then the tests that start, kill or time
+# processes 3 more times in each mode (tests/stress.py). A check that no test depends on the
+# machine's speed, for people rather than CI: over an hour on 2 cores.
+test-stress: $(VENV)/.full data browser
+	$(BIN)/python tests/stress.py
 
 # Reproduces the shipped model_store/default/fashion-lenet.onnx (about 2 minutes on 2 CPU cores).
 default-model: $(VENV)/.full data
