@@ -55,9 +55,11 @@ def test_kubernetes_manifest_probes_and_scales_on_what_the_service_exposes(serve
     deployment, _, autoscaler = yaml.safe_load_all(open("deploy/kubernetes.yaml"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     for probe in ("readinessProbe", "livenessProbe"):
-        assert httpx.get(f"{server}{container[probe]['httpGet']['path']}").status_code == 200
+        assert httpx.get(f"{server}{container[probe]['httpGet']['path']}", timeout=60).status_code == 200
     metric = autoscaler["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    exposed = {line.split("{")[0].split(" ")[0] for line in httpx.get(f"{server}/metrics").text.splitlines()}
+    exposed = {
+        line.split("{")[0].split(" ")[0] for line in httpx.get(f"{server}/metrics", timeout=60).text.splitlines()
+    }
     assert metric in exposed, metric
     assert {e["name"] for e in container["env"]} <= set(ENV.values())  # every variable it sets exists
     # Its memory limit holds the README's bound for the settings it gives.

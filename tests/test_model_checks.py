@@ -180,7 +180,7 @@ def test_a_service_over_a_store_with_a_bad_model_serves_the_others_and_says_why(
     image = {"image": ("x.png", png_bytes(fashion_test[0][0]), "image/png")}
     settings = {"SERVING_MODELS": f"{DEFAULT_MODEL_NAME}:latest,bad-rgb:latest"}
     with bentoml_serve(home, tmp_path / "serve.log", settings) as url:  # ready: the warm-up survived
-        listing = httpx.get(f"{url}/models").json()
+        listing = httpx.get(f"{url}/models", timeout=60).json()
         assert [m["name"] for m in listing["models"]] == [DEFAULT_MODEL_NAME]
         [failed] = listing["failed"]
         assert failed["tag"] == "bad-rgb:old" and "the card's input is [N, 3, 28, 28]" in failed["error"]

@@ -63,7 +63,7 @@ def batching(bentoml_home, tmp_path_factory) -> str:
 def batch_sizes(url: str) -> tuple[float, float]:
     """(batches run, inputs in them) so far, over every model."""
     count = total = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
         if line.startswith("classify_batch_size_count"):
             count += float(line.rsplit(" ", 1)[1])
         elif line.startswith("classify_batch_size_sum"):

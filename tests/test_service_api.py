@@ -23,7 +23,7 @@ def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
 
 
 def test_models_lists_every_served_model_with_its_card(server):
-    listing = httpx.get(f"{server}/models").json()
+    listing = httpx.get(f"{server}/models", timeout=60).json()
     names = [m["name"] for m in listing["models"]]
     assert names == ["fashion-lenet", "test-lenet"]
     default = listing["models"][0]
@@ -177,7 +177,7 @@ def test_images_that_cannot_be_converted_get_a_400_saying_why(server, data, mess
 def metric(url: str, name: str, **labels) -> float:
     """Sum of a Prometheus sample over the lines matching ``name`` and ``labels``."""
     total = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
         if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -199,7 +199,7 @@ def test_metrics_report_queue_decode_inference_and_rejections(server, fashion_te
     added = {key: metric(server, name, **labels) - before[key] for key, (name, labels) in counts.items()}
     # The junk is refused before decoding; the image is decoded once, queued, and run as one batch.
     assert added == {"rejected": 1, "decoded": 1, "queue_seconds": 1, "inference_seconds": 1, "batch_size": 1}
-    assert "classify_in_flight" in httpx.get(f"{server}/metrics").text
+    assert "classify_in_flight" in httpx.get(f"{server}/metrics", timeout=60).text
 
 
 @pytest.mark.processes

@@ -49,7 +49,7 @@ def image() -> bytes:
 
 
 def metric(url: str, name: str, **labels) -> float:
-    return sample(httpx.get(f"{url}/metrics").text, name, **labels)
+    return sample(httpx.get(f"{url}/metrics", timeout=60).text, name, **labels)
 
 
 def sample(exposition: str, name: str, **labels) -> float:
@@ -76,7 +76,9 @@ def decoders_of(url: str) -> tuple[int, set[int]]:
 def test_crafted_images_are_400s_alone_and_in_a_batch_and_never_500s(hostile):
     url, log = hostile
     for name, data in crafted().items():
-        response = httpx.post(f"{url}/classify", content=data, headers={"Content-Type": "application/octet-stream"})
+        response = httpx.post(
+            f"{url}/classify", content=data, headers={"Content-Type": "application/octet-stream"}, timeout=60
+        )
         assert response.status_code == 400 and response.json()["error"].startswith("corrupt"), name
     files = [("images", ("good.png", image(), "image/png"))]
     files += [("images", (f"{name}.bin", data, "application/octet-stream")) for name, data in crafted().items()]
@@ -106,12 +108,12 @@ def test_a_path_scan_is_answered_404_without_growing_the_metrics(hostile):
     """The 404 itself is tested in process; this checks BentoML's own metrics, in the server's
     multiprocess folder, which grew a series per path before the edge answered unknown paths."""
     url, _ = hostile
-    before = httpx.get(f"{url}/metrics").text
+    before = httpx.get(f"{url}/metrics", timeout=60).text
     not_found = metric(url, "classify_rejected_total", reason="not_found")
-    with httpx.Client(base_url=url) as client:
+    with httpx.Client(base_url=url, timeout=60) as client:
         statuses = {client.get(f"/scan-{uuid.uuid4().hex}/%00{i}").status_code for i in range(500)}
         statuses |= {client.get(path).status_code for path in ("/openapi.json", "/redoc", "/docs/oauth2-redirect")}
-    after = httpx.get(f"{url}/metrics").text
+    after = httpx.get(f"{url}/metrics", timeout=60).text
     assert statuses == {404} and "scan-" not in after
     assert metric(url, "classify_rejected_total", reason="not_found") == not_found + 503
     assert len(after) - len(before) < 2000  # counters moved; no new series

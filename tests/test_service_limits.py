@@ -37,10 +37,12 @@ def classify(url: str, headers: dict | None = None, **kwargs) -> httpx.Response:
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
 def test_without_the_bearer_token_the_api_is_a_401(strict, headers):
     for response in (
-        httpx.post(f"{strict}/classify", content=image(), headers={"Content-Type": "image/png", **headers}),
-        httpx.get(f"{strict}/models", headers=headers),
-        httpx.get(f"{strict}/schema.json", headers=headers),
-        httpx.get(f"{strict}/no/such/route", headers=headers),  # fails closed: not even a 404 without the token
+        httpx.post(f"{strict}/classify", content=image(), headers={"Content-Type": "image/png", **headers}, timeout=60),
+        httpx.get(f"{strict}/models", headers=headers, timeout=60),
+        httpx.get(f"{strict}/schema.json", headers=headers, timeout=60),
+        httpx.get(
+            f"{strict}/no/such/route", headers=headers, timeout=60
+        ),  # fails closed: not even a 404 without the token
     ):
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
         assert "bearer token" in response.json()["error"]
@@ -48,9 +50,9 @@ def test_without_the_bearer_token_the_api_is_a_401(strict, headers):
 
 def test_with_the_token_it_answers_and_probes_need_none(strict):
     assert classify(strict, content=image(), headers={"Content-Type": "image/png"}).status_code == 200
-    assert httpx.get(f"{strict}/models", headers=AUTH).status_code == 200
+    assert httpx.get(f"{strict}/models", headers=AUTH, timeout=60).status_code == 200
     for path in ("/readyz", "/livez", "/metrics", "/docs.json", "/"):
-        assert httpx.get(f"{strict}{path}").status_code == 200, path
+        assert httpx.get(f"{strict}{path}", timeout=60).status_code == 200, path
 
 
 def test_the_limits_are_configurable(strict):
@@ -60,7 +62,7 @@ def test_the_limits_are_configurable(strict):
     assert bomb.status_code == 400 and "200x200 pixels exceeds the limit of 10,000" in bomb.json()["error"]
     for count in (4, 40):
         files = [("images", (f"{i}.png", image(), "image/png")) for i in range(count)]
-        many = httpx.post(f"{strict}/classify_batch", files=files, headers=AUTH)
+        many = httpx.post(f"{strict}/classify_batch", files=files, headers=AUTH, timeout=60)
         assert many.status_code == 400 and "too many images: at most 3 per request" in many.json()["error"], count
 
 

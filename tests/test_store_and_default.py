@@ -103,10 +103,10 @@ def test_with_no_settings_the_service_serves_both_shipped_models_and_explains_wi
     images, _ = fashion_test
     files = {"image": ("boot.png", png_bytes(images[0]), "image/png")}  # test image 0, an ankle boot
     with bentoml_serve(bentoml_home, tmp_path / "serve.log", {}) as url:
-        listed = httpx.get(f"{url}/models").json()
-        classified = httpx.post(f"{url}/classify", files=files).json()
-        explained = httpx.post(f"{url}/explain", files=files)
-        refused = httpx.post(f"{url}/explain", files=files, data={"model": SHIPPED_MODELS[0]})
+        listed = httpx.get(f"{url}/models", timeout=60).json()
+        classified = httpx.post(f"{url}/classify", files=files, timeout=60).json()
+        explained = httpx.post(f"{url}/explain", files=files, timeout=60)
+        refused = httpx.post(f"{url}/explain", files=files, data={"model": SHIPPED_MODELS[0]}, timeout=60)
     assert [m["name"] for m in listed["models"]] == list(SHIPPED_MODELS)
     assert listed["default"].startswith("fashion-lenet:") and classified["model"] == "fashion-lenet"
     assert explained.status_code == 200, explained.text

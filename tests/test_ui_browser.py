@@ -85,12 +85,12 @@ def test_the_page_shows_what_the_api_answers_for_a_real_image(browser, server, f
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    page = httpx.get(f"{server}/ui")
+    page = httpx.get(f"{server}/ui", timeout=60)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "img-src 'self' blob: data:" in policy and "unsafe" not in policy
     assert page.headers["x-content-type-options"] == "nosniff" and page.headers["cache-control"] == "no-cache"
-    listed = httpx.get(f"{server}/models").json()
+    listed = httpx.get(f"{server}/models", timeout=60).json()
 
     images, _ = fashion_test
     shoe = tmp_path / "sneaker.png"  # test image 12, a sneaker the default model is unsure of: three bars to see
@@ -161,15 +161,15 @@ def test_with_auth_on_the_page_asks_for_the_token_keeps_it_and_draws_a_models_ma
     folder = tmp_path_factory.mktemp("serve-auth")
     env = {"SERVING_AUTH_TOKEN": TOKEN}  # and the shipped models, as `make serve` serves them
     with bentoml_serve(bentoml_home, folder / "serve.log", env) as url:
-        assert httpx.get(f"{url}/ui").status_code == 200  # open: a navigation sends no bearer header
-        assert httpx.get(f"{url}/models").status_code == 401  # what the page calls is not
+        assert httpx.get(f"{url}/ui", timeout=60).status_code == 200  # open: a navigation sends no bearer header
+        assert httpx.get(f"{url}/models", timeout=60).status_code == 401  # what the page calls is not
         image = folder / "trouser.png"
         image.write_bytes(png_bytes(fashion_test[0][2]))  # test image 2, a trouser
         expected = classify(url, image, headers={"Authorization": f"Bearer {TOKEN}"}).json()
         auth = {"Authorization": f"Bearer {TOKEN}"}
         explainer = next(
             m["tag"]
-            for m in httpx.get(f"{url}/models", headers=auth).json()["models"]
+            for m in httpx.get(f"{url}/models", headers=auth, timeout=60).json()["models"]
             if m["name"] == "fashion-resnet20"
         )
         explained = classify(url, image, headers=auth, model=explainer).json()

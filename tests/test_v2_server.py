@@ -115,7 +115,7 @@ def test_models_load_switch_and_unload_under_load_without_a_failed_request(
     }
     with bentoml_serve(bentoml_home, log, settings) as url:
         home = {"BENTOML_HOME": str(log.parent / "bentoml")}  # the server's own store
-        old_version = httpx.get(f"{url}/models").json()["default"].split(":")[1]
+        old_version = httpx.get(f"{url}/models", timeout=60).json()["default"].split(":")[1]
         for name in ("extra-lenet", "fashion-lenet"):  # a new model, and a new version of the default
             registered = run_cli("-m", "model_store", "register", str(exported), "--name", name, env=home)
             assert registered.returncode == 0, registered.stderr
@@ -161,7 +161,7 @@ def test_models_load_switch_and_unload_under_load_without_a_failed_request(
         assert new_version != old_version and {v for _, _, v in answers} == {old_version, new_version}
         assert all(version == new_version for sent, _, version in answers if sent > switched)
 
-        listing = httpx.get(f"{url}/models").json()
+        listing = httpx.get(f"{url}/models", timeout=60).json()
         assert listing["default"] == f"fashion-lenet:{new_version}"
         assert [m["name"] for m in listing["models"]] == ["fashion-lenet", "extra-lenet"]
         assert not client.is_model_ready("test-lenet")
