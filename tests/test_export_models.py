@@ -17,7 +17,6 @@ from tests.test_models import small_size
 from training.checkpoint import save_checkpoint
 from training.models import build_model, list_models
 
-
 # VGG at an eighth of its convolutions' width (a builder argument the course uses): the same graph,
 # without the half gigabyte of weights that made each VGG's export take 30-40 s here.
 ARCH_ARGS = {name: {"width_divisor": 8} for name in list_models() if name.startswith("vgg")}

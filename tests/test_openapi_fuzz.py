@@ -39,6 +39,8 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(server, operations):
             "60",
             "--seed",
             "20261122",
+            "--request-timeout",
+            "60",  # a bound for a hung server only: answers take milliseconds
             "--no-color",
         ],
         capture_output=True,
