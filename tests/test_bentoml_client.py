@@ -127,6 +127,7 @@ def with_token(bentoml_home, tmp_path_factory) -> str:
         yield url
 
 
+@pytest.mark.processes
 def test_with_a_token_set_the_client_passes_it_and_without_cannot_even_read_the_schema(with_token, shoes):
     with bentoml.SyncHTTPClient(with_token, token=TOKEN) as client:
         answer = client.classify(image=shoes[3])

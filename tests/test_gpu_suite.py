@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = ["alexnet", "vgg11", "nin", "googlenet", "resnet18", "densenet", "lenet"]
 
 
+@pytest.mark.processes
 def test_the_smoke_run_goes_through_every_step_and_says_why_of_each_it_skips(tmp_path):
     # The Python load client, as on the GPU machines, which have no wrk.
     command = [sys.executable, "benchmarks/gpu_suite.py", "--out", str(tmp_path), "--smoke", "--load-client", "python"]

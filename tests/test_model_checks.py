@@ -169,6 +169,7 @@ with bentoml.models.create(bentoml.Tag(name, "old"), metadata=read_onnx_card(pat
 """
 
 
+@pytest.mark.processes
 def test_a_service_over_a_store_with_a_bad_model_serves_the_others_and_says_why(tmp_path, fashion_test):
     """`register` refuses the bad card now, so put it in the store the way register did before the checks."""
     home = tmp_path / "home"

@@ -95,6 +95,7 @@ def test_each_shipped_model_is_small_calibrated_and_reaches_its_stated_accuracy(
     assert bool(card.export.get("cam")) == (card.arch in CAM_ARCHS) == (name != SHIPPED_MODELS[0])
 
 
+@pytest.mark.processes
 def test_with_no_settings_the_service_serves_both_shipped_models_and_explains_with_resnet20(
     bentoml_home, fashion_test, tmp_path
 ):

@@ -152,6 +152,7 @@ def test_a_file_that_is_no_image_shows_the_services_error(browser, server, tmp_p
     assert text(browser, "label") == ""  # no stale prediction beside the error
 
 
+@pytest.mark.processes
 def test_with_auth_on_the_page_asks_for_the_token_keeps_it_and_draws_a_models_map(
     browser, bentoml_home, fashion_test, tmp_path_factory
 ):
