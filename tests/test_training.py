@@ -21,7 +21,9 @@ def test_best_pt_is_chosen_on_the_held_out_images_and_the_test_set_is_only_repor
     with open(checkpoint.parent / "log.csv") as f:
         epochs = list(csv.DictReader(f))
     assert {"val_loss", "val_acc", "test_loss", "test_acc"} <= set(epochs[0])
-    assert all(row["val_acc"] != row["test_acc"] for row in epochs)  # two splits, not one reported twice
+    # Two splits, not one reported twice. Their losses, not their accuracies: two splits of a few
+    # hundred images can score the same accuracy by chance (they did once, with torch on one core).
+    assert all(row["val_loss"] != row["test_loss"] for row in epochs)
     best = torch.load(checkpoint.parent / "best.pt", weights_only=True)
     chosen = max(epochs, key=lambda row: float(row["val_acc"]))  # the first of equals, as training keeps it
     assert best["best_on"] == "val" and best["epoch"] == int(chosen["epoch"])
