@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test test-stress data browser default-model explainer-model gpu-suite gpu-parts clean
+.PHONY: serve test test-stress test-images image image-gpu data browser containers default-model explainer-model gpu-suite gpu-parts clean
 
 serve: $(VENV)/.serving
 	$(BIN)/python -m model_store register-default
 	$(BIN)/bentoml serve --port $(PORT)
 
-test: $(VENV)/.full data browser
+test: $(VENV)/.full data browser containers
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -21,6 +21,21 @@ test: $(VENV)/.full data browser
 # machine's speed, for people rather than CI: over an hour on 2 cores.
 test-stress: $(VENV)/.full data browser
 	$(BIN)/python tests/stress.py
+
+# The container images (deploy/image.py): the bento of the models SERVING_MODELS names (default: the
+# shipped two) on a Debian base made from Debian packages, or on BASE_IMAGE (e.g. python:3.11-slim)
+# where a registry is reachable; built with podman, or docker (ENGINE=docker to choose).
+image: $(VENV)/.serving
+	$(BIN)/python -m model_store register-default
+	$(BIN)/python -m deploy.image
+
+image-gpu: $(VENV)/.serving
+	$(BIN)/python -m model_store register-default
+	$(BIN)/python -m deploy.image --gpu
+
+# The GPU image built and inspected (tests/images_gpu.py): 3 GB of CUDA wheels, so not in make test.
+test-images: $(VENV)/.full containers
+	$(BIN)/python -m pytest tests/images_gpu.py
 
 # Reproduces the shipped model_store/default/fashion-lenet.onnx (about 2 minutes on 2 CPU cores).
 default-model: $(VENV)/.full data
@@ -89,6 +104,14 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "note: /usr/bin/chromium or /usr/bin/chromedriver is missing; run 'sudo apt-get install chromium chromium-driver'"; fi
+
+# A container engine and what makes the base image, the same way: podman with runc, and mmdebstrap.
+containers:
+	@if command -v podman >/dev/null && command -v mmdebstrap >/dev/null; then :; \
+	elif docker info >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap >/dev/null; \
+	else echo "note: no container engine; run 'sudo apt-get install podman runc mmdebstrap' (or start docker)"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
