@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from model_store.engine import OnnxClassifier
 from model_store.files import atomic_output
 from model_store.store import EXPLAINER_MODEL_FILE
-from serving.engine import OnnxClassifier
 from serving.heatmap import overlay_png
 from training.fashion_mnist import load_fashion_mnist
 

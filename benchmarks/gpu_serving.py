@@ -2,7 +2,7 @@
 in-process limit it is measured against (benchmarks/gpu_suite.py, step 7).
 
 Torch-free, like the service: what it runs is ``bentoml serve`` of serving/service.py with the
-graph registered in a BentoML home of its own, and ``serving.engine.OnnxClassifier``, the engine
+graph registered in a BentoML home of its own, and ``model_store.engine.OnnxClassifier``, the engine
 the service itself runs, for the limit. The load client is wrk where it is installed, else
 benchmarks/closed_loop.py (the GPU machines have no wrk); the row says which.
 """
@@ -49,7 +49,7 @@ def in_process_limit(graph: Path, device: str, pngs: list[bytes], seconds: float
     """Images/s of the service's own engine in this process at the service's batch size: from PNG
     bytes (decode and resize included, one thread) and from ready inputs (the model alone)."""
     from model_store import image_bytes_to_input
-    from serving.engine import OnnxClassifier
+    from model_store.engine import OnnxClassifier
 
     classifier = OnnxClassifier(graph, device)
     batch = pngs[:SERVING_BATCH]

@@ -23,7 +23,7 @@ from fastapi import HTTPException
 
 from model_store import ImageError, image_bytes_to_input
 from model_store.card import ONNX_METADATA_KEY, ModelCard
-from serving.engine import softmax
+from model_store.engine import softmax
 
 
 class OnnxClassifierAPI(ls.LitAPI):

@@ -5,7 +5,7 @@ images that are not clothes.
     python benchmarks/ood_eval.py --onnx runs/lenet/model.onnx runs/lenet_bn/model.onnx \
         --write BENCHMARKS.md --figure docs/reliability.png
 
-Every image goes through ``model_store.to_input`` and ``serving.engine.OnnxClassifier`` as the
+Every image goes through ``model_store.to_input`` and ``model_store.engine.OnnxClassifier`` as the
 service's would. The out-of-distribution sets ship inside packages (nothing is downloaded):
 scikit-learn's 1,797 handwritten digits (8x8, 0..16, white on black like Fashion-MNIST); scikit-
 image's sample photographs, each whole and as random square crops; uniform noise; and blank images
@@ -31,7 +31,7 @@ from report import write_section  # this script's folder is on sys.path
 from export.calibrate import ECE_BINS, expected_calibration_error, nll
 from model_store import to_input
 from model_store.calibration import scores
-from serving.engine import OnnxClassifier
+from model_store.engine import OnnxClassifier
 
 SECTION, HEADING = "ood-eval", "## Calibration and unsure answers: the test set and images that are not clothes"
 # scikit-image's bundled photographs (its synthetic drawings, e.g. checkerboard or logo, left out)

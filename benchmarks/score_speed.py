@@ -46,10 +46,10 @@ from report import device, write_section  # noqa: E402  (this script's folder is
 from wrk_load import cpu_seconds, process_tree  # noqa: E402
 
 from model_store import image_bytes_to_input  # noqa: E402
+from model_store.engine import OnnxClassifier  # noqa: E402
 from scoring.__main__ import get_args_parser as scorer_args  # noqa: E402
 from scoring.__main__ import main as score  # noqa: E402
 from scoring.sources import FolderSource  # noqa: E402
-from serving.engine import OnnxClassifier  # noqa: E402
 
 SECTION, HEADING = "score-speed", "## Offline scoring: one machine, Ray-local, and what 100 million images take"
 LENET = REPO / "model_store/default/fashion-lenet.onnx"

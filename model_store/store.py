@@ -9,14 +9,12 @@ graph against its card, run by register and again by the service for every model
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import bentoml
-import numpy as np
 from bentoml.exceptions import NotFound
 
-from model_store.card import ONNX_METADATA_KEY, ModelCard
+from model_store.card import ModelCard
 from model_store.files import file_sha256
 
 MODEL_FILE = "model.onnx"
@@ -32,101 +30,22 @@ def shipped_file(name: str) -> Path:
 
 
 DEFAULT_MODEL_FILE, EXPLAINER_MODEL_FILE = shipped_file(DEFAULT_MODEL_NAME), shipped_file(EXPLAINER_MODEL_NAME)
-INPUT_TYPES = ("tensor(uint8)", "tensor(float)")  # raw pixels, or pixels the caller normalized with the card
 
 
 def read_onnx_card(path: Path) -> ModelCard:
     """The card in an ONNX file's metadata_props, read with ONNX Runtime (no onnx or torch needed)."""
-    path = Path(path)
-    return _card_in(_open_session(path), path)
+    from model_store.engine import card_in, open_session
+
+    return card_in(open_session(path), str(path))
 
 
 def check_model(path: Path) -> ModelCard:
-    """The card of an exported ONNX file, once ONNX Runtime shows that the graph agrees with it.
+    """The card of an exported ONNX file, once ONNX Runtime shows that the graph agrees with it
+    (:meth:`model_store.engine.OnnxClassifier.check`, on one CPU thread). A ValueError names the
+    file, the card's value and the graph's."""
+    from model_store.engine import OnnxClassifier
 
-    The card's class count must be the graph's output width and its channels, height and width the
-    graph's input shape (symbolic dimensions such as the batch pass); the input must be uint8 or
-    float; and one image of zeros must give finite scores for every class. A ValueError names the
-    file, the card's value and the graph's.
-    """
-    path = Path(path)
-    session = _open_session(path)
-    card = _card_in(session, path)
-    graph_input, graph_output = session.get_inputs()[0], session.get_outputs()[0]
-    expected = (card.in_channels, card.height, card.width)
-    if len(graph_input.shape) != 4 or any(
-        isinstance(dim, int) and dim != value for dim, value in zip(graph_input.shape[1:], expected)
-    ):
-        raise ValueError(
-            f"{path}: the card's input is [N, {', '.join(map(str, expected))}] (in_channels, height, width) "
-            f"but the graph's input {graph_input.name!r} has shape {graph_input.shape}"
-        )
-    if graph_input.type not in INPUT_TYPES:
-        raise ValueError(
-            f"{path}: the graph's input {graph_input.name!r} is {graph_input.type}; "
-            f"the service feeds one of {', '.join(INPUT_TYPES)}"
-        )
-    width = graph_output.shape[-1] if graph_output.shape else None
-    if len(graph_output.shape) != 2 or (isinstance(width, int) and width != card.num_classes):
-        raise ValueError(
-            f"{path}: the card has {card.num_classes} class names but the graph's output {graph_output.name!r} "
-            f"has shape {graph_output.shape}, expected [N, {card.num_classes}]"
-        )
-    zeros = np.zeros((1, *expected), np.uint8 if graph_input.type == "tensor(uint8)" else np.float32)
-    try:
-        scores = session.run([graph_output.name], {graph_input.name: zeros})[0]
-    except Exception as err:  # ORT raises its own Fail / InvalidArgument types
-        raise ValueError(f"{path}: a test run on zeros of shape {list(zeros.shape)} failed: {_one_line(err)}") from None
-    if scores.shape != (1, card.num_classes) or not np.isfinite(scores).all():
-        raise ValueError(
-            f"{path}: a test run on zeros gave {scores.dtype} scores of shape {list(scores.shape)} "
-            f"(finite: {bool(np.isfinite(scores).all())}); the card's {card.num_classes} classes need "
-            f"finite scores of shape [1, {card.num_classes}]"
-        )
-    return card
-
-
-def _open_session(path: Path):
-    """A CPU session over the file's bytes, which can reach no weights outside the file.
-
-    The store copies ``model.onnx`` alone, so a graph that keeps its weights in external data files
-    beside it must be refused here. Loaded from bytes, ONNX Runtime (1.31) looks for external data
-    in the working directory, where such a file may well be: point it at an empty folder instead.
-    """
-    import onnxruntime as ort
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    options = ort.SessionOptions()
-    with tempfile.TemporaryDirectory() as empty:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
-        try:
-            return ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
-        except Exception:  # ORT raises its own Fail / InvalidProtobuf types
-            pass
-    try:
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as err:
-        raise ValueError(f"{path} is not a loadable ONNX model: {_one_line(err)}") from None
-    raise ValueError(
-        f"{path} keeps its weights in external data files beside it, which the model store does not copy; "
-        f"save it as a single file first, e.g. `python -c \"import onnx; onnx.save(onnx.load('{path}'), "
-        f"'single.onnx')\"` (the onnx package comes with the train extra)"
-    )
-
-
-def _card_in(session, path: Path) -> ModelCard:
-    props = session.get_modelmeta().custom_metadata_map
-    if ONNX_METADATA_KEY not in props:
-        raise ValueError(f"{path} carries no {ONNX_METADATA_KEY!r} metadata; export it with `python -m export`")
-    try:
-        return ModelCard.from_json(props[ONNX_METADATA_KEY])
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    return OnnxClassifier(path, device="cpu", threads=1).check()
 
 
 def register(onnx_path: Path, name: str) -> bentoml.Model:

@@ -20,11 +20,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model_store.cli import prog, run
+from model_store.engine import OnnxClassifier
 from model_store.files import file_sha256
 from scoring.parts import FORMATS, OutputFolder
 from scoring.results import name_bytes
 from scoring.sources import open_source
-from serving.engine import OnnxClassifier
 
 logger = logging.getLogger(__name__)
 

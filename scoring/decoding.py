@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from model_store import ImageError, ModelCard, image_bytes_to_input
+from model_store.engine import OnnxClassifier
 from scoring.sources import Entry, Source
-from serving.engine import OnnxClassifier
 
 logger = logging.getLogger(__name__)
 

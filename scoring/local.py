@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from model_store.engine import GPU_PROVIDER, OnnxClassifier, unsure_reasons
 from scoring.decoding import exit_with_scorer, load_batch, score_batch
 from scoring.parts import part_name, write_part
 from scoring.results import result_table
 from scoring.sources import Entry, Source
-from serving.engine import GPU_PROVIDER, OnnxClassifier, unsure_reasons
 
 PART_SECONDS = 60.0  # a part is closed this long after its first row even when not full: a slow model loses a minute
 

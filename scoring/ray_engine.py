@@ -38,11 +38,11 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from model_store import ModelCard
+from model_store.engine import GPU_PROVIDER, OnnxClassifier, unsure_reasons
 from scoring.decoding import load_batch
 from scoring.parts import part_name, write_part
 from scoring.results import SCHEMA, name_bytes, result_table
 from scoring.sources import Entry, Source
-from serving.engine import GPU_PROVIDER, OnnxClassifier, unsure_reasons
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,8 @@ from typing import IO, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from model_store.engine import rank
+
 SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
@@ -58,12 +60,12 @@ def result_table(
 ) -> pa.Table:
     """The rows of one batch: ``names[i]`` failed with ``errors[i]``, or, where that is None, has the
     next row of ``probabilities`` and of ``reasons`` (one row per successful input, in order: each
-    an ``unsure_reason`` or None, as ``serving.engine.unsure_reasons`` gives them; ``reasons`` is
+    an ``unsure_reason`` or None, as ``model_store.engine.unsure_reasons`` gives them; ``reasons`` is
     None for a model without calibration)."""
     ok = np.array([error is None for error in errors], dtype=bool)
     assert probabilities.shape[0] == ok.sum(), "one row of probabilities per successful input"
     assert reasons is None or len(reasons) == ok.sum(), "one reason per successful input"
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    order = rank(probabilities, k)  # as /classify ranks
     ranked = np.take_along_axis(probabilities, order, axis=1).astype(np.float32)
     labels = np.asarray(class_names, dtype=object)[order]
     best_label = np.full(len(names), None, dtype=object)

@@ -13,10 +13,10 @@ from starlette.requests import Request
 
 from model_store import ImageError, load_image, open_image, to_input
 from model_store.card import CAM_ARCHS
+from model_store.engine import answer
 from serving import metrics, v2
 from serving.config import ServingConfig
 from serving.decoders import DecodePool
-from serving.engine import answer
 from serving.errors import Forbidden, ModelUnavailable, NotExplainable
 from serving.heatmap import overlay_png
 from serving.model_set import ModelSet, ServedModel

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import bentoml
 
-from model_store.store import MODEL_FILE, card_of, check_model, open_model
+from model_store.engine import OnnxClassifier
+from model_store.store import MODEL_FILE, card_of, open_model
 from serving import metrics
 from serving.batching import MicroBatcher
 from serving.config import ServingConfig
-from serving.engine import OnnxClassifier
 from serving.errors import ModelUnavailable, RequestError, UnknownModel
 from serving.logs import log_event
 
@@ -76,7 +76,7 @@ INLINE_BUDGET_S = 0.0001
 class ModelSet:
     """``(name, version, ONNX file)`` for each model to serve, the default first.
 
-    Each model is checked (:func:`model_store.store.check_model`) and loaded on its own; one that
+    Each model is loaded and checked (:meth:`model_store.engine.OnnxClassifier.check`, one session) on its own; one that
     fails here or in :meth:`warm_up` moves to ``failed`` with the reason. Only a mistake of the
     configuration itself, a name listed twice, stops the service.
     """
@@ -102,8 +102,8 @@ class ModelSet:
         self._changing = threading.Lock()
 
     def _open(self, name: str, version: str, path: Path) -> ServedModel:
-        check_model(path)  # the graph agrees with its card: classes, input shape and type, a test run
         engine = OnnxClassifier(path, self.config.device, self.config.engine_threads)
+        engine.check()  # the graph agrees with its card: classes, input shape and type, a test run
         wait_s = self.config.batch_wait_ms / 1000
         batcher = MicroBatcher(engine.score, self.config.max_batch_size, wait_s, _observer(name))
         return ServedModel(name, version, engine, batcher)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.engine import top_k
+from model_store.engine import top_k
 from serving.errors import MethodNotAllowed, NotFound, RequestError, UnsupportedMediaType
 
 PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX Runtime model

@@ -1,6 +1,7 @@
 """The dependency rules of the design, held by CI: serving never imports torch, training or export;
-model_store imports no other stage; the offline scorer (scoring) uses serving's engine, never the
-reverse, and only its Ray engine imports Ray; int8 quantization takes arrays, not training's datasets; export
+model_store imports no other stage, and holds the inference engine both applications use: the
+service (serving) and the offline scorer (scoring) never import each other, and only the scorer's
+Ray engine imports Ray; int8 quantization takes arrays, not training's datasets; export
 takes from training only what rebuilds a checkpoint's model and data, never its flags or loop; the
 data spec is torch-free. Checked in the source (every import statement) and at run time (what
 importing the serving path really loads)."""
@@ -19,7 +20,7 @@ from tests.conftest import REPO
 FORBIDDEN = {
     "serving": {"torch", "torchvision", "training", "export", "onnx", "scoring", "ray"},
     "model_store": {"torch", "torchvision", "training", "export", "serving", "onnx", "scoring", "ray"},
-    "scoring": {"torch", "torchvision", "training", "export", "onnx"},
+    "scoring": {"torch", "torchvision", "training", "export", "onnx", "serving"},
     "export/quantize.py": {"torch", "torchvision", "training"},  # arrays in, a graph out
     "training/dataspec.py": {"torch", "torchvision", "onnx", "export", "serving"},  # read wherever a checkpoint is
     "training/extras.py": {"torch", "torchvision", "onnx", "onnxscript"},  # speaks when they are missing

@@ -13,10 +13,10 @@ import pytest
 from export.calibrate import confidence_threshold, energy_threshold, expected_calibration_error, fit, fit_temperature
 from model_store import ModelCard
 from model_store.calibration import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Calibration, scores
+from model_store.engine import OnnxClassifier, Scored, answer, unsure, unsure_reasons
 from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
 from serving.config import ServingConfig
 from serving.edge import Edge
-from serving.engine import OnnxClassifier, Scored, answer, unsure, unsure_reasons
 from serving.handlers import Handlers
 from serving.model_set import ModelSet
 from tests.conftest import png_bytes

@@ -20,10 +20,10 @@ from export.cam import CamModel, cam_parts
 from export.onnx_export import compare_cam_with_torch, compare_with_torch, export_graph, serialize, with_card
 from model_store import ModelCard
 from model_store.card import CAM_ARCHS
+from model_store.engine import OnnxClassifier
 from model_store.store import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
 from serving.config import ServingConfig
 from serving.edge import EXPLAIN, Edge
-from serving.engine import OnnxClassifier
 from serving.handlers import Handlers
 from serving.model_set import ModelSet
 from tests.conftest import png_bytes, run_cli

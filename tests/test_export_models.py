@@ -11,7 +11,7 @@ import torch
 from export.__main__ import get_args_parser, main
 from model_store import ModelCard
 from model_store.card import ONNX_METADATA_KEY
-from serving.engine import OnnxClassifier
+from model_store.engine import OnnxClassifier
 from tests.conftest import png_bytes, run_cli
 from tests.test_models import small_size
 from training.checkpoint import save_checkpoint

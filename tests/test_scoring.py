@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from model_store import image_bytes_to_input
+from model_store.engine import OnnxClassifier, answer, top_k
 from scoring import decoding, sources
 from scoring.__main__ import get_args_parser, main
 from scoring.parts import MANIFEST, OutputFolder
-from scoring.results import CSV_COLUMNS
+from scoring.results import CSV_COLUMNS, result_table
 from scoring.sources import FolderSource
-from serving.engine import OnnxClassifier, answer
 from tests.conftest import REPO, png_bytes, run_cli
 
 ONNX = "model_store/default/fashion-lenet.onnx"
@@ -59,6 +59,21 @@ def png_with_chunk(kind: bytes, data: bytes) -> bytes:
     png = png_bytes(np.zeros((8, 8), np.uint8))
     chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     return png[:33] + chunk + png[33:]  # 8-byte signature + 25-byte IHDR chunk
+
+
+def test_tied_probabilities_rank_as_classify_ranks_them():
+    """The scorer's rows and /classify's answers rank with one function: equal probabilities in
+    class order, the same in both (the scorer used a stable sort of its own, /classify a reversed
+    argsort, and ties came out in opposite orders)."""
+    names = tuple("abcdef")
+    probabilities = np.array([[0.1, 0.3, 0.1, 0.3, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]], np.float32)
+    table = result_table(["x", "y"], [None, None], probabilities, None, names, 4).to_pylist()
+    for row, p in zip(table, probabilities):
+        answered = top_k(p, names, 4)
+        assert [r["label"] for r in row["top_k"]] == [r["label"] for r in answered["top_k"]]
+        assert row["label"] == answered["label"]
+    assert [r["label"] for r in table[0]["top_k"]] == ["b", "d", "a", "c"]
+    assert [r["label"] for r in table[1]["top_k"]] == ["a", "b", "c", "d"]
 
 
 def test_scores_a_folder_reports_broken_files_and_keeps_going(tmp_path, fashion_test):

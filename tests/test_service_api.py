@@ -40,7 +40,7 @@ def test_models_lists_every_served_model_with_its_card(server):
 
 
 def test_a_request_picks_its_model_and_gets_that_models_answer(server, fashion_test, exported):
-    from serving.engine import OnnxClassifier
+    from model_store.engine import OnnxClassifier
 
     images = fashion_test[0][:8]
     expected = OnnxClassifier(exported, device="cpu").predict(images[:, None])
@@ -90,8 +90,8 @@ def test_classify_batch_answers_in_order_and_fails_images_one_by_one(server, fas
 
 
 def test_answers_say_whether_the_model_is_unsure(server, fashion_test, exported):
+    from model_store.engine import OnnxClassifier, unsure
     from model_store.store import DEFAULT_MODEL_FILE
-    from serving.engine import OnnxClassifier, unsure
 
     classifier = OnnxClassifier(exported, device="cpu")
     noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)

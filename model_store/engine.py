@@ -1,7 +1,10 @@
 """The inference engine: an ONNX Runtime session over an exported graph, shared by the HTTP
-service (``/classify``, ``/classify_batch`` and the v2 protocol) and the batch scorer. Takes uint8
-inputs, returns class probabilities, calibrated with the card's temperature when it has one.
+service (``/classify``, ``/classify_batch``, ``/explain`` and the v2 protocol), the offline scorer and
+the model store's own check of a graph against its card. Takes uint8 inputs, returns class
+probabilities, calibrated with the card's temperature when it has one, and ranks them (:func:`rank`)
+the one way every answer uses.
 
+It sits in model_store, under both applications: it needs only onnxruntime, numpy and the card.
 The temperature is applied here, not inside the graph: the graph stays the network export verified
 against PyTorch, logit for logit, and the one place that turns logits into probabilities serves
 every route alike. It costs a division and a log-sum-exp per row, next to the softmax it was already
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -39,6 +43,59 @@ def providers_for(device: str = "auto") -> list:
     return [(GPU_PROVIDER, CUDA_OPTIONS), CPU_PROVIDER]
 
 
+INPUT_TYPES = ("tensor(uint8)", "tensor(float)")  # raw pixels, or pixels the caller normalized with the card
+
+
+def graph_name(path: str | os.PathLike | bytes) -> str:
+    """How errors and logs name a graph: its path, or its size when it came as bytes."""
+    return f"a graph of {len(path):,} bytes" if isinstance(path, bytes) else str(path)
+
+
+def open_session(path: str | os.PathLike | bytes, options=None, providers=(CPU_PROVIDER,)) -> ort.InferenceSession:
+    """A session over the graph's bytes, which can reach no weights outside the graph.
+
+    The store copies ``model.onnx`` alone, so a graph that keeps its weights in external data files
+    beside it must be refused. Loaded from bytes, ONNX Runtime (1.31) looks for external data in the
+    working directory, where such a file may well be: point it at an empty folder instead.
+    """
+    if not isinstance(path, bytes) and not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    graph = path if isinstance(path, bytes) else Path(path).read_bytes()
+    options = options or ort.SessionOptions()
+    with tempfile.TemporaryDirectory() as empty:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+        try:
+            return ort.InferenceSession(graph, options, providers=list(providers))
+        except Exception as err:  # ORT raises its own Fail / InvalidProtobuf types
+            error = err
+    if isinstance(path, bytes):
+        raise ValueError(f"{graph_name(path)} is not a loadable ONNX model: {one_line(error)}") from None
+    try:
+        ort.InferenceSession(str(path), providers=[CPU_PROVIDER])
+    except Exception as err:
+        raise ValueError(f"{path} is not a loadable ONNX model: {one_line(err)}") from None
+    raise ValueError(
+        f"{path} keeps its weights in external data files beside it, which the model store does not copy; "
+        f"save it as a single file first, e.g. `python -c \"import onnx; onnx.save(onnx.load('{path}'), "
+        f"'single.onnx')\"` (the onnx package comes with the train extra)"
+    )
+
+
+def card_in(session: ort.InferenceSession, name: str) -> ModelCard:
+    """The card in a graph's metadata: the one place a card is read from a graph."""
+    props = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_KEY not in props:
+        raise ValueError(f"{name} carries no {ONNX_METADATA_KEY!r} metadata; export it with `python -m export`")
+    try:
+        return ModelCard.from_json(props[ONNX_METADATA_KEY])
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 class Scored(NamedTuple):
     """One image's outcome: what ``answer`` turns into its part of a response."""
 
@@ -62,15 +119,10 @@ class OnnxClassifier:
         # steady load that burnt 42% of the service's CPU, stolen from decoding and HTTP.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers_for(device)
+        self.name = graph_name(path)
         # bytes: the graph itself, as a Ray actor on another machine receives it
-        self.session = ort.InferenceSession(
-            path if isinstance(path, bytes) else str(path), options, providers=providers
-        )
-        props = self.session.get_modelmeta().custom_metadata_map
-        if ONNX_METADATA_KEY not in props:
-            what = self._name(path) if isinstance(path, bytes) else path
-            raise ValueError(f"{what} carries no model card; export it with `python -m export`")
-        self.card = ModelCard.from_json(props[ONNX_METADATA_KEY])
+        self.session = open_session(path, options, providers)
+        self.card = card_in(self.session, self.name)
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
         # A graph exported with --float-input leaves normalization to its caller: do it here, with
@@ -82,7 +134,7 @@ class OnnxClassifier:
         # Export records a class-activation map output in the card (``--cam``); older graphs have none.
         self.has_cam = bool(self.card.export.get("cam"))
         if self.has_cam and CAM_OUTPUT not in {o.name for o in self.session.get_outputs()}:
-            raise ValueError(f"{self._name(path)}: its card says it has a {CAM_OUTPUT!r} output, the graph has none")
+            raise ValueError(f"{self.name}: its card says it has a {CAM_OUTPUT!r} output, the graph has none")
         self.temperature = self.card.calibration.temperature if self.card.calibration else 1.0
         self.provider = self.session.get_providers()[0]
         self.provider_error = None
@@ -94,13 +146,49 @@ class OnnxClassifier:
                 "onnxruntime-gpu, a visible GPU and matching CUDA/cuDNN libraries)"
             )
             logger.error("%s", self.provider_error)
-        logger.info(
-            "loaded %s (%s, %d classes) on %s", self._name(path), self.card.arch, self.card.num_classes, self.provider
-        )
+        logger.info("loaded %s (%s, %d classes) on %s", self.name, self.card.arch, self.card.num_classes, self.provider)
 
-    @staticmethod
-    def _name(path: str | os.PathLike | bytes) -> str:
-        return f"a graph of {len(path):,} bytes" if isinstance(path, bytes) else Path(path).name
+    def check(self) -> ModelCard:
+        """The card, once the graph shows that it agrees with it: the card's class count is the
+        graph's output width and its channels, height and width the graph's input shape (symbolic
+        dimensions such as the batch pass); the input is uint8 or float; and one image of zeros gives
+        finite scores for every class. A ValueError names the graph, the card's value and the graph's.
+        The model store runs it on every graph it registers, the service on every model it loads."""
+        card, name = self.card, self.name
+        graph_input, graph_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        expected = (card.in_channels, card.height, card.width)
+        if len(graph_input.shape) != 4 or any(
+            isinstance(dim, int) and dim != value for dim, value in zip(graph_input.shape[1:], expected)
+        ):
+            raise ValueError(
+                f"{name}: the card's input is [N, {', '.join(map(str, expected))}] (in_channels, height, width) "
+                f"but the graph's input {graph_input.name!r} has shape {graph_input.shape}"
+            )
+        if graph_input.type not in INPUT_TYPES:
+            raise ValueError(
+                f"{name}: the graph's input {graph_input.name!r} is {graph_input.type}; "
+                f"the service feeds one of {', '.join(INPUT_TYPES)}"
+            )
+        width = graph_output.shape[-1] if graph_output.shape else None
+        if len(graph_output.shape) != 2 or (isinstance(width, int) and width != card.num_classes):
+            raise ValueError(
+                f"{name}: the card has {card.num_classes} class names but the graph's output {graph_output.name!r} "
+                f"has shape {graph_output.shape}, expected [N, {card.num_classes}]"
+            )
+        zeros = np.zeros((1, *expected), np.uint8)
+        try:
+            logits = self.logits(zeros)
+        except Exception as err:  # ORT raises its own Fail / InvalidArgument types
+            raise ValueError(
+                f"{name}: a test run on zeros of shape {list(zeros.shape)} failed: {one_line(err)}"
+            ) from None
+        if logits.shape != (1, card.num_classes) or not np.isfinite(logits).all():
+            raise ValueError(
+                f"{name}: a test run on zeros gave {logits.dtype} scores of shape {list(logits.shape)} "
+                f"(finite: {bool(np.isfinite(logits).all())}); the card's {card.num_classes} classes need "
+                f"finite scores of shape [1, {card.num_classes}]"
+            )
+        return card
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Calibrated probabilities [N, classes]."""
@@ -184,14 +272,22 @@ def unsure_reasons(
 
 
 def answer(row: Scored, card: ModelCard, k: int) -> dict:
-    """One image's answer, as /classify, /classify_batch and the batch scorer give it: the label,
-    its probability, the k best, and whether the model is unsure of it."""
+    """One image's answer, as /classify and /classify_batch give it: the label, its probability, the
+    k best, and whether the model is unsure of it (the scorer writes the same columns for a whole
+    batch at once, with :func:`rank` and :func:`unsure_reasons`)."""
     return {**top_k(row.probabilities, card.class_names, k), **unsure(row, card.calibration)}
+
+
+def rank(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """The k most likely classes of each row, most likely first, equal probabilities in class order:
+    the one ranking of /classify, /classify_batch, the v2 protocol and the offline scorer.
+    [classes] -> [k], or [N, classes] -> [N, k]."""
+    return np.argsort(-probabilities, axis=-1, kind="stable")[..., :k]
 
 
 def top_k(probabilities: np.ndarray, class_names: tuple[str, ...], k: int) -> dict:
     """One image's answer: the best class, its probability, and the k best, most likely first."""
-    order = np.argsort(probabilities)[::-1][:k].tolist()  # Python ints and floats, converted in one call each
+    order = rank(probabilities, k).tolist()  # Python ints and floats, converted in one call each
     ranked = [
         {"label": class_names[i], "index": i, "probability": p} for i, p in zip(order, probabilities[order].tolist())
     ]
