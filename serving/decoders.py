@@ -33,10 +33,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from model_store import ImageError, ModelCard, image_bytes_to_input
+from serving.errors import DecodersUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,10 @@ class DecodePool:
         self.restarts = 0  # decoders killed (timeout, cancel) or crashed, and replaced
         # One feeding thread per process, so a thread always finds a process idle (or starting).
         self.threads = ThreadPoolExecutor(size, thread_name_prefix="decode")
-        self.idle: queue.SimpleQueue[_Decoder] = queue.SimpleQueue()
+        # Each of the ``size`` slots holds an idle decoder, or the reason its process could not start.
+        self.idle: queue.SimpleQueue[_Decoder | _StartFailed] = queue.SimpleQueue()
         self.started = False
+        self.start_error: str | None = None  # the last failed start's reason, until a start succeeds
 
     def start(self) -> None:
         """Start the processes, in the background; the first decode does it if nobody has."""
@@ -78,6 +82,11 @@ class DecodePool:
 
     def _run(self, job: _Job, data: bytes, card: ModelCard) -> np.ndarray:
         decoder = self.idle.get()
+        if isinstance(decoder, _StartFailed):
+            # This request gets the reason, not a wait until its deadline; the slot tries again, off
+            # its path, so a passing shortage (memory, processes) heals and a broken install keeps saying so.
+            self._start_one()
+            raise DecodersUnavailable(decoder.reason)
         try:
             if not job.start(decoder):
                 raise ImageError("decode cancelled")  # nobody awaits this any more
@@ -109,16 +118,29 @@ class DecodePool:
 
     def _add(self) -> None:
         try:
-            self.idle.put(_Decoder.start())
-        except Exception:  # a decoder that cannot start is a broken install: say so, loudly, once per try
+            decoder = _Decoder.start()
+        except Exception as err:  # a broken install, or no memory or processes left: say so, loudly, once per try
             logger.exception("could not start a decoder process")
+            self.start_error = f"no decoder process could start: {' '.join(str(err).split()) or type(err).__name__}"
+            self.idle.put(_StartFailed(self.start_error))
+            return
+        self.start_error = None
+        self.idle.put(decoder)
 
     def close(self) -> None:
         while not self.idle.empty():
             decoder = self.idle.get()
+            if isinstance(decoder, _StartFailed):
+                continue
             decoder.kill()
             decoder.process.wait()  # reaped: no zombie left behind
         self.threads.shutdown(wait=False, cancel_futures=True)
+
+
+class _StartFailed(NamedTuple):
+    """A slot whose decoder process could not start, and why."""
+
+    reason: str
 
 
 class _Job:

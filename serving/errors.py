@@ -66,6 +66,10 @@ class Overloaded(RuntimeError):
     """More requests are in flight than the service admits; retry shortly, or elsewhere."""
 
 
+class DecodersUnavailable(RuntimeError):
+    """No decoder process could start (a broken install, no memory or processes left): the message says why."""
+
+
 # (error type, HTTP status, reason label of classify_rejected_total). First match wins, so a
 # subclass comes before its base. TimeoutError is raised by the request's own deadline.
 HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
@@ -83,6 +87,7 @@ HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (ImageError, 400, "bad_image"),
     (RequestError, 400, "bad_request"),
     (Overloaded, 503, "overloaded"),
+    (DecodersUnavailable, 503, "decoders_unavailable"),
     (ModelUnavailable, 503, "model_unavailable"),
     (TimeoutError, 504, "timeout"),
 )

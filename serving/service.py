@@ -82,7 +82,8 @@ class Classifier:
         threading.Thread(target=self.models.warm_up, name="warm-up", daemon=True).start()
 
     def __is_ready__(self) -> bool:
-        return self.models.ready
+        # Not ready while no decoder process can start: every image above the inline size would fail.
+        return self.models.ready and self.handlers.decoders.start_error is None
 
     @bentoml.api(route=CLASSIFY, input_spec=ClassifyForm, output_spec=ClassifyOutput)
     async def classify(self, ctx: bentoml.Context) -> dict:

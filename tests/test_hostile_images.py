@@ -20,6 +20,7 @@ from model_store.preprocess import DECODE_COPIES, MAX_JPEG_SCANS, ROW_OVERHEAD_B
 from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
 from serving import decoders
 from serving.decoders import DecodePool
+from serving.errors import DecodersUnavailable
 from tests.conftest import wait_until
 from tests.hostile import crafted, encoded, progressive_jpeg_with_scans, stalled, tall_png
 
@@ -120,6 +121,37 @@ def pool():
     wait_until(lambda: pool.idle.qsize() == 2, "two idle decoder processes")
     yield pool
     pool.close()
+
+
+@pytest.mark.processes
+def test_decoders_that_cannot_start_are_a_503_naming_why_until_they_can(monkeypatch):
+    """No decoder process can start (here: the interpreter is missing, as in a broken install): a
+    request gets the reason at once, not a wait until its deadline, and the pool is not ready
+    (start_error, which the service's readiness reads). Each failed slot tries again when a request
+    meets it, so the pool heals once processes can start."""
+    pool = DecodePool(2, timeout_s=DECODE_TIMEOUT_S, max_pixels=40_000_000, max_decode_bytes=512 * 2**20)
+    monkeypatch.setattr(decoders.sys, "executable", "/nonexistent/python3")
+    pool.start()
+    wait_until(lambda: pool.idle.qsize() == 2, "both slots tried")
+    assert pool.start_error.startswith("no decoder process could start") and "/nonexistent/python3" in pool.start_error
+
+    async def outcome() -> str:
+        try:
+            await pool.decode(SMALL, RGB_CARD)
+        except DecodersUnavailable as err:
+            assert "/nonexistent/python3" in str(err)
+            return "503"
+        return "ok"
+
+    try:
+        assert asyncio.run(outcome()) == "503"
+        wait_until(lambda: pool.idle.qsize() == 2, "the slot tried again, and failed again")
+        monkeypatch.undo()  # processes can start again
+        assert [asyncio.run(outcome()) for _ in range(3)] == ["503", "503", "ok"]  # each failed slot, then a decoder
+        wait_until(lambda: pool.start_error is None, "start_error cleared by a decoder that started")
+        wait_until(lambda: pool.idle.qsize() == 2, "both decoders up, none left starting to leak past close")
+    finally:
+        pool.close()
 
 
 @pytest.mark.processes
