@@ -1,4 +1,4 @@
-# Two commands: `make serve` (serve the shipped model on :3000) and `make test` (the whole suite).
+# Two commands: `make serve` (the shipped models on :3000) and `make test` (the whole suite); the rest are tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -44,7 +44,7 @@ default-model: $(VENV)/.full data
 	$(BIN)/python -m export --checkpoint runs/default/last.pt --output model_store/default/fashion-lenet.onnx
 
 # Reproduces the shipped model_store/default/fashion-resnet20.onnx, the model /explain answers with:
-# ResNet-20 exported with its class-activation map (about 20 minutes on 2 CPU cores).
+# ResNet-20 exported with its class-activation map (about 16 minutes on 2 CPU cores, as README says).
 explainer-model: $(VENV)/.full data
 	$(BIN)/python -m training train --model resnet20 --epochs 12 --batch-size 128 --opt sgd --lr 0.1 --nesterov \
 	  --weight-decay 5e-4 --lr-scheduler onecycle --random-crop-padding 2 --hflip --channels-last --seed 0 \

@@ -35,7 +35,7 @@ longer allows, or one this machine cannot run, is a row saying so (``"skipped": 
 this process; fp16, GPU parity, the CUDA engines and the compiled run are rows saying "no CUDA".
 CI runs it (tests/test_gpu_suite.py).
 
-Launch on a GPU machine (ENVIRONMENT.md: Python 3.12 with torch and a CPU-only onnxruntime, no
+Launch on a GPU machine (../shared/ENVIRONMENT.md, "GPU machines": Python 3.12 with torch and a CPU-only onnxruntime, no
 bentoml, no registry; 64 MiB carried per call, 600 s per command). Here, once, in the checkout the
 device tool sends: ``make gpu-parts`` puts the onnxruntime-gpu wheel in parts of 60 MiB under
 ``.gpu/parts/NN/`` (the manifest with the last), the Fashion-MNIST files under ``.gpu/data/`` and
@@ -174,7 +174,7 @@ def environment(args: argparse.Namespace) -> dict:
         "work": str(args.work),
         "work_free_gb": round(shutil.disk_usage(args.work).free / 1e9, 1),
     }
-    # What training and export import; the GPU machines start bare of some (ENVIRONMENT.md): say so first.
+    # What training and export import; the GPU machines start bare of some (../shared/ENVIRONMENT.md): say so first.
     needed = ("numpy", "PIL", "tqdm", "matplotlib", "onnx", "onnxscript")
     record["missing"] = [name for name in needed if importlib.util.find_spec(name) is None]
     if record["missing"]:

@@ -11,7 +11,7 @@ from typing import Callable
 
 def prog(module: str, script: str) -> str:
     """``script`` (e.g. ``cnn-score``) when run as that console script, else ``python -m module``;
-    argparse's own default would be the file name, ``batch.py`` or ``__main__.py``."""
+    argparse's own default would be the file name, ``__main__.py``."""
     return script if Path(sys.argv[0]).name == script else f"python -m {module}"
 
 

@@ -1,1 +1,2 @@
-"""Serving: the ONNX Runtime engine, the BentoML service, and the offline batch scorer. Torch-free."""
+"""Serving: the BentoML service (HTTP edge, batching, the Open Inference Protocol, /ui) over
+model_store's inference engine. Torch-free."""

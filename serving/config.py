@@ -54,7 +54,7 @@ class ServingConfig:
     timeout_s: float = 10.0  # per classify request: for its body to arrive (-> 408), then for its answer (-> 504)
     min_body_rate: int = 8192  # bytes/s a body must keep up after its first 2 s, or it is cut -> 408
     max_body_memory_mb: int = 512  # request bodies held in memory at once, all requests together; beyond -> 503
-    auth_token: str = ""  # when set, classify and /models need "Authorization: Bearer <token>"
+    auth_token: str = ""  # when set, every path but the open ones (serving.edge.OPEN_PATHS: probes, /metrics, docs, /ui) needs "Authorization: Bearer <token>"
     decode_workers: int = (
         available_cpus()
     )  # decoder processes (per service worker) for images too large to decode inline

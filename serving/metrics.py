@@ -14,7 +14,7 @@ import bentoml
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 
 # Per request, recorded by serving.edge: the hot routes bypass BentoML's request metrics. Labels
-# come from fixed sets (the two routes, the statuses the edge answers), so clients cannot grow them.
+# come from fixed sets (the service's routes, the statuses the edge answers), so clients cannot grow them.
 requests = bentoml.metrics.Counter(
     name="classify_requests",
     documentation="classify requests answered, by route and status",

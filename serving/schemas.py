@@ -2,7 +2,7 @@
 answers they give (pydantic models).
 
 The handlers read the body themselves (``serving.requests``) and return plain dicts (built by
-``serving.engine.top_k``); these classes only describe them, so documenting a field costs nothing
+``model_store.engine.top_k``); these classes only describe them, so documenting a field costs nothing
 per request.
 """
 
@@ -31,7 +31,7 @@ Reason = Literal["out_of_distribution", "low_confidence"]  # model_store.calibra
 NULLABLE = {"nullable": True}
 UNSURE = (
     "true when the answer should not be trusted, false when it may be; null when the model has no "
-    "calibration to tell by (exported from a run that held no validation images out, like the shipped default). "
+    "calibration to tell by (exported from a run that held no validation images out). "
     "The label and top_k are there either way"
 )
 UNSURE_REASON = (
