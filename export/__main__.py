@@ -112,7 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> ModelCard:
+def check_args(args: argparse.Namespace) -> None:
+    """A ValueError naming the first bad flag, before anything is loaded."""
     if args.verify_images < 1 or args.verify_batch_size < 1:
         raise ValueError(
             f"--verify-images and --verify-batch-size must be at least 1, got {args.verify_images}, {args.verify_batch_size}"
@@ -124,6 +125,10 @@ def main(args: argparse.Namespace) -> ModelCard:
     for name in ("target_accuracy", "id_acceptance"):
         if not 0 < getattr(args, name) <= 1:
             raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+
+
+def main(args: argparse.Namespace) -> ModelCard:
+    check_args(args)
     model, card, payload = load_model(args.checkpoint)
     if args.cam and card.arch not in CAM_ARCHS:  # before the data is read and the graph traced
         raise ValueError(
@@ -166,6 +171,18 @@ def main(args: argparse.Namespace) -> ModelCard:
         if cam_parity["max_rel_cam_diff"] > MAX_REL_CAM_DIFF:
             raise ExportError(f"the graph's class-activation map strays from PyTorch's beyond {MAX_REL_CAM_DIFF}")
         parity = {**parity, **cam_parity}
+    card = ModelCard.from_dict(
+        {**card.to_dict(), "export": export_record(args, precision, folded, parity, quantization)}
+    )
+    card = calibrated(card, model, serialize(proto), parts, args)
+    with atomic_output(args.output) as f:
+        f.write(serialize(with_card(proto, card)))
+    print(f"ok: wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
+    return card
+
+
+def export_record(args: argparse.Namespace, precision: str, folded: dict, parity: dict, quantization) -> dict:
+    """The card's ``export`` entry: how the graph was made and what its verification found."""
     export_info = {
         "opset": args.opset,
         "precision": precision,
@@ -180,12 +197,7 @@ def main(args: argparse.Namespace) -> ModelCard:
     }
     if quantization:
         export_info["quantization"] = quantization
-    card = ModelCard.from_dict({**card.to_dict(), "export": export_info})
-    card = calibrated(card, model, serialize(proto), parts, args)
-    with atomic_output(args.output) as f:
-        f.write(serialize(with_card(proto, card)))
-    print(f"ok: wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
-    return card
+    return export_info
 
 
 def calibrated(card: ModelCard, model, graph: bytes, parts, args: argparse.Namespace) -> ModelCard:

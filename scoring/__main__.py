@@ -79,22 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     """Score ``args.source`` into ``args.output``; returns the finished run's record."""
-    for flag in ("batch_size", "part_rows"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.workers < 0 or (args.concurrency is not None and args.concurrency < 1):
-        raise ValueError(
-            f"--workers must be 0 or more and --concurrency 1 or more, got {args.workers}, {args.concurrency}"
-        )
-    if args.engine == "ray":
-        try:
-            from scoring import ray_engine
-        except ModuleNotFoundError as err:
-            if err.name != "ray":
-                raise
-            raise ValueError(
-                f"--engine ray needs Ray, which is not installed; install it with {SCALE_INSTALL}"
-            ) from None
+    check_args(args)
     source = open_source(args.source)
     model_path, model_name = _model_file(args)
     classifier = OnnxClassifier(model_path, args.device)
@@ -123,12 +108,47 @@ def main(args: argparse.Namespace) -> dict:
             else:
                 yield entry
 
+    provider = score_with_engine(args, source, pending(), classifier, model_path, run, len(finished.done))
+    record = output.finish(finished, {"skipped": skipped, "hidden": source.hidden, "provider": provider})
+    resumed = f"{skipped} already scored, " if args.resume else ""
+    print(
+        f"scored {record['scored'] - record['failed']} of {record['scored']} inputs ({record['failed']} failed; "
+        f"{resumed}{source.hidden} hidden entries skipped) with {card.arch} on {provider} ({args.engine} engine); "
+        f"{args.output} holds {record['rows']} rows in {record['parts']} {args.format} parts"
+    )
+    return record
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """A ValueError naming the first bad flag; Ray's absence for --engine ray is one too."""
+    for flag in ("batch_size", "part_rows"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.workers < 0 or (args.concurrency is not None and args.concurrency < 1):
+        raise ValueError(
+            f"--workers must be 0 or more and --concurrency 1 or more, got {args.workers}, {args.concurrency}"
+        )
     if args.engine == "ray":
-        provider = ray_engine.score(
+        try:
+            from scoring import ray_engine  # noqa: F401  (imported here to fail before any work)
+        except ModuleNotFoundError as err:
+            if err.name != "ray":
+                raise
+            raise ValueError(
+                f"--engine ray needs Ray, which is not installed; install it with {SCALE_INSTALL}"
+            ) from None
+
+
+def score_with_engine(args, source, pending, classifier: OnnxClassifier, model_path: Path, run, done: int) -> str:
+    """Score ``pending`` entries with ``args.engine`` into the run's parts; returns the provider used."""
+    if args.engine == "ray":
+        from scoring import ray_engine
+
+        return ray_engine.score(
             source,
-            pending(),
+            pending,
             model_path,
-            card,
+            classifier.card,
             args.output,
             run,
             args.format,
@@ -139,24 +159,15 @@ def main(args: argparse.Namespace) -> dict:
             concurrency=args.concurrency,
             device=args.device,
         )
-    else:
-        from scoring import local
+    from scoring import local
 
-        writer = local.PartWriter(args.output, run, args.format, args.part_rows)
-        with tqdm(unit="img", initial=len(finished.done), disable=None, smoothing=0.1) as progress:
-            local.count_in_background(source, progress)
-            local.score(
-                source, pending(), classifier, model_path, writer, args.batch_size, args.top_k, args.workers, progress
-            )
-        provider = classifier.provider
-    record = output.finish(finished, {"skipped": skipped, "hidden": source.hidden, "provider": provider})
-    resumed = f"{skipped} already scored, " if args.resume else ""
-    print(
-        f"scored {record['scored'] - record['failed']} of {record['scored']} inputs ({record['failed']} failed; "
-        f"{resumed}{source.hidden} hidden entries skipped) with {card.arch} on {provider} ({args.engine} engine); "
-        f"{args.output} holds {record['rows']} rows in {record['parts']} {args.format} parts"
-    )
-    return record
+    writer = local.PartWriter(args.output, run, args.format, args.part_rows)
+    with tqdm(unit="img", initial=done, disable=None, smoothing=0.1) as progress:
+        local.count_in_background(source, progress)
+        local.score(
+            source, pending, classifier, model_path, writer, args.batch_size, args.top_k, args.workers, progress
+        )
+    return classifier.provider
 
 
 def _model_file(args: argparse.Namespace) -> tuple[Path, str]:

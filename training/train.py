@@ -236,10 +236,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         spec = DataSpec.from_checkpoint(resumed, ModelCard.from_dict(resumed["card"]))
     else:
         spec = DataSpec.from_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+    device = choose_device(args.device)
     rank, world = setup_distributed(device)
     torch.manual_seed(args.seed)
     output_dir = args.output_dir or Path("runs") / args.model
@@ -258,47 +255,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     # for a folder that is its own validation split, for Fashion-MNIST the real test set.
     evaluated = {"val": parts.validation, "test": test_set} if parts.validation is not None else {"test": test_set}
     choose_on = "val" if "val" in evaluated else "test"
-    model = build_model(card)
-    if resumed:  # the same parameter groups as the interrupted run, so its optimizer state fits
-        pretrained = set(resumed.get("pretrained", []))
-    else:
-        pretrained = load_pretrained(model, args.init_weights) if args.init_weights else set()
-    groups = parameter_groups(model, pretrained, args.freeze_backbone, args.backbone_lr_scale)
-    model.to(device)
-    if args.channels_last is None:
-        args.channels_last = device.type == "cuda"
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, pretrained, groups = prepare_model(args, card, resumed, device)
 
     generator = torch.Generator().manual_seed(args.seed)
     data_path, why = choose_data_path(args.data_path, world, train_set, card)
-    if data_path == "tensors":
-        augmenter = train_set.augment if isinstance(train_set, data.Augmented) else None
-        items = train_set.dataset if augmenter else train_set
-        train_loader = TensorBatches(
-            *as_tensors(items, card), args.batch_size, device, generator, augmenter, len(train_set) > args.batch_size
-        )
-        eval_loaders = {
-            split: TensorBatches(*as_tensors(items, card), 512, device) for split, items in evaluated.items()
-        }
-    else:
-        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
-        pin = device.type == "cuda"
-        train_loader = DataLoader(
-            train_set,
-            args.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            num_workers=args.workers,
-            generator=generator,
-            pin_memory=pin,
-            drop_last=len(train_set) > args.batch_size * world,
-            persistent_workers=args.workers > 0,
-        )
-        eval_loaders = {
-            split: DataLoader(items, 512, num_workers=args.workers, pin_memory=pin)
-            for split, items in evaluated.items()
-        }
+    train_loader, eval_loaders = make_loaders(
+        args, data_path, train_set, evaluated, card, device, generator, rank, world
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = optim.make_optimizer(args, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor(args, len(train_loader)))
@@ -308,17 +271,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
     if args.compile:  # training steps only; evaluation and checkpoints use the plain module, which shares its weights
         net = torch.compile(net)
+    resumable = Resumable(model, optimizer, scheduler, scaler, generator, device)
 
     start_epoch, best_acc = 1, -1.0
     if resumed:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        generator.set_state(resumed["rng"]["loader"])
-        if device.type == "cuda" and resumed["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+        resumable.load(resumed)
         start_epoch = resumed["epoch"] + 1
         # A run from before best_on was saved chose on the test split.
         best_acc = resumed["best_acc"] if resumed.get("best_on", "test") == choose_on else -1.0
@@ -342,25 +299,21 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         trained = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, amp, args, device, show)
         seconds = time.perf_counter() - start
         if rank == 0:
+            evaluations = {
+                key: value
+                for split, loader in eval_loaders.items()
+                for key, value in evaluate(model, loader, criterion, device, amp, split).items()
+            }
             metrics = {
                 "epoch": epoch,
                 "train_loss": trained["train_loss"],
                 "train_acc": trained["train_acc"],
-                **{
-                    key: value
-                    for split, loader in eval_loaders.items()
-                    for key, value in evaluate(model, loader, criterion, device, amp, split).items()
-                },
+                **evaluations,
                 "lr": lr,
                 "examples_per_s": round(trained["seen"] / seconds, 1),
                 "seconds": round(time.perf_counter() - start, 2),
             }
-            print(
-                f"epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  train acc {metrics['train_acc']:.4f}  "
-                + (f"val acc {metrics['val_acc']:.4f}  " if "val_acc" in metrics else "")
-                + f"test acc {metrics['test_acc']:.4f}  lr {lr:.2e}  {metrics['examples_per_s']:.0f} img/s",
-                flush=True,
-            )
+            print_epoch(metrics)
             log_epoch(output_dir / "log.csv", metrics)
             plot_curves(output_dir / "log.csv", output_dir / "curves.png")
             improved = metrics[f"{choose_on}_acc"] > best_acc
@@ -373,14 +326,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 "best_acc": best_acc,
                 "best_on": choose_on,
                 "pretrained": sorted(pretrained),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "loader": generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                },
+                **resumable.state(),
             }
             save_checkpoint(output_dir / "last.pt", model, epoch_card, **state)
             if improved:
@@ -392,6 +338,104 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if dist.is_initialized():
         dist.destroy_process_group()
     return metrics
+
+
+def prepare_model(args, card: ModelCard, resumed: dict | None, device: torch.device):
+    """The card's model on ``device`` with its pretrained weights (``--init-weights``), the names of
+    the tensors they filled, and the optimizer's parameter groups (backbone frozen or slowed)."""
+    model = build_model(card)
+    if resumed:  # the same parameter groups as the interrupted run, so its optimizer state fits
+        pretrained = set(resumed.get("pretrained", []))
+    else:
+        pretrained = load_pretrained(model, args.init_weights) if args.init_weights else set()
+    groups = parameter_groups(model, pretrained, args.freeze_backbone, args.backbone_lr_scale)
+    model.to(device)
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, pretrained, groups
+
+
+def choose_device(asked: str | None) -> torch.device:
+    """``--device``, else CUDA when there is one; under torchrun, this process's own GPU."""
+    device = torch.device(asked or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def make_loaders(args, data_path: str, train_set, evaluated: dict, card: ModelCard, device, generator, rank, world):
+    """The training batches and one evaluation loader per split, on the chosen data path: whole
+    tensors on the device ("tensors"), or a DataLoader, sharded across processes under torchrun."""
+    if data_path == "tensors":
+        augmenter = train_set.augment if isinstance(train_set, data.Augmented) else None
+        items = train_set.dataset if augmenter else train_set
+        train_loader = TensorBatches(
+            *as_tensors(items, card), args.batch_size, device, generator, augmenter, len(train_set) > args.batch_size
+        )
+        eval_loaders = {
+            split: TensorBatches(*as_tensors(items, card), 512, device) for split, items in evaluated.items()
+        }
+        return train_loader, eval_loaders
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
+    pin = device.type == "cuda"
+    train_loader = DataLoader(
+        train_set,
+        args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        generator=generator,
+        pin_memory=pin,
+        drop_last=len(train_set) > args.batch_size * world,
+        persistent_workers=args.workers > 0,
+    )
+    eval_loaders = {
+        split: DataLoader(items, 512, num_workers=args.workers, pin_memory=pin) for split, items in evaluated.items()
+    }
+    return train_loader, eval_loaders
+
+
+class Resumable:
+    """What a checkpoint carries beyond the weights so that a run resumes exactly where it stopped:
+    the optimizer, scheduler and scaler states and every random state."""
+
+    def __init__(self, model, optimizer, scheduler, scaler, generator, device):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.generator, self.device = generator, device
+
+    def state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "loader": self.generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            },
+        }
+
+    def load(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        self.generator.set_state(checkpoint["rng"]["loader"])
+        if self.device.type == "cuda" and checkpoint["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+
+
+def print_epoch(metrics: dict) -> None:
+    print(
+        f"epoch {metrics['epoch']:3d}  loss {metrics['train_loss']:.4f}  train acc {metrics['train_acc']:.4f}  "
+        + (f"val acc {metrics['val_acc']:.4f}  " if "val_acc" in metrics else "")
+        + f"test acc {metrics['test_acc']:.4f}  lr {metrics['lr']:.2e}  {metrics['examples_per_s']:.0f} img/s",
+        flush=True,
+    )
 
 
 def log_epoch(path: Path, metrics: dict) -> None:
