@@ -32,8 +32,6 @@ import hmac
 import json
 import logging
 import time
-import traceback
-import uuid
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from starlette.requests import Request
@@ -48,9 +46,9 @@ from serving.errors import (
     Overloaded,
     SlowBody,
     Unauthorized,
-    http_status,
 )
-from serving.logs import log_event, log_request
+from serving.failures import error_answer
+from serving.logs import log_request
 from serving.requests import body_too_large
 
 if TYPE_CHECKING:
@@ -176,10 +174,7 @@ class Edge:
         try:
             answer, status = handlers.v2_info(route), 200
         except Exception as err:
-            status = http_status(err)[0]
-            if status == 500:
-                raise  # a bug of ours: the server logs its traceback and answers 500
-            answer = {"error": str(err)}
+            status, answer = error_answer(err, V2_PREFIX)
         await send_json(send, status, answer)
 
     def handlers(self) -> Handlers:
@@ -241,14 +236,13 @@ class Edge:
         self, send, error: Exception, headers: list[tuple[bytes, bytes]] = (), route: str | None = None, start=0.0
     ) -> None:
         """Answer an error before any handler ran; a classify request's is counted and logged like the others."""
-        status, reason = http_status(error)
-        metrics.rejected.labels(reason=reason).inc()
+        status, body = error_answer(error, route or "edge")
         if route is not None:
             metrics.requests.labels(route=route, status=str(status)).inc()
             if self.config.log_requests:
                 ms = round((time.perf_counter() - start) * 1000, 2)
-                log_request(logging.INFO, route=route, status=status, ms=ms, error=str(error))
-        await send_json(send, status, {"error": str(error)}, headers)
+                log_request(logging.INFO, route=route, status=status, ms=ms, error=body["error"])
+        await send_json(send, status, body, headers)
 
 
 def _replay(body: bytes, receive):
@@ -274,27 +268,8 @@ async def respond(
             body = await work
         status = 200
     except Exception as err:
-        status, reason = http_status(err)
-        metrics.rejected.labels(reason=reason).inc()
-        if isinstance(err, TimeoutError):
-            body = {
-                "error": f"not answered within {config.timeout_s:g} s (SERVING_TIMEOUT_S); the server is overloaded, retry later"
-                if timeout_s is None
-                else f"not answered within {timeout_s:g} s"
-            }
-        elif status == 500:
-            error_id = uuid.uuid4().hex[:16]
-            log_event(
-                "internal_error",
-                logging.ERROR,
-                id=error_id,
-                route=route,
-                error=f"{type(err).__name__}: {err}",
-                traceback=traceback.format_exc(),
-            )
-            body = {"error": "internal error", "id": error_id}
-        else:
-            body = {"error": str(err)}
+        setting = None if timeout_s else "SERVING_TIMEOUT_S"
+        status, body = error_answer(err, route, timeout_s or config.timeout_s, setting)
     seconds = time.perf_counter() - start
     metrics.requests.labels(route=route, status=str(status)).inc()
     metrics.request_seconds.labels(route=route).observe(seconds)

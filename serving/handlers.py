@@ -17,7 +17,9 @@ from model_store.engine import answer
 from serving import metrics, v2
 from serving.config import ServingConfig
 from serving.decoders import DecodePool
+from serving.edge import CLASSIFY_BATCH
 from serving.errors import Forbidden, ModelUnavailable, NotExplainable
+from serving.failures import error_answer
 from serving.heatmap import overlay_png
 from serving.model_set import ModelSet, ServedModel
 from serving.requests import Upload, parse_top_k, read_batch_request, read_classify_request
@@ -92,8 +94,7 @@ class Handlers:
             try:
                 row = await model.batcher.submit(await self.decode(upload, model))
             except ImageError as err:  # this image fails; its neighbours still get answers
-                metrics.rejected.labels(reason="bad_image").inc()
-                return {"filename": upload.filename, "error": str(err)}
+                return {"filename": upload.filename, **error_answer(err, CLASSIFY_BATCH)[1]}
             return {"filename": upload.filename, **answer(row, model.engine.card, k)}
 
         results = await asyncio.gather(*(one(upload) for upload in parsed.images))

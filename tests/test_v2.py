@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -61,6 +62,34 @@ def images_input(images: list[bytes]):
     tensor = triton.InferInput(v2.IMAGE, [len(images)], "BYTES")
     tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
     return tensor
+
+
+def test_a_bug_on_a_v2_get_route_is_a_500_with_an_id_counted_and_logged(edge, monkeypatch):
+    """The GET routes answer through the same boundary as every other path: a bug of ours is a
+    JSON 500 with the id of its logged traceback and a count under reason "internal", never an
+    exception raised out of the app."""
+    from serving import logs
+
+    edge, handlers = edge
+
+    def broken(route):
+        raise KeyError("a card field")
+
+    monkeypatch.setattr(handlers, "v2_info", broken)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logs.logger.addHandler(handler)
+    before = sample("classify_rejected_total", reason="internal")
+    try:
+        (response,) = run(edge, ("GET", "/v2/models/fashion-lenet", {}))
+    finally:
+        logs.logger.removeHandler(handler)
+    body = response.json()
+    assert response.status_code == 500 and body["error"] == "internal error" and len(body["id"]) == 16
+    logged = [r.msg for r in records if r.msg["event"] == "internal_error"]
+    assert logged and logged[0]["id"] == body["id"] and "KeyError: 'a card field'" in logged[0]["traceback"]
+    assert sample("classify_rejected_total", reason="internal") == before + 1
 
 
 def test_server_and_model_metadata_describe_the_input_a_client_sends(edge):
