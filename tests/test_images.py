@@ -200,7 +200,8 @@ def test_kubernetes_manifest_plays_as_written_and_classifies(engine, cpu_image, 
         pytest.skip("kube play is podman's; docker has no way to run a Kubernetes manifest")
     manifest = REPO / "deploy" / "kubernetes.yaml"
     assert not port_in_use(3000), "port 3000 is taken: podman kube play publishes the manifest's containerPort there"
-    played = engine_run(engine, "kube", "play", str(manifest))
+    # --replace: a pod left by a run that was killed before its cleanup (a running one holds port 3000, checked above)
+    played = engine_run(engine, "kube", "play", "--replace", str(manifest))
     pod = played.stdout.split("Pod:")[1].split()[0]
     try:
         containers = json.loads(engine_run(engine, "pod", "inspect", pod).stdout)["Containers"]
