@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 def test_png() -> bytes:
-    from training.fashion_mnist import load_fashion_mnist  # torch-free reader of the real files
+    from training.fashion_mnist import load_fashion_mnist  # the real files, read as training reads them
 
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(load_fashion_mnist("test")[0][0])).save(buffer, format="PNG")

@@ -95,18 +95,23 @@ def local_base(engine: str) -> str:
     return LOCAL_BASE
 
 
-def base_python(engine: str, base: str) -> tuple[str, tuple[int, int]]:
-    """The base image's Python version ("3.11") and glibc (2, 36): which wheels it can install."""
-    probe = "import platform, sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}', platform.libc_ver()[1])"
-    version, libc = output(engine, "run", "--rm", "--entrypoint", "python3", base, "-c", probe).split()
-    major, minor = libc.split(".")[:2]
-    return version, (int(major), int(minor))
+def base_python(engine: str, base: str) -> tuple[str, int, str]:
+    """The base image's Python version ("3.11"), glibc minor version (36 for 2.36) and machine
+    ("x86_64"): which wheels it can install."""
+    probe = (
+        "import platform, sys; "
+        "print(f'{sys.version_info[0]}.{sys.version_info[1]}', platform.libc_ver()[1], platform.machine())"
+    )
+    version, libc, machine = output(engine, "run", "--rm", "--entrypoint", "python3", base, "-c", probe).split()
+    return version, int(libc.split(".")[1]), machine
 
 
-def download_wheels(requirements: Path, into: Path, python: str, glibc: tuple[int, int]) -> None:
-    """Every wheel ``requirements`` needs, for that Python on that glibc. pip matches platform tags
-    exactly, so each manylinux tag the base can run is named (2_17, the oldest wheels use, up to its own)."""
-    platforms = [f"manylinux_2_{v}_x86_64" for v in range(glibc[1], 16, -1)] + ["manylinux2014_x86_64"]
+def download_wheels(requirements: Path, into: Path, python: str, glibc_minor: int, machine: str) -> None:
+    """Every wheel ``requirements`` needs, for that Python, glibc and machine. pip matches platform
+    tags exactly, so each manylinux tag the base can run is named: 2_17 (the oldest that wheels use
+    today; manylinux2014 stands for it and brings the older aliases) up to the base's own."""
+    tags = [f"manylinux_2_{v}" for v in range(glibc_minor, 16, -1)] + ["manylinux2014"]
+    platforms = [f"{tag}_{machine}" for tag in tags]
     shutil.rmtree(into, ignore_errors=True)  # only what these requirements need: pip's cache makes it quick
     run(
         sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
@@ -145,8 +150,8 @@ def build(flavour: str, tag: str, base_image: str | None) -> None:
     context = REPO / "build" / "image" / flavour
     context.mkdir(parents=True, exist_ok=True)
     bento_tag = build_bento(FLAVOURS[flavour], context)
-    python, glibc = base_python(tool, base)
-    download_wheels(context / "bento/env/python/requirements.txt", context / "wheels", python, glibc)
+    python, glibc_minor, machine = base_python(tool, base)
+    download_wheels(context / "bento/env/python/requirements.txt", context / "wheels", python, glibc_minor, machine)
     shutil.copy(REPO / "deploy" / "check_image.py", context / "check_image.py")
     (context / "Containerfile").write_text(containerfile(context / "bento", os.environ.get("SERVING_MODELS")))
     # podman writes OCI images by default, which have no HEALTHCHECK; the docker format keeps it.
