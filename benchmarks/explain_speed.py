@@ -25,9 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from images import fashion_pngs
 from protocol_compare import get_args_parser, load_in_turn, ways_table  # this script's folder is on sys.path
 from report import write_section
-from serving_compare import fashion_pngs
 from wrk_load import write_bodies
 
 SECTION = "## /explain: what a class-activation map costs"

@@ -27,18 +27,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import device, write_section  # noqa: E402  (this script's folder is on sys.path)
+from servers import free_port  # noqa: E402
 
 from deploy.image import engine  # noqa: E402
 
 SECTION = "## Container images: size, start-up, memory"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_png() -> bytes:

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving_compare import fashion_pngs, process  # this script's folder is on sys.path
+from images import fashion_pngs  # this script's folder is on sys.path
+from servers import process
 from wrk_load import TICKS, run_wrk, write_bodies
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.http as triton
+from images import fashion_images, fashion_pngs
 from report import device, write_section  # this script's folder is on sys.path
-from serving_compare import REPO, fashion_images, fashion_pngs, free_port, process
+from servers import REPO, free_port, process
 from wrk_load import Bodies, run_wrk, write_bodies, write_raw_bodies
 
 SECTION = "## The v2 protocol (KServe / Triton) against /classify"

@@ -42,7 +42,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's packages, whatever the environment has installed
 
-from report import device, write_section  # noqa: E402  (this script's folder is on sys.path)
+from images import encode, fashion_images  # noqa: E402  (this script's folder is on sys.path)
+from report import device, write_section  # noqa: E402
 from wrk_load import cpu_seconds, process_tree  # noqa: E402
 
 from model_store import image_bytes_to_input  # noqa: E402
@@ -66,19 +67,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray-local runs")
     parser.add_argument("--write", type=Path, default=None, help="replace the section between its markers in this file")
     return parser
-
-
-def fashion_images(count: int) -> list[np.ndarray]:
-    from training.fashion_mnist import load_fashion_mnist
-
-    images = load_fashion_mnist("test")[0]
-    return [images[i % len(images)] for i in range(count)]
-
-
-def encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
 
 
 def write_folder(folder: Path, files: list[bytes], extension: str) -> None:

@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import os
 import shlex
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,19 +37,18 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
-import numpy as np
 import torch
+from images import encode, fashion_images, fashion_pngs
 from PIL import Image
 from report import device, write_section  # this script's folder is on sys.path
+from servers import REPO, free_port, process
 from wrk_load import Bodies, run_wrk, write_bodies
 
 from model_store import ModelCard
 from training.checkpoint import read_checkpoint, save_checkpoint
 from training.models import build_model
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "## HTTP serving: the service against a hand-written server, LitServe and a bare floor"
-READY_SECONDS = 300  # importing torch and building ResNet-18 on a loaded 2-core machine is slow
 LEVELS = {"lenet": [1, 32, 128], "resnet18": [32]}
 EXTRA_AT = 32  # service-2w, -nolog and -traced run at this level only: they answer one question each
 TARGETS = (
@@ -133,22 +129,6 @@ class Running:
     batches: Callable[[], tuple[float, float]] | None  # (batches, images) so far, where the server counts them
 
 
-def fashion_images(count: int) -> np.ndarray:
-    from training.fashion_mnist import load_fashion_mnist
-
-    return load_fashion_mnist("test")[0][:count]
-
-
-def encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def fashion_pngs(count: int) -> list[bytes]:
-    return [encode(Image.fromarray(a), "PNG") for a in fashion_images(count)]
-
-
 def prepare_lenet(workdir: Path, args: argparse.Namespace) -> Subject:
     from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
 
@@ -195,42 +175,6 @@ def prepare_resnet18(workdir: Path, args: argparse.Namespace) -> Subject:
         checkpoint,
         write_bodies(workdir / "resnet18-bodies", jpegs, "image/jpeg"),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def process(name: str, command: list[str], env: dict[str, str], ready_url: str, logdir: Path) -> Iterator[int]:
-    """Start ``command`` in its own process group; yield its pid once ``ready_url`` answers 200; kill the group."""
-    log = logdir / f"{name}.log"
-    with open(log, "wb") as out:
-        child = subprocess.Popen(
-            command, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + READY_SECONDS
-        while True:
-            if child.poll() is not None:
-                raise SystemExit(f"error: {name} exited with {child.returncode}:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"error: {name} not ready after {READY_SECONDS} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield child.pid
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGTERM)
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
 
 
 def metric_sums(url: str, name: str) -> tuple[float, float]:

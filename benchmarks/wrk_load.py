@@ -163,7 +163,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     import tempfile
 
-    from serving_compare import fashion_pngs  # this script's folder is on sys.path
+    from images import fashion_pngs  # this script's folder is on sys.path
 
     with tempfile.TemporaryDirectory(prefix="wrk-bodies-") as folder:
         bodies = write_bodies(Path(folder), fashion_pngs(args.images), "image/png")
