@@ -14,8 +14,6 @@ import importlib.util
 import io
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 from closed_loop import run_closed_loop  # this script's folder is on sys.path
+from servers import free_port, stop
 from wrk_load import Bodies, run_wrk, write_bodies
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,9 +90,7 @@ def service(
 ) -> Iterator[tuple[str, int]]:
     """``bentoml serve`` of serving/service.py on a free port; yields (base URL, pid) once /readyz
     answers, and stops its whole process group afterwards. ``site``: packages for it alone."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **with_site(site),
         "BENTOML_HOME": str(home),
@@ -125,13 +122,7 @@ def service(
             time.sleep(0.5)
         yield base, child.pid
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGTERM)
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+        stop(child, wait_s=20)
 
 
 def with_site(site: Path | None) -> dict[str, str]:

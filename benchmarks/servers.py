@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
 READY_SECONDS = 300  # importing torch and building ResNet-18 on a loaded 2-core machine is slow
 
@@ -27,6 +25,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def process(name: str, command: list[str], env: dict[str, str], ready_url: str, logdir: Path) -> Iterator[int]:
     """Start ``command`` in its own process group; yield its pid once ``ready_url`` answers 200; kill the group."""
+    import httpx  # here: benchmarks/gpu_serving.py imports this module for stop() on machines without it
+
     log = logdir / f"{name}.log"
     with open(log, "wb") as out:
         child = subprocess.Popen(
@@ -45,10 +45,15 @@ def process(name: str, command: list[str], env: dict[str, str], ready_url: str, 
             time.sleep(0.5)
         yield child.pid
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGTERM)
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+        stop(child)
+
+
+def stop(child: subprocess.Popen, wait_s: float = 30) -> None:
+    """End ``child``'s process group: SIGTERM, then SIGKILL if it has not exited within ``wait_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGTERM)
+    try:
+        child.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
