@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from model_store.cli import prog, run
+from model_store.errors import UsageError
 from training.extras import exit_if_missing_extra
 
 try:
@@ -113,25 +114,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """A ValueError naming the first bad flag, before anything is loaded."""
+    """A UsageError naming the first bad flag, before anything is loaded."""
     if args.verify_images < 1 or args.verify_batch_size < 1:
-        raise ValueError(
+        raise UsageError(
             f"--verify-images and --verify-batch-size must be at least 1, got {args.verify_images}, {args.verify_batch_size}"
         )
     if args.cam and (args.fp16 or args.int8):
-        raise ValueError("--cam exports a float32 graph; leave out --fp16 and --int8")
+        raise UsageError("--cam exports a float32 graph; leave out --fp16 and --int8")
     if args.int8 and args.calibration_images < 1:
-        raise ValueError(f"--calibration-images must be at least 1, got {args.calibration_images}")
+        raise UsageError(f"--calibration-images must be at least 1, got {args.calibration_images}")
     for name in ("target_accuracy", "id_acceptance"):
         if not 0 < getattr(args, name) <= 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
 
 
 def main(args: argparse.Namespace) -> ModelCard:
     check_args(args)
     model, card, payload = load_model(args.checkpoint)
     if args.cam and card.arch not in CAM_ARCHS:  # before the data is read and the graph traced
-        raise ValueError(
+        raise UsageError(
             f"--cam: model {card.arch!r} has no global-average-pool head, so no class-activation map; "
             f"the models that have one: {', '.join(CAM_ARCHS)}"
         )
@@ -238,7 +239,7 @@ def calibration_sample(dataset, count: int, seed: int = 0) -> np.ndarray:
     """uint8 inputs [N, C, H, W] of ``count`` items of ``dataset`` drawn at random with a fixed
     seed: the first images of a folder's training split are all one class."""
     if len(dataset) == 0:
-        raise ValueError("int8 calibration needs training images, and the run's training split is empty")
+        raise UsageError("int8 calibration needs training images, and the run's training split is empty")
     return stack_items(dataset, np.random.default_rng(seed).permutation(len(dataset))[:count])[0]
 
 
@@ -263,7 +264,7 @@ def check_parity(parity: dict, precision: str) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     try:
-        return run(main, get_args_parser(), argv, (ValueError, OSError, ExportError))
+        return run(main, get_args_parser(), argv)
     except ModuleNotFoundError as err:  # one imported only when needed, e.g. onnxscript by the exporter
         exit_if_missing_extra(err, "export")
         raise

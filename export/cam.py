@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from model_store.card import CAM_ARCHS
+from model_store.errors import UsageError
 
 CAM_OUTPUT_NAME = "cam"
 
@@ -28,7 +29,7 @@ def cam_parts(arch: str, net: nn.Module) -> tuple[nn.Module, nn.Linear | None]:
         return nn.Sequential(*net[:-2], net[-2][:-2]), net[-1]
     if arch == "nin":  # ... the class-map block, AdaptiveAvgPool2d, Flatten
         return net[:-2], None
-    raise ValueError(
+    raise UsageError(
         f"model {arch!r} has no global-average-pool head, so it has no class-activation map; "
         f"the models that have one: {', '.join(CAM_ARCHS)}"
     )

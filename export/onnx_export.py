@@ -21,6 +21,7 @@ from torch import nn
 from export.cam import CAM_OUTPUT_NAME, CamModel
 from model_store import ModelCard
 from model_store.card import ONNX_METADATA_KEY
+from model_store.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ INPUT_NAME, FLOAT_INPUT_NAME, OUTPUT_NAME = "pixels", "normalized", "logits"
 FORBIDDEN_OPS = ("BatchNormalization", "Dropout")  # eval mode must have folded / removed them
 
 
-class ExportError(RuntimeError):
-    """The exported graph is not what serving may rely on; the message says what is wrong."""
+class ExportError(UsageError):
+    """The exported graph is not what serving may rely on; the message says what is wrong. A
+    UsageError: the checkpoint and flags the user gave cannot make a graph we would ship."""
 
 
 class ExportedModel(nn.Module):

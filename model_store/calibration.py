@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from model_store.errors import UsageError
+
 LOW_CONFIDENCE, OUT_OF_DISTRIBUTION = "low_confidence", "out_of_distribution"
 UNSURE_REASONS = (OUT_OF_DISTRIBUTION, LOW_CONFIDENCE)
 
@@ -45,25 +47,25 @@ class Calibration:
         # Like the card that holds it, it may come back from a file someone edited.
         for name in ("temperature", "energy_threshold", "id_acceptance", "target_accuracy"):
             if not _is_finite(getattr(self, name)):
-                raise ValueError(f"calibration: {name} must be a finite number, got {getattr(self, name)!r}")
+                raise UsageError(f"calibration: {name} must be a finite number, got {getattr(self, name)!r}")
         if self.temperature <= 0:
-            raise ValueError(f"calibration: temperature must be positive, got {self.temperature!r}")
+            raise UsageError(f"calibration: temperature must be positive, got {self.temperature!r}")
         for name in ("id_acceptance", "target_accuracy"):
             if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"calibration: {name} must be in (0, 1], got {getattr(self, name)!r}")
+                raise UsageError(f"calibration: {name} must be in (0, 1], got {getattr(self, name)!r}")
         threshold = self.confidence_threshold
         if threshold is not None and not (_is_finite(threshold) and 0 <= threshold <= 1):
-            raise ValueError(f"calibration: confidence_threshold must be in [0, 1] or null, got {threshold!r}")
+            raise UsageError(f"calibration: confidence_threshold must be in [0, 1] or null, got {threshold!r}")
         count = self.validation_images
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError(f"calibration: validation_images must be a positive integer, got {count!r}")
+            raise UsageError(f"calibration: validation_images must be a positive integer, got {count!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         known = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(data, dict) or not known - {"confidence_threshold"} <= set(data) <= known:
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"calibration: expected the fields {sorted(known)}, got {got}")
+            raise UsageError(f"calibration: expected the fields {sorted(known)}, got {got}")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

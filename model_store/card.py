@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_store.calibration import Calibration
+from model_store.errors import UsageError
 
 CARD_VERSION = 1
 RESIZE_MODES = ("stretch", "fit", "crop")  # see model_store.preprocess.resize_to_card
@@ -49,37 +50,37 @@ class ModelCard:
         for name in ("class_names", "mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.arch:
-            raise ValueError("model card: arch is empty")
+            raise UsageError("model card: arch is empty")
         if not self.class_names or not all(isinstance(c, str) and c for c in self.class_names):
-            raise ValueError(f"model card: class_names must be non-empty strings, got {self.class_names!r}")
+            raise UsageError(f"model card: class_names must be non-empty strings, got {self.class_names!r}")
         if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"model card: class_names has duplicates: {self.class_names!r}")
+            raise UsageError(f"model card: class_names has duplicates: {self.class_names!r}")
         if self.in_channels not in (1, 3):
-            raise ValueError(f"model card: in_channels must be 1 or 3, got {self.in_channels!r}")
+            raise UsageError(f"model card: in_channels must be 1 or 3, got {self.in_channels!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"model card: {name} must be a positive integer, got {value!r}")
+                raise UsageError(f"model card: {name} must be a positive integer, got {value!r}")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) != self.in_channels:
-                raise ValueError(f"model card: {name} has {len(values)} values for {self.in_channels} channel(s)")
+                raise UsageError(f"model card: {name} has {len(values)} values for {self.in_channels} channel(s)")
             # NaN fails no comparison (NaN <= 0 is False): the std test below would let it through.
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                raise ValueError(f"model card: {name} must be finite numbers, got {values!r}")
+                raise UsageError(f"model card: {name} must be finite numbers, got {values!r}")
         if any(s <= 0 for s in self.std):
-            raise ValueError(f"model card: std must be positive, got {self.std!r}")
+            raise UsageError(f"model card: std must be positive, got {self.std!r}")
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"model card: resize {self.resize!r} is not one of {RESIZE_MODES}")
+            raise UsageError(f"model card: resize {self.resize!r} is not one of {RESIZE_MODES}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"model card: interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+            raise UsageError(f"model card: interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
         if isinstance(self.calibration, dict):  # as it comes back from JSON
             try:
                 object.__setattr__(self, "calibration", Calibration.from_dict(self.calibration))
             except (TypeError, ValueError) as err:
-                raise ValueError(f"model card: {err}") from None
+                raise UsageError(f"model card: {err}") from None
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
-            raise ValueError(f"model card: calibration must be an object or null, got {self.calibration!r}")
+            raise UsageError(f"model card: calibration must be an object or null, got {self.calibration!r}")
 
     @property
     def num_classes(self) -> int:
@@ -102,18 +103,18 @@ class ModelCard:
         data = dict(data)
         version = data.pop("card_version", None)
         if version != CARD_VERSION:
-            raise ValueError(f"model card: card_version {version!r} is not supported (this code reads {CARD_VERSION})")
+            raise UsageError(f"model card: card_version {version!r} is not supported (this code reads {CARD_VERSION})")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"model card: unknown field(s) {unknown}; known: {sorted(known)}")
+            raise UsageError(f"model card: unknown field(s) {unknown}; known: {sorted(known)}")
         missing = sorted(
             f.name
             for f in dataclasses.fields(cls)
             if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         )
         if missing:
-            raise ValueError(f"model card: missing field(s) {missing}")
+            raise UsageError(f"model card: missing field(s) {missing}")
         return cls(**data)
 
     @classmethod
@@ -121,7 +122,7 @@ class ModelCard:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"model card: not valid JSON ({err})") from None
+            raise UsageError(f"model card: not valid JSON ({err})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"model card: expected a JSON object, got {type(data).__name__}")
+            raise UsageError(f"model card: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)

@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from model_store.errors import UsageError
+
+USAGE_EXIT = 2  # argparse's own status for a bad command line
+
 
 def prog(module: str, script: str) -> str:
     """``script`` (e.g. ``cnn-score``) when run as that console script, else ``python -m module``;
@@ -16,17 +20,15 @@ def prog(module: str, script: str) -> str:
 
 
 def run(
-    main: Callable[[argparse.Namespace], object],
-    parser: argparse.ArgumentParser,
-    argv: list[str] | None = None,
-    mistakes: tuple[type[Exception], ...] = (ValueError, OSError, LookupError),
+    main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> int:
-    """Parse ``argv`` and run ``main``: exit status 0, or 2 with one line on stderr for a user's
-    mistake (``mistakes``: a bad value, a missing file, an unknown model), never a traceback."""
+    """Parse ``argv`` and run ``main``: exit status 0, or 2 with one line on stderr for a
+    :class:`UsageError` (a bad value, a file that is missing or is not what it should be, an
+    unknown model). Nothing else is caught: a bug, or the machine failing, keeps its traceback."""
     args = parser.parse_args(argv)
     try:
         main(args)
-    except mistakes as err:
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return USAGE_EXIT
     return 0

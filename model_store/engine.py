@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from model_store.calibration import Calibration, scores
 from model_store.card import ONNX_METADATA_KEY, ModelCard
+from model_store.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def open_session(path: str | os.PathLike | bytes, options=None, providers=(CPU_P
     working directory, where such a file may well be: point it at an empty folder instead.
     """
     if not isinstance(path, bytes) and not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise UsageError(f"{path} does not exist")
     graph = path if isinstance(path, bytes) else Path(path).read_bytes()
     options = options or ort.SessionOptions()
     with tempfile.TemporaryDirectory() as empty:
@@ -69,12 +70,12 @@ def open_session(path: str | os.PathLike | bytes, options=None, providers=(CPU_P
         except Exception as err:  # ORT raises its own Fail / InvalidProtobuf types
             error = err
     if isinstance(path, bytes):
-        raise ValueError(f"{graph_name(path)} is not a loadable ONNX model: {one_line(error)}") from None
+        raise UsageError(f"{graph_name(path)} is not a loadable ONNX model: {one_line(error)}") from None
     try:
         ort.InferenceSession(str(path), providers=[CPU_PROVIDER])
     except Exception as err:
-        raise ValueError(f"{path} is not a loadable ONNX model: {one_line(err)}") from None
-    raise ValueError(
+        raise UsageError(f"{path} is not a loadable ONNX model: {one_line(err)}") from None
+    raise UsageError(
         f"{path} keeps its weights in external data files beside it, which the model store does not copy; "
         f"save it as a single file first, e.g. `python -c \"import onnx; onnx.save(onnx.load('{path}'), "
         f"'single.onnx')\"` (the onnx package comes with the train extra)"
@@ -85,11 +86,11 @@ def card_in(session: ort.InferenceSession, name: str) -> ModelCard:
     """The card in a graph's metadata: the one place a card is read from a graph."""
     props = session.get_modelmeta().custom_metadata_map
     if ONNX_METADATA_KEY not in props:
-        raise ValueError(f"{name} carries no {ONNX_METADATA_KEY!r} metadata; export it with `python -m export`")
+        raise UsageError(f"{name} carries no {ONNX_METADATA_KEY!r} metadata; export it with `python -m export`")
     try:
         return ModelCard.from_json(props[ONNX_METADATA_KEY])
     except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
+        raise UsageError(f"{name}: {err}") from None
 
 
 def one_line(error: Exception) -> str:
@@ -134,7 +135,7 @@ class OnnxClassifier:
         # Export records a class-activation map output in the card (``--cam``); older graphs have none.
         self.has_cam = bool(self.card.export.get("cam"))
         if self.has_cam and CAM_OUTPUT not in {o.name for o in self.session.get_outputs()}:
-            raise ValueError(f"{self.name}: its card says it has a {CAM_OUTPUT!r} output, the graph has none")
+            raise UsageError(f"{self.name}: its card says it has a {CAM_OUTPUT!r} output, the graph has none")
         self.temperature = self.card.calibration.temperature if self.card.calibration else 1.0
         self.provider = self.session.get_providers()[0]
         self.provider_error = None
@@ -152,7 +153,7 @@ class OnnxClassifier:
         """The card, once the graph shows that it agrees with it: the card's class count is the
         graph's output width and its channels, height and width the graph's input shape (symbolic
         dimensions such as the batch pass); the input is uint8 or float; and one image of zeros gives
-        finite scores for every class. A ValueError names the graph, the card's value and the graph's.
+        finite scores for every class. A UsageError names the graph, the card's value and the graph's.
         The model store runs it on every graph it registers, the service on every model it loads."""
         card, name = self.card, self.name
         graph_input, graph_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
@@ -160,18 +161,18 @@ class OnnxClassifier:
         if len(graph_input.shape) != 4 or any(
             isinstance(dim, int) and dim != value for dim, value in zip(graph_input.shape[1:], expected)
         ):
-            raise ValueError(
+            raise UsageError(
                 f"{name}: the card's input is [N, {', '.join(map(str, expected))}] (in_channels, height, width) "
                 f"but the graph's input {graph_input.name!r} has shape {graph_input.shape}"
             )
         if graph_input.type not in INPUT_TYPES:
-            raise ValueError(
+            raise UsageError(
                 f"{name}: the graph's input {graph_input.name!r} is {graph_input.type}; "
                 f"the service feeds one of {', '.join(INPUT_TYPES)}"
             )
         width = graph_output.shape[-1] if graph_output.shape else None
         if len(graph_output.shape) != 2 or (isinstance(width, int) and width != card.num_classes):
-            raise ValueError(
+            raise UsageError(
                 f"{name}: the card has {card.num_classes} class names but the graph's output {graph_output.name!r} "
                 f"has shape {graph_output.shape}, expected [N, {card.num_classes}]"
             )
@@ -179,11 +180,11 @@ class OnnxClassifier:
         try:
             logits = self.logits(zeros)
         except Exception as err:  # ORT raises its own Fail / InvalidArgument types
-            raise ValueError(
+            raise UsageError(
                 f"{name}: a test run on zeros of shape {list(zeros.shape)} failed: {one_line(err)}"
             ) from None
         if logits.shape != (1, card.num_classes) or not np.isfinite(logits).all():
-            raise ValueError(
+            raise UsageError(
                 f"{name}: a test run on zeros gave {logits.dtype} scores of shape {list(logits.shape)} "
                 f"(finite: {bool(np.isfinite(logits).all())}); the card's {card.num_classes} classes need "
                 f"finite scores of shape [1, {card.num_classes}]"

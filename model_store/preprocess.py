@@ -18,6 +18,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from model_store.card import ModelCard
+from model_store.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ _FILTERS = {
 }
 
 
-class ImageError(ValueError):
+class ImageError(UsageError):
     """The bytes are not an image this system can use; the message says why, for the caller."""
 
 

@@ -12,9 +12,10 @@ import shutil
 from pathlib import Path
 
 import bentoml
-from bentoml.exceptions import NotFound
+from bentoml.exceptions import BentoMLException, NotFound
 
 from model_store.card import ModelCard
+from model_store.errors import UsageError
 from model_store.files import file_sha256
 
 MODEL_FILE = "model.onnx"
@@ -41,7 +42,7 @@ def read_onnx_card(path: Path) -> ModelCard:
 
 def check_model(path: Path) -> ModelCard:
     """The card of an exported ONNX file, once ONNX Runtime shows that the graph agrees with it
-    (:meth:`model_store.engine.OnnxClassifier.check`, on one CPU thread). A ValueError names the
+    (:meth:`model_store.engine.OnnxClassifier.check`, on one CPU thread). A UsageError names the
     file, the card's value and the graph's."""
     from model_store.engine import OnnxClassifier
 
@@ -53,7 +54,7 @@ def register(onnx_path: Path, name: str) -> bentoml.Model:
     returns the stored model."""
     card = check_model(onnx_path)
     version = file_sha256(onnx_path)[:16]
-    tag = bentoml.Tag(name, version)  # raises ValueError naming the rule for a bad name
+    tag = _tag(name, version)
     try:
         return bentoml.models.get(tag)
     except NotFound:
@@ -69,12 +70,24 @@ def register_shipped() -> list[bentoml.Model]:
     return [register(shipped_file(name), name) for name in SHIPPED_MODELS]
 
 
-def open_model(tag: str) -> bentoml.Model:
-    """A stored model by tag, or a LookupError that says how to put it there."""
+class NotStored(UsageError, LookupError):
+    """No model in the store has this tag."""
+
+
+def _tag(name: str, version: str | None = None) -> bentoml.Tag:
+    """``name:version`` as a tag, or a UsageError quoting BentoML's rule for names."""
     try:
-        return bentoml.models.get(tag)
+        return bentoml.Tag.from_taglike(name) if version is None else bentoml.Tag(name, version)
+    except (ValueError, BentoMLException) as err:
+        raise UsageError(f"not a model tag: {err}") from None
+
+
+def open_model(tag: str) -> bentoml.Model:
+    """A stored model by tag, or a :class:`NotStored` that says how to put it there."""
+    try:
+        return bentoml.models.get(_tag(tag))
     except NotFound:
-        raise LookupError(
+        raise NotStored(
             f"model {tag!r} is not in the BentoML model store under {bentoml_home()}; "
             "register the shipped ones with `python -m model_store register-default` or `python -m model_store register FILE --name NAME`"
         ) from None

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from model_store.cli import prog, run
 from model_store.engine import OnnxClassifier
+from model_store.errors import UsageError
 from model_store.files import file_sha256
 from scoring.parts import FORMATS, OutputFolder
 from scoring.results import name_bytes
@@ -84,10 +85,10 @@ def main(args: argparse.Namespace) -> dict:
     model_path, model_name = _model_file(args)
     classifier = OnnxClassifier(model_path, args.device)
     if classifier.provider_error and args.device == "cuda":
-        raise ValueError(f"--device cuda: {classifier.provider_error}")
+        raise UsageError(f"--device cuda: {classifier.provider_error}")
     card = classifier.card
     if not 1 <= args.top_k <= card.num_classes:
-        raise ValueError(f"--top-k must be from 1 to {card.num_classes}, got {args.top_k}")
+        raise UsageError(f"--top-k must be from 1 to {card.num_classes}, got {args.top_k}")
 
     settings = {
         "source": source.describe(),
@@ -120,12 +121,12 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """A ValueError naming the first bad flag; Ray's absence for --engine ray is one too."""
+    """A UsageError naming the first bad flag; Ray's absence for --engine ray is one too."""
     for flag in ("batch_size", "part_rows"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.workers < 0 or (args.concurrency is not None and args.concurrency < 1):
-        raise ValueError(
+        raise UsageError(
             f"--workers must be 0 or more and --concurrency 1 or more, got {args.workers}, {args.concurrency}"
         )
     if args.engine == "ray":
@@ -134,7 +135,7 @@ def check_args(args: argparse.Namespace) -> None:
         except ModuleNotFoundError as err:
             if err.name != "ray":
                 raise
-            raise ValueError(
+            raise UsageError(
                 f"--engine ray needs Ray, which is not installed; install it with {SCALE_INSTALL}"
             ) from None
 

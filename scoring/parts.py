@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model_store.errors import UsageError
 from model_store.files import atomic_output, remove_stale_temp_files
 from scoring.results import SCHEMA, OtherColumns, check_columns, read_csv_ids, row_ids, write_csv
 
@@ -97,12 +98,12 @@ def read_parts(folder: Path, ids: bool = True) -> Finished:
         try:
             part_ids, count, errors = _read_part(folder / name, ids)
         except OtherColumns as err:
-            raise ValueError(
+            raise UsageError(
                 f"cannot add to the run in {folder}: {name} {err}. A run's parts share their columns; "
                 "score into a new --output folder"
             ) from None
         except (OSError, ValueError, pa.ArrowException) as err:
-            raise ValueError(f"cannot read {folder / name}: {err}; delete it to score its rows again") from None
+            raise UsageError(f"cannot read {folder / name}: {err}; delete it to score its rows again") from None
         digests.append(np.array([_digest(i) for i in part_ids], "S16"))
         rows, failed, parts[name] = rows + count, failed + errors, count
     done = DoneSet(np.concatenate(digests) if digests else None)
@@ -136,14 +137,14 @@ class OutputFolder:
         the finished parts already hold. ``settings`` must match a resumed run's; ``about`` is kept
         for the reader (the model's name and file)."""
         if self.path.exists() and not self.path.is_dir():
-            raise NotADirectoryError(f"--output {self.path} is a file; give a folder")
+            raise UsageError(f"--output {self.path} is a file; give a folder")
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
         manifest = self._read_manifest()
         if manifest is None:
             visible = sorted(name for name in os.listdir(self.path) if not name.startswith((".", "_")))
             if visible:
-                raise ValueError(
+                raise UsageError(
                     f"--output {self.path} is not empty and holds no scoring run ({len(visible)} entries, e.g. "
                     f"{visible[0]!r}); give an empty or new folder"
                 )
@@ -151,7 +152,7 @@ class OutputFolder:
                 logger.info("%s holds no run to resume; starting one", self.path)
             manifest = {"settings": settings, "about": about, "runs": [], "complete": False}
         elif not resume:
-            raise ValueError(
+            raise UsageError(
                 f"--output {self.path} already holds a scoring run ({len(manifest['runs'])} runs, "
                 f"{'complete' if manifest['complete'] else 'not complete'}); pass --resume to continue it, "
                 "or give an empty or new folder"
@@ -187,7 +188,7 @@ class OutputFolder:
         try:  # released by the kernel when this process ends, however it ends
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"another scorer is writing to {self.path}; wait for it or stop it") from None
+            raise UsageError(f"another scorer is writing to {self.path}; wait for it or stop it") from None
 
     def _read_manifest(self) -> dict | None:
         try:
@@ -195,7 +196,7 @@ class OutputFolder:
         except FileNotFoundError:
             return None
         except (UnicodeDecodeError, ValueError) as err:  # written whole by a rename, so changed by hand
-            raise ValueError(
+            raise UsageError(
                 f"{self.path / MANIFEST} is not a scoring manifest ({err}); score into a new --output folder"
             ) from None
 
@@ -216,7 +217,7 @@ def _check_same(manifest: dict, settings: dict, about: dict) -> None:
             differences.append(
                 f"(the run's model: {manifest.get('about', {}).get('model')}; now: {about.get('model')})"
             )
-        raise ValueError(
+        raise UsageError(
             "cannot resume a run with other settings: " + "; ".join(differences) + ". Use the run's settings, "
             "or give a new --output folder"
         )

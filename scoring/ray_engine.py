@@ -39,6 +39,7 @@ from ray.data.block import BlockAccessor
 
 from model_store import ModelCard
 from model_store.engine import GPU_PROVIDER, OnnxClassifier, unsure_reasons
+from model_store.errors import UsageError
 from scoring.decoding import load_batch
 from scoring.parts import part_name, write_part
 from scoring.results import SCHEMA, name_bytes, result_table
@@ -71,7 +72,7 @@ def score(
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = device != "cpu" and gpus > 0 and GPU_PROVIDER in ort.get_available_providers()
     if device == "cuda" and not use_gpu:
-        raise ValueError(f"--device cuda: the cluster has {gpus:g} GPUs and this onnxruntime build no CUDA provider")
+        raise UsageError(f"--device cuda: the cluster has {gpus:g} GPUs and this onnxruntime build no CUDA provider")
     replicas = concurrency or int(gpus if use_gpu else max(1, ray.cluster_resources().get("CPU", 1)))
     blocks = [ray.put(_listing_table(block)) for block in _blocks(entries, BLOCK_BATCHES * batch_size)]
     if blocks:

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from model_store.engine import rank
+from model_store.errors import UsageError
 
 SCHEMA = pa.schema(
     [
@@ -129,14 +130,14 @@ def read_csv_ids(f: IO[str]) -> Iterator[tuple[bytes, bool]]:
     reader = csv.reader(f)
     header = next(reader, None)
     if header is None:
-        raise ValueError(f"not a scoring CSV part: it is empty, expected the header {list(CSV_COLUMNS)}")
+        raise UsageError(f"not a scoring CSV part: it is empty, expected the header {list(CSV_COLUMNS)}")
     check_columns(header, CSV_COLUMNS)
     error = CSV_COLUMNS.index("error")
     for row in reader:
         yield name_bytes(row[0].removeprefix("'")), row[error] != ""
 
 
-class OtherColumns(ValueError):
+class OtherColumns(UsageError):
     """A part whose columns are not this scorer's: another version wrote it."""
 
 

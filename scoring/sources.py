@@ -18,6 +18,8 @@ import os
 import stat
 from typing import Iterator, NamedTuple
 
+from model_store.errors import UsageError
+
 SPECIAL_FILES = {
     stat.S_IFIFO: "FIFO",
     stat.S_IFSOCK: "socket",
@@ -43,7 +45,7 @@ class FolderSource:
 
     def __init__(self, folder: str):
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"folder {folder} does not exist or is not a folder")
+            raise UsageError(f"folder {folder} does not exist or is not a folder")
         self.folder = folder
         self.hidden = 0  # hidden entries skipped so far
 
@@ -116,10 +118,10 @@ class StoreSource:
         try:
             self.fs, root = pyarrow.fs.FileSystem.from_uri(uri)
         except (ValueError, pyarrow.ArrowException) as err:  # an unknown scheme or a malformed URI
-            raise ValueError(f"cannot open {uri}: {err}") from None
+            raise UsageError(f"cannot open {uri}: {err}") from None
         self.uri, self.root = uri, root.rstrip("/")
         if self.fs.get_file_info(self.root).type != pyarrow.fs.FileType.Directory:
-            raise FileNotFoundError(f"{uri} is not a prefix holding objects")
+            raise UsageError(f"{uri} is not a prefix holding objects")
         self.hidden = 0
 
     def describe(self) -> str:
@@ -160,7 +162,7 @@ def open_source(source: str) -> Source:
     if os.path.isdir(source):
         return FolderSource(source)
     if not os.path.exists(source):
-        raise FileNotFoundError(f"{source} does not exist: give a folder, a file of paths or a URI")
+        raise UsageError(f"{source} does not exist: give a folder, a file of paths or a URI")
     return ListSource(source)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import bentoml
 
 from model_store.engine import OnnxClassifier
+from model_store.errors import UsageError
 from model_store.store import MODEL_FILE, card_of, open_model
 from serving import metrics
 from serving.batching import MicroBatcher
@@ -218,8 +219,8 @@ class ModelSet:
             entry = open_model(requested)
         except LookupError as err:
             raise UnknownModel(str(err)) from None
-        except Exception as err:  # a tag BentoML refuses: its message names the rule
-            raise RequestError(f"not a model tag: {_reason(err)}") from None
+        except UsageError as err:  # a tag BentoML refuses: its message names the rule
+            raise RequestError(_reason(err)) from None
         with self._changing:
             try:
                 model = self._open(entry.tag.name, entry.tag.version, Path(entry.path_of(MODEL_FILE)))
@@ -293,15 +294,15 @@ def _check_store_card(entry, model: ServedModel) -> None:
     try:
         differs = card_of(entry) != model.engine.card
     except ValueError as err:
-        raise ValueError(f"the card in the model store is invalid: {err}") from None
+        raise UsageError(f"the card in the model store is invalid: {err}") from None
     if differs:
-        raise ValueError("the card in the model store differs from the one in its ONNX file")
+        raise UsageError("the card in the model store differs from the one in its ONNX file")
 
 
 def _reason(error: Exception) -> str:
-    """An error as one line for /models and the log; the ValueErrors of the checks already say it all."""
+    """An error as one line for /models and the log; the UsageErrors of the checks already say it all."""
     text = " ".join(str(error).split())
-    return text if isinstance(error, ValueError) and text else f"{type(error).__name__}: {text}"
+    return text if isinstance(error, UsageError) and text else f"{type(error).__name__}: {text}"
 
 
 def _observer(name: str):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model_store.errors import UsageError
 from tests.conftest import REPO, run_cli
 from training import train as train_module
 from training.__main__ import get_args_parser
@@ -185,7 +186,7 @@ def test_folder_layouts_and_their_errors(tmp_path):
     (tmp_path / "split" / "train" / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
         scan_folder(tmp_path / "split", 0.2, seed=0)
-    with pytest.raises(FileNotFoundError, match="is not a folder"):
+    with pytest.raises(UsageError, match="is not a folder"):
         scan_folder(tmp_path / "missing", 0.2, seed=0)
 
 

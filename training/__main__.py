@@ -37,7 +37,7 @@ COMMANDS = {
 
 def cli(argv: list[str] | None = None) -> int:
     try:
-        return run(lambda args: COMMANDS[args.command](args), get_args_parser(), argv, (ValueError, OSError))
+        return run(lambda args: COMMANDS[args.command](args), get_args_parser(), argv)
     except ModuleNotFoundError as err:  # one imported only when needed, e.g. torchvision to download
         exit_if_missing_extra(err, "training")
         raise

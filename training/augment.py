@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from model_store.errors import UsageError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -25,7 +27,7 @@ class Augment:
 
     def __init__(self, crop_padding: int = 0, hflip: bool = False, erasing: float = 0.0):
         if crop_padding < 0 or not 0.0 <= erasing <= 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"--random-crop-padding must be >= 0 and --random-erasing in [0, 1], got {crop_padding}, {erasing}"
             )
         self.crop_padding, self.hflip, self.erasing = crop_padding, hflip, erasing

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from model_store import ModelCard
+from model_store.errors import UsageError
 from model_store.files import atomic_output
 from training.models import build_model
 
@@ -44,38 +45,38 @@ def save_checkpoint(path: Path, model: nn.Module, card: ModelCard, **extra: Any)
 
 
 def read_torch_file(path: Path, what: str = "checkpoint") -> Any:
-    """torch.load on CPU with ``weights_only=True``, or a one-line FileNotFoundError/ValueError naming ``what``."""
+    """torch.load on CPU with ``weights_only=True``, or a one-line UsageError naming ``what``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise UsageError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # damaged files raise RuntimeError, ValueError, KeyError, EOFError, UnpicklingError...
         lines = str(err).strip().splitlines()
         detail = lines[0][:200] if lines else type(err).__name__
-        raise ValueError(f"{what} {path} is not a readable PyTorch checkpoint (truncated?): {detail}") from None
+        raise UsageError(f"{what} {path} is not a readable PyTorch checkpoint (truncated?): {detail}") from None
 
 
 def verify_weights(payload: dict[str, Any], path: Path) -> None:
-    """Check ``payload["model"]`` against the digest stored beside it; a ValueError names the file if it fails.
+    """Check ``payload["model"]`` against the digest stored beside it; a UsageError names the file if it fails.
 
     Checkpoints written before digests existed have none: they load, with a warning that they cannot be verified.
     """
     weights = payload.get("model")
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"checkpoint {path}: its weights are not a state_dict of tensors")
+        raise UsageError(f"checkpoint {path}: its weights are not a state_dict of tensors")
     if DIGEST_KEY not in payload:
         logger.warning("checkpoint %s has no weights digest (written before digests); its weights are unverified", path)
         return
     if weights_digest(weights) != payload[DIGEST_KEY]:
-        raise ValueError(f"checkpoint {path}: the weights are corrupt (SHA-256 digest mismatch); restore or retrain it")
+        raise UsageError(f"checkpoint {path}: the weights are corrupt (SHA-256 digest mismatch); restore or retrain it")
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint dict, its weights verified, or a ValueError/FileNotFoundError that says what is wrong."""
+    """The checkpoint dict, its weights verified, or a UsageError that says what is wrong."""
     payload = read_torch_file(path)
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
-        raise ValueError(f"checkpoint {path} lacks the keys {REQUIRED_KEYS}; was it written by `python -m training`?")
+        raise UsageError(f"checkpoint {path} lacks the keys {REQUIRED_KEYS}; was it written by `python -m training`?")
     verify_weights(payload, path)
     return payload
 
@@ -89,7 +90,7 @@ def load_model(path: Path) -> tuple[nn.Sequential, ModelCard, dict[str, Any]]:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:400]
-        raise ValueError(
+        raise UsageError(
             f"checkpoint {path}: weights do not fit a {card.arch} with {card.num_classes} classes: {detail}"
         ) from None
     return model.eval(), card, payload

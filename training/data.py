@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from model_store import ModelCard
+from model_store.errors import UsageError
 from training.augment import Augment
 from training.dataspec import DataSpec
 from training.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
@@ -119,7 +120,7 @@ def splits(spec: DataSpec, card: ModelCard, scanned: tuple | None = None) -> Spl
     elif spec.dataset == "folder":
         classes, train_items, val_items = scanned or _scan(spec)
         if classes != list(card.class_names):
-            raise ValueError(
+            raise UsageError(
                 f"{spec.data_dir} now has classes {classes}, the model was trained on {list(card.class_names)}"
             )
         train, test = ImageFolder(train_items, card), ImageFolder(val_items, card)
@@ -149,7 +150,7 @@ def run_splits(card: ModelCard, spec: DataSpec) -> Splits:
     """The full splits a checkpoint's run used, without augmentation or limits: ``spec`` is
     ``DataSpec.from_checkpoint`` of it, ``card`` its card."""
     if card.dataset != spec.dataset:
-        raise ValueError(f"the checkpoint's card says dataset {card.dataset!r} but its data spec says {spec.dataset!r}")
+        raise UsageError(f"the checkpoint's card says dataset {card.dataset!r} but its data spec says {spec.dataset!r}")
     return splits(spec, card)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from model_store import ModelCard
+from model_store.errors import UsageError
 
 DATASETS = ("fashion-mnist", "folder", "synthetic")
 
@@ -34,24 +35,24 @@ class DataSpec:
     def __post_init__(self) -> None:
         # Specs come back from checkpoints as well as from the command line: check what splits rely on.
         if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+            raise UsageError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.dataset == "folder" and self.data_dir is None:
-            raise ValueError("--dataset folder needs --data-dir, the folder of class sub-folders")
+            raise UsageError("--dataset folder needs --data-dir, the folder of class sub-folders")
         # NaN fails both comparisons, so it is refused too.
         if not _is_number(self.val_ratio) or not 0.0 < self.val_ratio < 1.0:
-            raise ValueError(f"--val-ratio must be between 0 and 1 (both excluded), got {self.val_ratio!r}")
+            raise UsageError(f"--val-ratio must be between 0 and 1 (both excluded), got {self.val_ratio!r}")
         if not isinstance(self.hold_out, bool):
-            raise ValueError(f"hold_out must be true or false, got {self.hold_out!r}")
+            raise UsageError(f"hold_out must be true or false, got {self.hold_out!r}")
         if not _is_int(self.seed):
-            raise ValueError(f"--seed must be an integer, got {self.seed!r}")
+            raise UsageError(f"--seed must be an integer, got {self.seed!r}")
         for name in ("synthetic_size", "train_limit", "test_limit"):
             value = getattr(self, name)
             if value is None and name.endswith("_limit"):
                 continue  # no limit: all images
             if not _is_int(value) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {value!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so a checkpoint holding it stays loadable with ``weights_only=True``."""
@@ -64,9 +65,9 @@ class DataSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"data spec: unknown field(s) {unknown}; known: {sorted(known)}")
+            raise UsageError(f"data spec: unknown field(s) {unknown}; known: {sorted(known)}")
         if "dataset" not in data:
-            raise ValueError(f"data spec: missing field 'dataset' (one of {', '.join(DATASETS)})")
+            raise UsageError(f"data spec: missing field 'dataset' (one of {', '.join(DATASETS)})")
         # A spec saved before hold_out existed is a run that trained on every training image: holding
         # some out now would make "validation" images it has seen.
         return cls(**{"hold_out": False, **data})

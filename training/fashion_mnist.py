@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from model_store import ModelCard, to_input
+from model_store.errors import UsageError
 from model_store.files import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -50,12 +51,12 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes (magic {data[:4].hex()})")
+        raise UsageError(f"{path}: not an idx file of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {body.size} bytes (truncated?)")
+        raise UsageError(f"{path}: header says shape {shape} but holds {body.size} bytes (truncated?)")
     return body.reshape(shape)
 
 
@@ -72,7 +73,7 @@ def find_fashion_mnist(data_dir: Path | None) -> Path:
     if data_dir is not None:
         missing = [s for s in stems if _find(data_dir, s) is None]
         if missing:
-            raise FileNotFoundError(f"--data-dir {data_dir} lacks Fashion-MNIST file(s): {', '.join(missing)}")
+            raise UsageError(f"--data-dir {data_dir} lacks Fashion-MNIST file(s): {', '.join(missing)}")
         return data_dir
     for folder in (DEBIAN_DIR, DOWNLOAD_ROOT / "FashionMNIST" / "raw"):
         if all(_find(folder, s) for s in stems):
@@ -84,7 +85,7 @@ def find_fashion_mnist(data_dir: Path | None) -> Path:
         FashionMNIST(str(DOWNLOAD_ROOT), train=True, download=True)
         FashionMNIST(str(DOWNLOAD_ROOT), train=False, download=True)
     except Exception as err:
-        raise FileNotFoundError(
+        raise UsageError(
             f"Fashion-MNIST is not in {DEBIAN_DIR} and could not be downloaded ({err}); "
             "install it with `apt-get install dataset-fashion-mnist` or pass --data-dir"
         ) from None
@@ -101,7 +102,7 @@ def load_fashion_mnist(split: str, data_dir: Path | None = None) -> tuple[np.nda
     images_stem, labels_stem = _FILES[split]
     images, labels = read_idx(_find(folder, images_stem)), read_idx(_find(folder, labels_stem))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
+        raise UsageError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
     labels = labels.astype(np.int64)
     images.setflags(write=False)
     labels.setflags(write=False)

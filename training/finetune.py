@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model_store.errors import UsageError
 from training.checkpoint import DIGEST_KEY, read_torch_file, verify_weights
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def load_pretrained(model: nn.Module, path: Path) -> set[str]:
     if isinstance(source, dict) and isinstance(source.get("model"), dict):
         source = source["model"]
     if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
-        raise ValueError(f"--init-weights {path} holds no state_dict of tensors")
+        raise UsageError(f"--init-weights {path} holds no state_dict of tensors")
     target = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     for key, tensor in source.items():
@@ -49,7 +50,7 @@ def load_pretrained(model: nn.Module, path: Path) -> set[str]:
         if tensor.shape == want.shape:
             loaded[name] = tensor
     if not loaded:
-        raise ValueError(f"--init-weights {path}: no tensor fits this model (names or shapes differ)")
+        raise UsageError(f"--init-weights {path}: no tensor fits this model (names or shapes differ)")
     model.load_state_dict(loaded, strict=False)
     fresh = sorted(n for n, _ in model.named_parameters() if n not in loaded)
     logger.info("loaded %d tensors from %s; trained from scratch: %s", len(loaded), path, fresh)

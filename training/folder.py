@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model_store import ImageError, ModelCard, image_bytes_to_input
+from model_store.errors import UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 Items = list[tuple[Path, int]]
@@ -32,25 +33,25 @@ def _images(folder: Path) -> list[Path]:
 def scan_folder(root: Path, val_ratio: float, seed: int) -> tuple[list[str], Items, Items]:
     """(class names, train items, validation items) of an image folder."""
     if not root.is_dir():
-        raise FileNotFoundError(f"--data-dir {root} is not a folder")
+        raise UsageError(f"--data-dir {root} is not a folder")
     explicit = (root / "train").is_dir() and (root / "val").is_dir()
     class_root = root / "train" if explicit else root
     classes = [d.name for d in _class_dirs(class_root)]
     if len(classes) < 2:
-        raise ValueError(f"{class_root} needs at least two class sub-folders, found {classes}")
+        raise UsageError(f"{class_root} needs at least two class sub-folders, found {classes}")
     train: Items = []
     val: Items = []
     rng = random.Random(seed)
     for index, name in enumerate(classes):
         files = _images(class_root / name)
         if not files:
-            raise ValueError(f"class folder {class_root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise UsageError(f"class folder {class_root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         if explicit:
             train += [(f, index) for f in files]
             val += [(f, index) for f in _images(root / "val" / name)] if (root / "val" / name).is_dir() else []
         else:
             if not 0.0 < val_ratio < 1.0:
-                raise ValueError(f"--val-ratio must be between 0 and 1, got {val_ratio}")
+                raise UsageError(f"--val-ratio must be between 0 and 1, got {val_ratio}")
             rng.shuffle(files)  # stratified: each class is split by the same ratio
             cut = max(1, round(len(files) * val_ratio))
             val += [(f, index) for f in files[:cut]]
@@ -58,9 +59,9 @@ def scan_folder(root: Path, val_ratio: float, seed: int) -> tuple[list[str], Ite
     if explicit:
         unknown = sorted({d.name for d in _class_dirs(root / "val")} - set(classes))
         if unknown:
-            raise ValueError(f"{root / 'val'} has classes {unknown} that {root / 'train'} lacks")
+            raise UsageError(f"{root / 'val'} has classes {unknown} that {root / 'train'} lacks")
     if not val:
-        raise ValueError(f"{root} gives no validation images")
+        raise UsageError(f"{root} gives no validation images")
     return classes, train, val
 
 
@@ -82,7 +83,7 @@ class ImageFolder(Dataset):
         try:
             pixels = image_bytes_to_input(path.read_bytes(), self.card)
         except ImageError as err:
-            raise ValueError(f"{path}: {err}") from None  # a broken training image is worth stopping for
+            raise UsageError(f"{path}: {err}") from None  # a broken training image is worth stopping for
         return torch.from_numpy(pixels), label
 
     def identity(self) -> list:

@@ -14,6 +14,7 @@ import argparse
 import torch
 from torch import nn
 
+from model_store.errors import UsageError
 from training.models import default_size, get_model, list_models
 
 
@@ -67,7 +68,7 @@ def layer_table(model: nn.Module, size: int, in_channels: int) -> list[dict]:
     except RuntimeError as err:
         failed = current["row"]
         where = f"at {failed['name']} ({failed['type']})" if failed else "at the first layer"
-        raise ValueError(
+        raise UsageError(
             f"a {size}x{size} input is too small for this network: it fails {where}: {str(err).splitlines()[0]}"
         ) from None
     finally:
@@ -92,7 +93,7 @@ def smallest_input(model: nn.Module, in_channels: int, largest: int, step: int =
 def print_summary(args: argparse.Namespace) -> None:
     size = args.size or default_size(args.model)
     if size < 1:
-        raise ValueError(f"--size must be at least 1, got {size}")
+        raise UsageError(f"--size must be at least 1, got {size}")
     model = get_model(args.model, args.in_channels, args.num_classes)
     rows = layer_table(model, size, args.in_channels)
     print(f"{args.model}: input (1, {args.in_channels}, {size}, {size})")

@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from model_store import ModelCard
+from model_store.errors import UsageError
 from training import augment, data, dataspec, optim
 from training.checkpoint import read_checkpoint, save_checkpoint
 from training.dataspec import DataSpec
@@ -115,7 +116,7 @@ def parse_model_args(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--model-arg {pair!r} is not KEY=VALUE")
+            raise UsageError(f"--model-arg {pair!r} is not KEY=VALUE")
         try:
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -127,11 +128,11 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "size"):  # the data flags are checked by DataSpec
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+        raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.workers < 0:
-        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
 
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
@@ -197,7 +198,7 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 def apply_resume(args: argparse.Namespace) -> dict:
     payload = read_checkpoint(args.resume)
     if "optimizer" not in payload or "rng" not in payload:
-        raise ValueError(f"{args.resume} holds no training state to resume from; start a new run with --init-weights")
+        raise UsageError(f"{args.resume} holds no training state to resume from; start a new run with --init-weights")
     for key, value in payload["args"].items():
         if key not in RESUME_OVERRIDES and hasattr(args, key):
             setattr(args, key, Path(value) if key in ("data_dir", "init_weights") and value is not None else value)
@@ -207,7 +208,7 @@ def apply_resume(args: argparse.Namespace) -> dict:
     if args.epochs is None:  # finish the run as it was planned
         args.epochs = payload["args"]["epochs"]
     if args.epochs <= payload["epoch"]:
-        raise ValueError(
+        raise UsageError(
             f"{args.resume} already finished epoch {payload['epoch']}, so --epochs {args.epochs} leaves nothing "
             f"to train; pass --epochs {payload['epoch'] + 1} or more to continue"
         )

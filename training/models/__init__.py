@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from model_store import ModelCard
+from model_store.errors import UsageError
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _DEFAULT_SIZES: dict[str, int] = {}
@@ -47,13 +48,13 @@ def get_model(name: str, in_channels: int, num_classes: int, **kwargs) -> nn.Mod
     accepted = [p for p in inspect.signature(builder).parameters if p not in ("in_channels", "num_classes")]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"model {name!r} takes no argument(s) {unknown}; it takes: {', '.join(accepted) or 'none'}")
+        raise UsageError(f"model {name!r} takes no argument(s) {unknown}; it takes: {', '.join(accepted) or 'none'}")
     return builder(in_channels=in_channels, num_classes=num_classes, **kwargs)
 
 
 def _check_name(name: str) -> None:
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+        raise UsageError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
 
 
 class Normalize(nn.Module):

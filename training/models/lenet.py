@@ -6,6 +6,7 @@ activation but the last. ``activation="relu"`` and ``pool="max"`` give the moder
 
 from torch import nn
 
+from model_store.errors import UsageError
 from training.models import register_model
 
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
@@ -14,9 +15,9 @@ _POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
 def _lenet(in_channels: int, num_classes: int, batch_norm: bool, activation: str, pool: str) -> nn.Sequential:
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"invalid activation {activation!r}; choose from {sorted(_ACTIVATIONS)}")
+        raise UsageError(f"invalid activation {activation!r}; choose from {sorted(_ACTIVATIONS)}")
     if pool not in _POOLS:
-        raise ValueError(f"invalid pool {pool!r}; choose from {sorted(_POOLS)}")
+        raise UsageError(f"invalid pool {pool!r}; choose from {sorted(_POOLS)}")
     act, pool_layer = _ACTIVATIONS[activation], _POOLS[pool]
 
     def norm(layer: nn.Module, features: int, bn: type[nn.Module]) -> list[nn.Module]:

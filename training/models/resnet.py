@@ -9,6 +9,7 @@ state_dict loads into ResNet-18 for fine-tuning; only the head, and for grayscal
 import torch
 from torch import nn
 
+from model_store.errors import UsageError
 from training.models import register_model
 
 
@@ -100,5 +101,5 @@ def resnet34(in_channels: int = 1, num_classes: int = 10) -> ResNet:
 def resnet20(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> ResNet:
     """He et al. (2016), section 4.2: 6n+2 layers with n=3; ``width`` is the first stage's channels."""
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ValueError(f"resnet20: width must be a positive integer, got {width!r}")
+        raise UsageError(f"resnet20: width must be a positive integer, got {width!r}")
     return ResNet((3, 3, 3), (width, 2 * width, 4 * width), in_channels, num_classes, small_stem=True)

@@ -6,6 +6,7 @@
 
 from torch import nn
 
+from model_store.errors import UsageError
 from training.models import register_model
 
 # Output channels per convolution; "M" is a 2x2 max pool. Five pools take 224 to 7.
@@ -21,7 +22,7 @@ def _vgg(
     config: list, in_channels: int, num_classes: int, width_divisor: int, batch_norm: bool, dropout: float
 ) -> nn.Sequential:
     if width_divisor < 1:
-        raise ValueError(f"width_divisor must be at least 1, got {width_divisor}")
+        raise UsageError(f"width_divisor must be at least 1, got {width_divisor}")
     layers: list[nn.Module] = []
     channels = in_channels
     for item in config:
