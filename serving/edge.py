@@ -34,8 +34,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable
 
-from starlette.requests import Request
-
 from serving import metrics, v2
 from serving.errors import (
     BodyTooLarge,
@@ -49,7 +47,7 @@ from serving.errors import (
 )
 from serving.failures import error_answer
 from serving.logs import log_request
-from serving.requests import body_too_large
+from serving.requests import Received
 
 if TYPE_CHECKING:
     from serving.config import ServingConfig
@@ -136,16 +134,14 @@ class Edge:
             self.body_bytes -= len(body)
 
     async def classify(self, scope, body: bytes, receive, send) -> None:
-        receive = _replay(body, receive)
         if self.hot:
             handlers = self.handlers()
             route = scope["path"]
             handler = {CLASSIFY: handlers.classify, CLASSIFY_BATCH: handlers.classify_batch, EXPLAIN: handlers.explain}
-            work = handler[route](Request(scope, receive))
-            status, answer = await respond(handlers, route, work)
+            status, answer = await respond(handlers, route, handler[route](Received.of(scope, body)))
             await send_answer(send, status, answer)
-        else:  # BentoML's layer: tracing or CORS
-            await self.app(scope, receive, send)
+        else:  # BentoML's layer (tracing or CORS) reads the body again: hand it over
+            await self.app(scope, _replay(body, receive), send)
 
     async def v2(self, scope, receive, send) -> None:
         """The Open Inference Protocol's routes (``serving.v2``): infer is admitted and answered
@@ -243,6 +239,10 @@ class Edge:
                 ms = round((time.perf_counter() - start) * 1000, 2)
                 log_request(logging.INFO, route=route, status=status, ms=ms, error=body["error"])
         await send_json(send, status, body, headers)
+
+
+def body_too_large(max_bytes: int) -> BodyTooLarge:
+    return BodyTooLarge(f"request body exceeds the limit of {max_bytes:,} bytes")
 
 
 def _replay(body: bytes, receive):

@@ -9,7 +9,6 @@ import base64
 import time
 
 import numpy as np
-from starlette.requests import Request
 
 from model_store import ImageError, load_image, open_image, to_input
 from model_store.card import CAM_ARCHS
@@ -22,7 +21,7 @@ from serving.errors import Forbidden, ModelUnavailable, NotExplainable
 from serving.failures import error_answer
 from serving.heatmap import overlay_png
 from serving.model_set import ModelSet, ServedModel
-from serving.requests import Upload, parse_top_k, read_batch_request, read_classify_request
+from serving.requests import Received, Upload, parse_top_k, read_batch_request, read_classify_request
 
 # Images this small are decoded on the event loop: at 28x28 a decode costs ~0.07 ms, less than the
 # hop to a decoder process and back. The byte bound caps what reading the header can cost there;
@@ -43,20 +42,20 @@ class Handlers:
             config.decode_workers, config.decode_timeout_s, config.max_pixels, self.max_decode_bytes
         )
 
-    async def classify(self, request: Request) -> dict:
-        parsed = await read_classify_request(request, self.config.max_body_bytes)
+    async def classify(self, received: Received) -> dict:
+        parsed = read_classify_request(received)
         model = self.models.get(parsed.model)
         k = parse_top_k(parsed.top_k, model.engine.card.num_classes)
         row = await model.batcher.submit(await self.decode(parsed.images[0], model))
         return {**answer(row, model.engine.card, k), "model": model.name, "version": model.version}
 
-    async def explain(self, request: Request, png_allowed: bool = True) -> dict | v2.Encoded:
+    async def explain(self, received: Received, png_allowed: bool = True) -> dict | v2.Encoded:
         """``/classify``'s answer plus the class-activation map of the top class, drawn over the
         model's input as a PNG: base64 in ``cam_png``, or the PNG alone when the request accepts
         ``image/png`` (and ``png_allowed``). It runs on the engine in a thread of its own, not through
         the batcher, whose batches fetch the logits only. Without a model named, the first served
         model that has a map answers (``ModelSet.explainer``); the answer names it."""
-        parsed = await read_classify_request(request, self.config.max_body_bytes)
+        parsed = read_classify_request(received)
         model = self.models.explainer(parsed.model)
         card = model.engine.card
         # The request is checked whole first (top_k, the image), so a bad one is a 400 whatever the model.
@@ -75,7 +74,7 @@ class Handlers:
             )
         rows, cams = await asyncio.to_thread(model.engine.explain, pixels[None])
         png = await asyncio.to_thread(overlay_png, pixels, cams[0])
-        if png_allowed and "image/png" in request.headers.get("accept", ""):
+        if png_allowed and "image/png" in received.header(b"accept"):
             headers = [(b"content-type", b"image/png")]
             return v2.Encoded(png, headers, model.name, 1)
         return {
@@ -85,8 +84,8 @@ class Handlers:
             "cam_png": base64.b64encode(png).decode("ascii"),
         }
 
-    async def classify_batch(self, request: Request) -> dict:
-        parsed = await read_batch_request(request, self.config.max_body_bytes, self.config.max_batch_images)
+    async def classify_batch(self, received: Received) -> dict:
+        parsed = read_batch_request(received, self.config.max_batch_images)
         model = self.models.get(parsed.model)
         k = parse_top_k(parsed.top_k, model.engine.card.num_classes)
 

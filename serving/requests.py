@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import AsyncIterator
+from urllib.parse import parse_qsl
 
-from starlette.requests import ClientDisconnect, Request
-
-from serving.errors import BodyTooLarge, ClientGone, RequestError, UnsupportedMediaType
+from serving.errors import RequestError, UnsupportedMediaType
 from serving.multipart import MalformedForm, TooManyParts, boundary_of, parse_form
 
 DEFAULT_TOP_K = 3
@@ -35,42 +33,55 @@ class ClassifyRequest:
     model: str | None  # None: the default model
 
 
-async def read_classify_request(request: Request, max_bytes: int) -> ClassifyRequest:
+@dataclass(frozen=True)
+class Received:
+    """An inference request as the edge read it: the whole body (already within the size limit,
+    which is checked once, where the body is read: ``serving.edge``), the headers and the query."""
+
+    body: bytes
+    headers: dict[bytes, bytes]  # lower-case names; the last of a repeated header
+    query: dict[str, str]  # the last of a repeated parameter
+
+    @classmethod
+    def of(cls, scope, body: bytes) -> Received:
+        # Decoded as Starlette decodes it: latin-1, then percent-decoding as UTF-8.
+        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        return cls(body, dict(scope["headers"]), dict(query))
+
+    def header(self, name: bytes) -> str:
+        return self.headers.get(name, b"").decode("latin-1")
+
+    @property
+    def media_type(self) -> str:
+        return self.header(b"content-type").split(";")[0].strip().lower()
+
+
+def read_classify_request(received: Received) -> ClassifyRequest:
     """One image, from the multipart field ``image`` or the raw body; ``top_k`` and ``model`` from the form or query."""
-    media_type = _check_body(request, max_bytes)
+    media_type = received.media_type
+    if not received.body:
+        raise RequestError(f"empty request body; {HOW_TO}")
     if media_type == "multipart/form-data":
-        return await _read_form(request, IMAGE_FIELD, 1, max_bytes, HOW_TO)
+        return _read_form(received, IMAGE_FIELD, 1, HOW_TO)
     if media_type.startswith("image/") or media_type == "application/octet-stream":
-        data = await _read_body(request, max_bytes)
-        if not data:
-            raise RequestError(f"empty request body; {HOW_TO}")
-        query = request.query_params
-        return ClassifyRequest([Upload("body", data)], query.get("top_k"), query.get("model"))
+        query = received.query
+        return ClassifyRequest([Upload("body", received.body)], query.get("top_k"), query.get("model"))
     raise UnsupportedMediaType(f"unsupported content type {media_type or '(none)'!r}; {HOW_TO}")
 
 
-async def read_batch_request(request: Request, max_bytes: int, max_images: int) -> ClassifyRequest:
+def read_batch_request(received: Received, max_images: int) -> ClassifyRequest:
     """Up to ``max_images`` images, each in its own multipart ``images`` field, in order."""
-    media_type = _check_body(request, max_bytes)
-    if media_type != "multipart/form-data":
+    if not received.body:
+        raise RequestError(f"empty request body; {HOW_TO_BATCH}")
+    if (media_type := received.media_type) != "multipart/form-data":
         raise UnsupportedMediaType(f"unsupported content type {media_type or '(none)'!r}; {HOW_TO_BATCH}")
-    return await _read_form(request, IMAGES_FIELD, max_images, max_bytes, HOW_TO_BATCH)
+    return _read_form(received, IMAGES_FIELD, max_images, HOW_TO_BATCH)
 
 
-def _check_body(request: Request, max_bytes: int) -> str:
-    """Refuse what the headers already show is wrong; returns the media type."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise body_too_large(max_bytes)
-    if declared == "0":
-        raise RequestError("empty request body; " + HOW_TO)
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-async def _read_form(request: Request, field: str, max_files: int, max_bytes: int, how_to: str) -> ClassifyRequest:
-    body = await _read_body(request, max_bytes)
+def _read_form(received: Received, field: str, max_files: int, how_to: str) -> ClassifyRequest:
     try:
-        parts = parse_form(body, boundary_of(request.headers["content-type"]), max_files + MAX_OTHER_FIELDS)
+        boundary = boundary_of(received.header(b"content-type"))
+        parts = parse_form(received.body, boundary, max_files + MAX_OTHER_FIELDS)
     except TooManyParts:
         raise RequestError(
             f"too many images: at most {max_files} per request (and {MAX_OTHER_FIELDS} other fields), got more; "
@@ -91,7 +102,7 @@ async def _read_form(request: Request, field: str, max_files: int, max_bytes: in
         part = next((part for part in parts if part.name == name), None)
         if part is not None and part.filename is not None:
             raise RequestError(f"field {name!r} must be a text value, not a file")
-        options[name] = form_value(part.data) if part is not None else request.query_params.get(name)
+        options[name] = form_value(part.data) if part is not None else received.query.get(name)
     uploads = [Upload(part.filename or f"{field}[{i}]", part.data) for i, part in enumerate(files)]
     return ClassifyRequest(uploads, options["top_k"], options["model"] or None)
 
@@ -123,24 +134,3 @@ def parse_top_k(value: str | None, num_classes: int) -> int:
     if not 1 <= k <= num_classes:
         raise RequestError(f"top_k must be from 1 to {num_classes}, got {k}")
     return k
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    return b"".join([chunk async for chunk in _limited(request, max_bytes)])
-
-
-async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
-    """The body stream, refused with 413 as soon as it passes ``max_bytes`` (chunked bodies included)."""
-    seen = 0
-    try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > max_bytes:
-                raise body_too_large(max_bytes)
-            yield chunk
-    except ClientDisconnect:
-        raise ClientGone("the client disconnected before its request body was read") from None
-
-
-def body_too_large(max_bytes: int) -> BodyTooLarge:
-    return BodyTooLarge(f"request body exceeds the limit of {max_bytes:,} bytes")

@@ -30,6 +30,7 @@ with bentoml.importing():
     from serving.handlers import Handlers
     from serving.logs import log_event
     from serving.model_set import ModelSet
+    from serving.requests import Received
     from serving.schemas import (
         ClassifyBatchForm,
         ClassifyBatchOutput,
@@ -53,6 +54,12 @@ models_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 def ui_page() -> HTMLResponse:
     """The browser page (serving/ui.html), served with a strict Content-Security-Policy."""
     return ui.page()
+
+
+async def received(ctx: bentoml.Context) -> Received:
+    """The request as the handlers take it; the edge read its body under the limits and handed it on."""
+    request = ctx.request
+    return Received.of(request.scope, await request.body())
 
 
 class Classifier:
@@ -91,7 +98,9 @@ class Classifier:
         Optional `top_k` (default 3) and `model` (default: the service's default), as form fields or query parameters.
         Answers the label and the ranked `top_k` with calibrated probabilities, and `unsure` with its `unsure_reason`
         (`null` for a model exported without calibration)."""
-        ctx.response.status_code, body = await respond(self.handlers, CLASSIFY, self.handlers.classify(ctx.request))
+        ctx.response.status_code, body = await respond(
+            self.handlers, CLASSIFY, self.handlers.classify(await received(ctx))
+        )
         return body
 
     @bentoml.api(route=CLASSIFY_BATCH, input_spec=ClassifyBatchForm, output_spec=ClassifyBatchOutput)
@@ -99,7 +108,7 @@ class Classifier:
         """Classify several images (repeated multipart field `images`), answered in order; a bad image gets
         its own `error` and the others are still classified."""
         ctx.response.status_code, body = await respond(
-            self.handlers, CLASSIFY_BATCH, self.handlers.classify_batch(ctx.request)
+            self.handlers, CLASSIFY_BATCH, self.handlers.classify_batch(await received(ctx))
         )
         return body
 
@@ -109,7 +118,7 @@ class Classifier:
         class-activation map of the top class over the image, as base64 PNG (`Accept: image/png`: the PNG alone,
         answered by the edge). Models with a global-average-pool head exported with `--cam` only; others answer 422."""
         # BentoML's layer (tracing or CORS on) answers JSON only: its output spec cannot switch to a PNG.
-        work = self.handlers.explain(ctx.request, png_allowed=False)
+        work = self.handlers.explain(await received(ctx), png_allowed=False)
         ctx.response.status_code, body = await respond(self.handlers, EXPLAIN, work)
         return body
 

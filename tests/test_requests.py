@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
 import pytest
-from starlette.requests import Request
 
-from serving.requests import ClassifyRequest, form_value, read_classify_request
+from serving.requests import ClassifyRequest, Received, form_value, read_classify_request
 
 IMAGE = b"\x89PNG not decoded here"
 
@@ -19,19 +17,11 @@ def read(data: dict, params: dict | None = None) -> ClassifyRequest:
     built = httpx.Request(
         "POST", "http://x/classify", files={"image": ("a.png", IMAGE, "image/png")}, data=data, params=params
     )
-    body = built.read()
     scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/classify",
         "query_string": built.url.query,
         "headers": [(name.lower().encode(), value.encode()) for name, value in built.headers.items()],
     }
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return asyncio.run(read_classify_request(Request(scope, receive), max_bytes=2**20))
+    return read_classify_request(Received.of(scope, built.read()))
 
 
 def test_options_json_encoded_by_bentomls_client_read_as_plain_ones():
