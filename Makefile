@@ -52,14 +52,14 @@ explainer-model: $(VENV)/.full data
 	$(BIN)/python -m export --checkpoint runs/explainer/last.pt --cam --output model_store/default/fashion-resnet20.onnx
 
 # On a GPU machine: every textbook row trained, exported, verified, timed and served
-# (benchmarks/gpu_suite.py); CI runs the same sequence with --smoke on the CPU.
+# (benchmarks/gpu/suite.py); CI runs the same sequence with --smoke on the CPU.
 gpu-suite:
-	$(PYTHON) benchmarks/gpu_suite.py --out gpu-results $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(PYTHON) -m benchmarks.gpu.suite --out gpu-results $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 # What a GPU lease carries, made here (where the package registry is), into .gpu/ (ignored by git):
 # onnxruntime-gpu in parts of 60 MiB, one folder each (a device call carries at most 64 MiB with the
 # repository), the Fashion-MNIST files, and the serving wheels the GPU machines lack. It ends with
-# the device calls to make (benchmarks/gpu_suite.py's docstring says why each).
+# the device calls to make (benchmarks/gpu/suite.py's docstring says why each).
 GPU_WHEEL := onnxruntime-gpu==1.31.1
 # pip matches platform tags exactly: name each glibc a wheel may be built for, up to the GPU image's (2.39).
 GPU_PIP := --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -67,15 +67,15 @@ GPU_PIP := --only-binary=:all: --python-version 3.12 --implementation cp \
 gpu-parts: data
 	rm -rf .gpu/parts .gpu/split .gpu/data .gpu/site
 	$(BIN)/python -m pip download --quiet --no-deps $(GPU_PIP) -d .gpu/wheels $(GPU_WHEEL)
-	$(BIN)/python benchmarks/wheel_parts.py split .gpu/wheels/onnxruntime_gpu-1.31.1-*.whl --out .gpu/split --part-mb 60
+	$(BIN)/python -m benchmarks.gpu.wheel_parts split .gpu/wheels/onnxruntime_gpu-1.31.1-*.whl --out .gpu/split --part-mb 60
 	cd .gpu/split && for part in *.part[0-9]*; do mkdir -p ../parts/$${part##*.part} && mv $$part ../parts/$${part##*.part}/; done
 	mv .gpu/split/*.parts.json .gpu/parts/$$(ls .gpu/parts | tail -1)/ && rmdir .gpu/split
 	mkdir -p .gpu/data && cp $(FASHION_MNIST)/*-ubyte.gz .gpu/data/
-	$(BIN)/python -m pip download --quiet --no-deps $(GPU_PIP) -d .gpu/site -r benchmarks/gpu_serving_requirements.txt
+	$(BIN)/python -m pip download --quiet --no-deps $(GPU_PIP) -d .gpu/site -r benchmarks/gpu/serving_requirements.txt
 	@du -sh .gpu/parts/* .gpu/data .gpu/site
 	@last=$$(ls .gpu/parts | tail -1); for nn in $$(ls .gpu/parts); do [ $$nn = $$last ] && break; \
 	  echo "device run, carry [\".gpu/parts/$$nn\"]: mkdir -p /tmp/parts && cp .gpu/parts/$$nn/* /tmp/parts/ && ls -l /tmp/parts"; done; \
-	  echo "device run, carry [\".gpu/parts/$$last\", \".gpu/data\", \".gpu/site\"], timeout_s 600: sh benchmarks/gpu_launch.sh"; \
+	  echo "device run, carry [\".gpu/parts/$$last\", \".gpu/data\", \".gpu/site\"], timeout_s 600: sh benchmarks/gpu/launch.sh"; \
 	  echo "each within 30 s of the previous answer: the machine stays warm 30 s, and /tmp/parts with it"
 
 # The serving install is torch-free and quick; the full one adds training, export and test tools.

@@ -1,14 +1,14 @@
 """A closed-loop HTTP load client in Python, for machines without wrk (the GPU machines have none).
 
-    python benchmarks/closed_loop.py --url http://127.0.0.1:3000/classify --bodies DIR --count 256 \\
+    python -m benchmarks.closed_loop --url http://127.0.0.1:3000/classify --bodies DIR --count 256 \\
         --content-type 'multipart/form-data; boundary=...' --concurrency 16 --seconds 10
 
 Each connection sends its next request when its last is answered, over raw asyncio streams with
 keep-alive: an HTTP client library would cost more CPU per request than the servers it measures.
-The bodies are the files ``wrk_load.write_bodies`` writes, sent in turn. One process prints one JSON
+The bodies are the files ``benchmarks.load.write_bodies`` writes, sent in turn. One process prints one JSON
 line: requests answered 2xx, errors (other statuses, broken connections, timeouts), its seconds and
-every latency in ms. ``run_closed_loop`` starts several processes and sums them into the dict
-``wrk_load.run_wrk`` returns, so either client fills the same row.
+every latency in ms. ``benchmarks.load.run_closed_loop`` starts several processes and sums them
+into the dict ``benchmarks.load.run_wrk`` returns, so either client fills the same row.
 """
 
 from __future__ import annotations
@@ -16,17 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from wrk_load import Bodies, cpu_seconds, process_tree  # this script's folder is on sys.path
-
-TIMEOUT_S = 30.0  # as wrk_load's --timeout
+from benchmarks.load import CLIENT_TIMEOUT_S
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bool]:
@@ -55,7 +49,7 @@ async def connection(url: str, bodies: list[bytes], heads: list[bytes], deadline
             if writer is None:
                 reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
             writer.write(heads[index] + bodies[index])
-            status, closing = await asyncio.wait_for(read_answer(reader), TIMEOUT_S)
+            status, closing = await asyncio.wait_for(read_answer(reader), CLIENT_TIMEOUT_S)
         except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             out["errors"] += 1
             if writer is not None:
@@ -89,52 +83,6 @@ async def load(args: argparse.Namespace) -> dict:
         *(connection(args.url, bodies, heads, deadline, args.offset + c, out) for c in range(args.concurrency))
     )
     return {**out, "seconds": time.perf_counter() - start}
-
-
-def run_closed_loop(
-    url: str, bodies: Bodies, concurrency: int, seconds: float, server_pid: int | None = None, processes: int = 0
-) -> dict:
-    """``wrk_load.run_wrk``'s figures from ``processes`` client processes (0: a quarter of the cores,
-    at most one per connection), the connections shared among them; ``client`` says which client ran."""
-    processes = min(concurrency, processes or max(1, (os.cpu_count() or 1) // 4))
-    shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
-    command = [sys.executable, __file__, "--url", url, "--bodies", str(bodies.folder), "--count", str(bodies.count)]
-    command += ["--content-type", bodies.content_type, "--seconds", f"{seconds:g}"]
-    command += [a for h in bodies.headers for a in ("--header", h)]
-    pids = process_tree(server_pid) if server_pid else []
-    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_before = cpu_seconds(pids)
-    started = time.perf_counter()
-    children = [
-        subprocess.Popen(
-            [*command, "--concurrency", str(share), "--offset", str(k * 7919)], stdout=subprocess.PIPE, text=True
-        )
-        for k, share in enumerate(shares)
-    ]
-    outputs = [child.communicate(timeout=seconds + TIMEOUT_S + 30)[0] for child in children]
-    elapsed = time.perf_counter() - started
-    server_cpu = cpu_seconds(pids) - server_before
-    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if any(child.returncode for child in children):
-        raise RuntimeError(f"a load client failed: exit statuses {[child.returncode for child in children]}")
-    runs = [json.loads(output) for output in outputs]
-    done, errors = sum(r["ok"] for r in runs), sum(r["errors"] for r in runs)
-    latencies = sorted(x for r in runs for x in r["latencies"]) or [float("nan")]
-    duration = max(r["seconds"] for r in runs)
-    client_cpu = (client_after.ru_utime + client_after.ru_stime) - (client_before.ru_utime + client_before.ru_stime)
-    return {
-        "concurrency": concurrency,
-        "requests": done,
-        "errors": errors,
-        "rps": done / duration,
-        "p50": latencies[len(latencies) // 2],
-        "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-        "max": latencies[-1],
-        "server_cpu_ms": server_cpu * 1000 / done if (pids and done) else float("nan"),
-        "server_cores": server_cpu / elapsed if pids else float("nan"),
-        "client_cores": client_cpu / elapsed,
-        "client": f"python closed loop (benchmarks/closed_loop.py), {processes} process(es)",
-    }
 
 
 def get_args_parser() -> argparse.ArgumentParser:

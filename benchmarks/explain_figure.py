@@ -1,7 +1,7 @@
 """The README's picture of /explain: the first Fashion-MNIST test image of each class, and the shipped
 ResNet-20's class-activation map of its answer drawn over it, exactly as the service draws it.
 
-    python benchmarks/explain_figure.py --out docs/explain.png
+    python -m benchmarks.explain_figure --out docs/explain.png
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from model_store.engine import OnnxClassifier
 from model_store.files import atomic_output
 from model_store.store import EXPLAINER_MODEL_FILE
 from serving.heatmap import overlay_png
-from training.fashion_mnist import load_fashion_mnist
+from training.fashion_mnist_files import load_fashion_mnist
 
 
 def get_args_parser() -> argparse.ArgumentParser:

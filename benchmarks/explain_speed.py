@@ -1,8 +1,8 @@
 """What an explanation costs: the shipped ResNet-20's /explain next to its /classify and next to the
 default LeNet's /classify, on one `bentoml serve` of the shipped models as `make serve` starts it.
 
-    python benchmarks/explain_speed.py                     # c=1 and 8, 10 s, 3 rounds
-    python benchmarks/explain_speed.py --write BENCHMARKS.md
+    python -m benchmarks.explain_speed                     # c=1 and 8, 10 s, 3 rounds
+    python -m benchmarks.explain_speed --write BENCHMARKS.md
 
 Ways (real Fashion-MNIST test images as PNG, one per request, multipart as curl -F sends them):
 
@@ -25,10 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from images import fashion_pngs
-from protocol_compare import get_args_parser, load_in_turn, ways_table  # this script's folder is on sys.path
-from report import write_section
-from wrk_load import write_bodies
+from benchmarks.images import fashion_pngs
+from benchmarks.load import write_bodies
+from benchmarks.report import write_section
+from benchmarks.turns import get_args_parser, load_in_turn, ways_table
 
 SECTION = "## /explain: what a class-activation map costs"
 WAYS = {
@@ -58,7 +58,7 @@ def report(runs: dict, args: argparse.Namespace) -> str:
         "default. wrk in a closed loop, one PNG per request; each way in turn at each level in each round, the "
         "median round by requests/s shown. Ratios are to the ResNet-20's /classify in the same round set."
     )
-    return ways_table(runs, args, "explain_speed.py", about, WAYS, "resnet20-classify", "resnet20 /classify")
+    return ways_table(runs, args, "explain_speed", about, WAYS, "resnet20-classify", "resnet20 /classify")
 
 
 if __name__ == "__main__":

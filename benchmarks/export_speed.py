@@ -1,9 +1,9 @@
 """PyTorch eager vs the exported graph in ONNX Runtime: latency at batch 1, throughput at batch 64.
 
-    python benchmarks/export_speed.py --write BENCHMARKS.md                  # every model, on the CPU
-    python benchmarks/export_speed.py --device cuda --write BENCHMARKS.md    # on a GPU
-    python benchmarks/export_speed.py --models resnet34 --rounds 9
-    python benchmarks/export_speed.py --device cuda --data-dir /tmp/fashion-mnist --jsonl speed.jsonl
+    python -m benchmarks.export_speed --write BENCHMARKS.md                  # every model, on the CPU
+    python -m benchmarks.export_speed --device cuda --write BENCHMARKS.md    # on a GPU
+    python -m benchmarks.export_speed --models resnet34 --rounds 9
+    python -m benchmarks.export_speed --device cuda --data-dir /tmp/fashion-mnist --jsonl speed.jsonl
 
 The engines, per device:
 - cpu: PyTorch eager fp32; the graph in fp32; the graph quantized to int8 as ``python -m export
@@ -23,19 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from report import write_section  # this script's folder is on sys.path
 
+from benchmarks.engines import Engine, device_name, eager_engine, onnx_engine, seconds_per_call
+from benchmarks.report import write_section
 from export.__main__ import calibration_sample
 from export.onnx_export import export_graph, serialize
 from export.quantize import quantize_int8
@@ -50,8 +49,6 @@ SECTIONS = {
 }
 BATCHES = (1, 64)
 CALIBRATION_IMAGES = 256
-
-Engine = Callable[[np.ndarray], np.ndarray]  # uint8 pixels [N, C, H, W] -> float32 logits [N, classes]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,38 +76,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=None, help="the Fashion-MNIST files (default: found as training finds them)"
     )
     return parser
-
-
-def seconds_per_call(run: Callable[[], object], min_seconds: float = 0.2) -> float:
-    """One timing round: repeats the call for at least ``min_seconds``."""
-    calls, start = 0, time.perf_counter()
-    while True:
-        run()
-        calls += 1
-        if time.perf_counter() - start >= min_seconds:
-            return (time.perf_counter() - start) / calls
-
-
-def eager_engine(model: torch.nn.Module, device: str) -> Engine:
-    model = model.to(device).eval()
-
-    def run(pixels: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(pixels).to(device)).float().cpu().numpy()  # .cpu() waits for the GPU
-
-    return run
-
-
-def onnx_engine(graph: bytes, providers: list, threads: int) -> Engine:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(graph, options, providers=providers)
-    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
-    if session.get_providers()[0] != wanted:  # ONNX Runtime falls back silently; a fallback is not this engine
-        raise RuntimeError(f"{wanted} did not load; the session runs on {session.get_providers()}")
-    name = session.get_inputs()[0].name
-    return lambda pixels: session.run(None, {name: pixels})[0]
 
 
 def engines(
@@ -208,19 +173,11 @@ def measure(
     return list(rows.values())
 
 
-def device_name(device: str, threads: int) -> str:
-    if device == "cuda":
-        return f"GPU {torch.cuda.get_device_name()}"
-    return (
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {threads} threads for each engine"
-    )
-
-
 def table(rows: list[dict], device: str, threads: int, skipped: dict[str, str] | None = None) -> str:
     lines = [
         (
             f"Device: {device_name(device, threads)}; torch {torch.__version__}, onnxruntime {ort.__version__}; "
-            f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/export_speed.py --device {device} --write BENCHMARKS.md`. "
+            f"{time.strftime('%Y-%m-%d')}. Command: `python -m benchmarks.export_speed --device {device} --write BENCHMARKS.md`. "
             f"Random weights (speed does not depend on their values), real Fashion-MNIST test images; medians of alternating rounds."
         ),
         "",

@@ -1,7 +1,7 @@
 """The container images as a user meets them: size, time from `run` to ready, memory once ready.
 
     python -m deploy.image && python -m deploy.image --gpu      # or: make image image-gpu
-    python benchmarks/image_start.py classic-cnns:cpu classic-cnns:gpu --runs 5 --write BENCHMARKS.md
+    python -m benchmarks.image_start classic-cnns:cpu classic-cnns:gpu --runs 5 --write BENCHMARKS.md
 
 Each run starts a fresh container (`--read-only`, port 3000 published on a loopback port), and the
 clock runs from just before the engine's `run` command to the first 200 from /readyz (the models
@@ -16,7 +16,6 @@ import argparse
 import io
 import statistics
 import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -25,17 +24,15 @@ import httpx
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from report import device, write_section  # noqa: E402  (this script's folder is on sys.path)
-from servers import free_port  # noqa: E402
-
-from deploy.image import engine  # noqa: E402
+from benchmarks.report import device, write_section
+from benchmarks.servers import free_port
+from deploy.image import engine
 
 SECTION = "## Container images: size, start-up, memory"
 
 
 def test_png() -> bytes:
-    from training.fashion_mnist import load_fashion_mnist  # the real files, read as training reads them
+    from training.fashion_mnist_files import load_fashion_mnist  # the real files, read as training reads them
 
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(load_fashion_mnist("test")[0][0])).save(buffer, format="PNG")
@@ -95,7 +92,7 @@ def main() -> None:
             f"| {runs[-1]['memory']} | {runs[-1]['models']} | {runs[-1]['provider']} |"
         )
         print(rows[-1], flush=True)
-    command = "python benchmarks/image_start.py " + " ".join(args.images) + f" --runs {args.runs}"
+    command = "python -m benchmarks.image_start " + " ".join(args.images) + f" --runs {args.runs}"
     text = "\n".join(
         [
             f"Device: {device()}, {tool}. Date: {date.today()}. Command: `{command}`.",

@@ -11,7 +11,7 @@ from PIL import Image
 def fashion_images(count: int) -> np.ndarray:
     """``count`` test images, uint8 [count, 28, 28], read as training reads them; past the 10,000
     of the test set, the same images again."""
-    from training.fashion_mnist import load_fashion_mnist
+    from training.fashion_mnist_files import load_fashion_mnist
 
     images = load_fashion_mnist("test")[0]
     return images[np.arange(count) % len(images)]

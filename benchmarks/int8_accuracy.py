@@ -20,9 +20,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-from export_speed import device_name, onnx_engine, seconds_per_call  # this script's folder is on sys.path
-from report import write_section
 
+from benchmarks.engines import device_name, onnx_engine, seconds_per_call
+from benchmarks.report import write_section
 from export.__main__ import calibration_sample
 from export.onnx_export import compare_with_torch, export_graph, serialize
 from export.quantize import DEFAULT_CALIBRATION_IMAGES, quantize_int8

@@ -1,7 +1,7 @@
 """LitServe serving the same ONNX graph with its own batching: the peer a user would pick instead.
 
     LITSERVE_ONNX=model_store/default/fashion-lenet.onnx LITSERVE_BATCH_TIMEOUT=0.005 \\
-        python benchmarks/litserve_peer.py --port 8002
+        python -m benchmarks.litserve_peer --port 8002
 
 Set up as LitServe's docs advise for throughput: ``max_batch_size=64``, a ``batch_timeout``, one
 inference worker and one API server (one model copy, as the service has), ZeroMQ queues

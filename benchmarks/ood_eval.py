@@ -2,7 +2,7 @@
 the test set, reliability diagrams, and how well the energy threshold tells Fashion-MNIST from
 images that are not clothes.
 
-    python benchmarks/ood_eval.py --onnx runs/lenet/model.onnx runs/lenet_bn/model.onnx \
+    python -m benchmarks.ood_eval --onnx runs/lenet/model.onnx runs/lenet_bn/model.onnx \
         --write BENCHMARKS.md --figure docs/reliability.png
 
 Every image goes through ``model_store.to_input`` and ``model_store.engine.OnnxClassifier`` as the
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
-from report import write_section  # this script's folder is on sys.path
 
+from benchmarks.report import write_section
 from export.calibrate import ECE_BINS, expected_calibration_error, nll
 from model_store import to_input
 from model_store.calibration import scores
@@ -81,7 +81,7 @@ def auroc(in_distribution: np.ndarray, out_of_distribution: np.ndarray) -> float
 
 
 def fashion_test() -> tuple[list[Image.Image], np.ndarray]:
-    from training.fashion_mnist import load_fashion_mnist
+    from training.fashion_mnist_files import load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     return [Image.fromarray(image) for image in images], np.asarray(labels)
@@ -195,7 +195,7 @@ def evaluate(path: Path, sets: dict[str, list[Image.Image]], test: tuple[list[Im
 
 
 def report(results: list[dict], args: argparse.Namespace) -> str:
-    command = f"python benchmarks/ood_eval.py --onnx {' '.join(map(str, args.onnx))} --write BENCHMARKS.md"
+    command = f"python -m benchmarks.ood_eval --onnx {' '.join(map(str, args.onnx))} --write BENCHMARKS.md"
     lines = [
         f"Device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), ONNX Runtime "
         f"{ort.__version__}; {time.strftime('%Y-%m-%d')}. Command: `{command}"

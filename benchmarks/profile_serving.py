@@ -1,7 +1,7 @@
 """Where a served request's CPU goes: per-thread CPU from /proc and a py-spy profile, under wrk load.
 
-    python benchmarks/profile_serving.py                          # the shipped model, c=32, 15 s
-    python benchmarks/profile_serving.py --env SERVING_TRACING=true --concurrency 1
+    python -m benchmarks.profile_serving                          # the shipped model, c=32, 15 s
+    python -m benchmarks.profile_serving --env SERVING_TRACING=true --concurrency 1
 
 Starts ``bentoml serve`` (one worker, a private BentoML home), loads it with wrk like
 benchmarks/serving_compare.py, and meanwhile samples the worker with py-spy. Prints the worker's
@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from images import fashion_pngs  # this script's folder is on sys.path
-from servers import process
-from wrk_load import TICKS, run_wrk, write_bodies
+from benchmarks.images import fashion_pngs
+from benchmarks.load import TICKS, run_wrk, write_bodies
+from benchmarks.servers import process
 
 REPO = Path(__file__).resolve().parents[1]
 PY_SPY = (

@@ -1,8 +1,8 @@
 """What the Open Inference Protocol costs next to /classify: one `bentoml serve` of the shipped
 LeNet, loaded by wrk in turn with each way of asking it the same question.
 
-    python benchmarks/protocol_compare.py                          # c=1 and 32, 10 s, 3 rounds
-    python benchmarks/protocol_compare.py --write BENCHMARKS.md
+    python -m benchmarks.protocol_compare                          # c=1 and 32, 10 s, 3 rounds
+    python -m benchmarks.protocol_compare --write BENCHMARKS.md
 
 Ways (real Fashion-MNIST test images, one per request, encoded as tritonclient.http encodes them):
 
@@ -20,21 +20,17 @@ the median round is reported. Server CPU per request is read from /proc for the 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import tritonclient.http as triton
-from images import fashion_images, fashion_pngs
-from report import device, write_section  # this script's folder is on sys.path
-from servers import REPO, free_port, process
-from wrk_load import Bodies, run_wrk, write_bodies, write_raw_bodies
+
+from benchmarks.images import fashion_images, fashion_pngs
+from benchmarks.load import write_bodies, write_raw_bodies
+from benchmarks.report import write_section
+from benchmarks.turns import get_args_parser, load_in_turn, ways_table
 
 SECTION = "## The v2 protocol (KServe / Triton) against /classify"
 WAYS = ("classify", "v2-pixels", "v2-pixels-top3", "v2-png", "v2-json")
@@ -86,17 +82,6 @@ def write_ways(workdir: Path, count: int) -> dict:
     return ways
 
 
-def get_args_parser(description: str = __doc__.splitlines()[0], levels: tuple[int, ...] = (1, 32)):
-    parser = argparse.ArgumentParser(description=description)
-    shown = " ".join(map(str, levels))
-    parser.add_argument("--concurrency", type=int, nargs="+", default=list(levels), help=f"levels (default: {shown})")
-    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each run (default: 10)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported (default: 3)")
-    parser.add_argument("--images", type=int, default=256, help="distinct test images (default: 256)")
-    parser.add_argument("--write", type=Path, default=None, help="write the section into this markdown file")
-    return parser
-
-
 def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="protocol-compare-") as folder:
         workdir = Path(folder)
@@ -109,63 +94,14 @@ def main(args: argparse.Namespace) -> None:
         write_section(args.write, "protocol-compare", text, SECTION)
 
 
-def load_in_turn(workdir: Path, ways: dict[str, tuple[str, Bodies]], args: argparse.Namespace) -> dict:
-    """One `bentoml serve` of the shipped models, loaded by wrk with each way (its path, its bodies)
-    in turn, at each of ``args.concurrency`` in each of ``args.rounds`` rounds:
-    {(way, concurrency): [wrk result per round]}. A failed request stops it."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    home = workdir / "bentoml"
-    env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SERVING_LOG_REQUESTS": "false"}
-    register = [sys.executable, "-m", "model_store", "register-default"]
-    subprocess.run(register, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
-    command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    runs: dict[tuple[str, int], list[dict]] = {}
-    with process("service", command, env, base + "/readyz", workdir) as pid:
-        for path, bodies in ways.values():  # warm: each way's first requests
-            run_wrk(base + path, bodies, 4, 1, pid)
-        for round_ in range(args.rounds):
-            for concurrency in args.concurrency:
-                for way, (path, bodies) in ways.items():
-                    result = run_wrk(base + path, bodies, concurrency, args.seconds, pid)
-                    if result["errors"]:
-                        raise SystemExit(f"error: {way} at c={concurrency}: {result['errors']} failed requests")
-                    runs.setdefault((way, concurrency), []).append(result)
-                    print(json.dumps({"way": way, "round": round_, **result}), flush=True)
-    return runs
-
-
 def report(runs: dict, args: argparse.Namespace) -> str:
     about = (
         "One `bentoml serve` of the shipped models (SERVING_LOG_REQUESTS=false), the default LeNet asked, one "
         "image per request, wrk in a closed loop; each way in turn at each level in each round, the median round "
         "by requests/s shown. Ratios are to /classify in the same round set."
     )
-    return ways_table(runs, args, "protocol_compare.py", about, WAYS, "classify", "/classify")
-
-
-def ways_table(runs: dict, args, script: str, about: str, ways, baseline: str, baseline_label: str) -> str:
-    """The section: device, date and command, ``about``, and per level and way the median round by
-    requests/s, with its requests/s over ``baseline``'s median."""
-    lines = [
-        f"Device: {device()}. Date: {datetime.date.today()}. Command: `python benchmarks/{script} "
-        f"--concurrency {' '.join(map(str, args.concurrency))} --seconds {args.seconds:g} --rounds {args.rounds}`.",
-        about,
-        "",
-        f"| way | concurrency | req/s | vs {baseline_label} | p50 ms | p99 ms | server CPU ms/req |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for concurrency in args.concurrency:
-        base = statistics.median(r["rps"] for r in runs[(baseline, concurrency)])
-        for way in ways:
-            results = sorted(runs[(way, concurrency)], key=lambda r: r["rps"])
-            r = results[len(results) // 2]
-            lines.append(
-                f"| {way} | {concurrency} | {r['rps']:,.0f} | {r['rps'] / base:.2f}x | {r['p50']:.2f} | "
-                f"{r['p99']:.2f} | {r['server_cpu_ms']:.3f} |"
-            )
-    return "\n".join(lines) + "\n"
+    return ways_table(runs, args, "protocol_compare", about, WAYS, "classify", "/classify")
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(get_args_parser(__doc__.splitlines()[0]).parse_args()))

@@ -1,9 +1,9 @@
 """Offline scoring throughput: the scorer, Ray-local and the in-process decode + ONNX Runtime limit,
 on the same images, side by side in one run.
 
-    python benchmarks/score_speed.py                                          # LeNet, 50,000 PNGs
-    python benchmarks/score_speed.py --resnet18-onnx r18.onnx --jpegs 600    # and a ResNet-18 row
-    python benchmarks/score_speed.py ... --write BENCHMARKS.md
+    python -m benchmarks.score_speed                                          # LeNet, 50,000 PNGs
+    python -m benchmarks.score_speed --resnet18-onnx r18.onnx --jpegs 600    # and a ResNet-18 row
+    python -m benchmarks.score_speed ... --write BENCHMARKS.md
 
 The images are real Fashion-MNIST test images, written to a temporary folder: 28x28 PNGs for LeNet
 (the shipped graph), and the same images upscaled to 224x224 RGB JPEGs (quality 90, ~9 KB) for a
@@ -29,7 +29,6 @@ import contextlib
 import io
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -39,18 +38,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's packages, whatever the environment has installed
-
-from images import encode, fashion_images  # noqa: E402  (this script's folder is on sys.path)
-from report import device, write_section  # noqa: E402
-from wrk_load import cpu_seconds, process_tree  # noqa: E402
-
-from model_store import image_bytes_to_input  # noqa: E402
-from model_store.engine import OnnxClassifier  # noqa: E402
-from scoring.__main__ import get_args_parser as scorer_args  # noqa: E402
-from scoring.__main__ import main as score  # noqa: E402
-from scoring.sources import FolderSource  # noqa: E402
+from benchmarks.images import encode, fashion_images
+from benchmarks.load import cpu_seconds, process_tree
+from benchmarks.report import device, write_section
+from benchmarks.servers import REPO
+from model_store import image_bytes_to_input
+from model_store.engine import OnnxClassifier
+from scoring.__main__ import get_args_parser as scorer_args
+from scoring.__main__ import main as score
+from scoring.sources import FolderSource
 
 SECTION, HEADING = "score-speed", "## Offline scoring: one machine, Ray-local, and what 100 million images take"
 LENET = REPO / "model_store/default/fashion-lenet.onnx"
@@ -173,7 +169,7 @@ def measure(name: str, model: Path, files: list[bytes], extension: str, args, wo
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
-    command = "python benchmarks/score_speed.py" + (
+    command = "python -m benchmarks.score_speed" + (
         f" --resnet18-onnx {args.resnet18_onnx} --jpegs {args.jpegs}" if args.resnet18_onnx else ""
     )
     lines = [

@@ -1,5 +1,5 @@
-"""Starting a server for a benchmark and waiting for it: a free loopback port, and a process
-group that is killed whatever happens."""
+"""Starting a server and waiting for it, for the benchmarks and the tests: a free loopback port, a
+process group of its own, a readiness check, and a stop that ends the whole group."""
 
 from __future__ import annotations
 
@@ -22,24 +22,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def process(name: str, command: list[str], env: dict[str, str], ready_url: str, logdir: Path) -> Iterator[int]:
-    """Start ``command`` in its own process group; yield its pid once ``ready_url`` answers 200; kill the group."""
-    import httpx  # here: benchmarks/gpu_serving.py imports this module for stop() on machines without it
-
-    log = logdir / f"{name}.log"
+def start(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    """``command`` from ``cwd`` (the repository root) with ``env`` added, in a process group of its own (so
+    that :func:`stop` ends its children too), its output into ``log``."""
     with open(log, "wb") as out:
-        child = subprocess.Popen(
-            command, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        return subprocess.Popen(
+            command, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+
+def answers(url: str) -> bool:
+    """Whether GET ``url`` answers 200 now."""
+    import httpx  # here: benchmarks/gpu/serving.py imports this module on machines without it
+
+    try:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextlib.contextmanager
+def process(
+    name: str, command: list[str], env: dict[str, str], ready_url: str, logdir: Path, cwd: Path = REPO
+) -> Iterator[int]:
+    """Start ``command`` (:func:`start`); yield its pid once ``ready_url`` answers 200; stop it whatever happens."""
+    log = logdir / f"{name}.log"
+    child = start(command, env, log, cwd)
     try:
         deadline = time.monotonic() + READY_SECONDS
-        while True:
+        while not answers(ready_url):
             if child.poll() is not None:
                 raise SystemExit(f"error: {name} exited with {child.returncode}:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
             if time.monotonic() > deadline:
                 raise SystemExit(f"error: {name} not ready after {READY_SECONDS} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)

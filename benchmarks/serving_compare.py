@@ -1,9 +1,9 @@
 """Serving benchmark: the service against what a user would run instead, side by side in one run.
 
-    python benchmarks/serving_compare.py                                   # LeNet, c=1 32 128; 15 s, 2 rounds
-    python benchmarks/serving_compare.py --resnet18-checkpoint runs/resnet18-224/last.pt   # + ResNet-18 rows
-    python benchmarks/serving_compare.py --subjects lenet --concurrency 32 --seconds 5 --rounds 1 --targets service floor
-    python benchmarks/serving_compare.py ... --write BENCHMARKS.md
+    python -m benchmarks.serving_compare                                   # LeNet, c=1 32 128; 15 s, 2 rounds
+    python -m benchmarks.serving_compare --resnet18-checkpoint runs/resnet18-224/last.pt   # + ResNet-18 rows
+    python -m benchmarks.serving_compare --subjects lenet --concurrency 32 --seconds 5 --rounds 1 --targets service floor
+    python -m benchmarks.serving_compare ... --write BENCHMARKS.md
 
 Run from the repository root; needs `wrk` (apt-get install wrk) and the bench extra (LitServe).
 Targets, each its own server process tree on loopback, all started before timing and loaded in
@@ -38,12 +38,12 @@ from typing import Callable, Iterator
 
 import httpx
 import torch
-from images import encode, fashion_images, fashion_pngs
 from PIL import Image
-from report import device, write_section  # this script's folder is on sys.path
-from servers import REPO, free_port, process
-from wrk_load import Bodies, run_wrk, write_bodies
 
+from benchmarks.images import encode, fashion_images, fashion_pngs
+from benchmarks.load import Bodies, run_wrk, write_bodies
+from benchmarks.report import device, write_section
+from benchmarks.servers import REPO, free_port, process
 from model_store import ModelCard
 from training.checkpoint import read_checkpoint, save_checkpoint
 from training.models import build_model
@@ -53,6 +53,7 @@ LEVELS = {"lenet": [1, 32, 128], "resnet18": [32]}
 EXTRA_AT = 32  # service-2w, -nolog and -traced run at this level only: they answer one question each
 TARGETS = (
     "service",
+    "service-before",
     "service-2w",
     "service-nolog",
     "service-traced",
@@ -64,6 +65,7 @@ TARGETS = (
 )
 DESCRIPTIONS = {
     "service": "`bentoml serve`, 1 worker, defaults",
+    "service-before": "`bentoml serve`, 1 worker, defaults, run from the checkout --before names (a change's before)",
     "service-2w": "`bentoml serve`, SERVING_WORKERS=2",
     "service-nolog": "`bentoml serve`, SERVING_LOG_REQUESTS=false",
     "service-traced": "`bentoml serve`, SERVING_TRACING=true (sampled 1.0, no exporter)",
@@ -94,7 +96,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, nargs="+", default=None, help="levels (default: lenet 1 32 128, resnet18 32)"
     )
     parser.add_argument(
-        "--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to run (default: all)"
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=[t for t in TARGETS if t != "service-before"],
+        help="what to run (default: all; service-before with --before)",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="another checkout (a git worktree of the commit before a change): its service runs as the target "
+        "service-before, in turn with this one's, so a change is measured before and after in one run",
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each run (default: 15)")
     parser.add_argument(
@@ -189,21 +202,22 @@ def metric_sums(url: str, name: str) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def start(target: str, subject: Subject, workdir: Path) -> Iterator[Running]:
+def start(target: str, subject: Subject, workdir: Path, before: Path | None) -> Iterator[Running]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-    batches = None
+    batches, cwd = None, REPO
     if target.startswith("service"):
+        cwd = before if target == "service-before" else REPO
         command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        env, ready = service_env(target, subject, workdir), "/readyz"
+        env, ready = service_env(target, subject, workdir, cwd), "/readyz"
         batches = lambda: metric_sums(base, "classify_batch_size")  # noqa: E731
     elif target == "fastapi":
         command, ready = [*uvicorn, "benchmarks.fastapi_baseline:app"], "/healthz"
         env = {"BASELINE_CHECKPOINT": str(subject.checkpoint)}
     elif target.startswith("litserve"):
         stats = workdir / f"{target}-{subject.key}.json"
-        command, ready = [sys.executable, "benchmarks/litserve_peer.py", "--port", str(port)], "/health"
+        command, ready = [sys.executable, "-m", "benchmarks.litserve_peer", "--port", str(port)], "/health"
         timeout = "0.001" if target == "litserve-1ms" else "0.005"
         env = {"LITSERVE_ONNX": str(subject.onnx), "LITSERVE_BATCH_TIMEOUT": timeout, "LITSERVE_STATS": str(stats)}
         env["PYTHONPATH"] = str(REPO)
@@ -211,11 +225,11 @@ def start(target: str, subject: Subject, workdir: Path) -> Iterator[Running]:
     else:
         command = [*uvicorn, "--loop", "uvloop", "--http", "httptools", "benchmarks.starlette_floor:app"]
         env, ready = {"FLOOR_ONNX": str(subject.onnx)}, "/healthz"
-    with process(f"{target}-{subject.key}", command, env, base + ready, workdir) as pid:
+    with process(f"{target}-{subject.key}", command, env, base + ready, workdir, cwd) as pid:
         yield Running(base + "/classify", pid, batches)
 
 
-def service_env(target: str, subject: Subject, workdir: Path) -> dict[str, str]:
+def service_env(target: str, subject: Subject, workdir: Path, checkout: Path) -> dict[str, str]:
     """The service variant's settings, with its own BentoML home holding its graph.
 
     A home per service: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
@@ -224,7 +238,9 @@ def service_env(target: str, subject: Subject, workdir: Path) -> dict[str, str]:
     home = workdir / f"bentoml-{target}-{subject.key}"
     graph = subject.int8 if target == "service-int8" else subject.onnx
     register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", f"bench-{subject.key}"]
-    subprocess.run(register, cwd=REPO, env={**os.environ, "BENTOML_HOME": str(home)}, check=True, capture_output=True)
+    subprocess.run(
+        register, cwd=checkout, env={**os.environ, "BENTOML_HOME": str(home)}, check=True, capture_output=True
+    )
     variant = {
         "service-2w": {"SERVING_WORKERS": "2"},
         "service-nolog": {"SERVING_LOG_REQUESTS": "false"},
@@ -248,7 +264,7 @@ def measure(
     wanted = [t for t in targets if t != "service-int8" or subject.int8 is not None]
     rows: dict[tuple[int, str], list[dict]] = {}
     with contextlib.ExitStack() as stack:
-        running = {t: stack.enter_context(start(t, subject, workdir)) for t in wanted}
+        running = {t: stack.enter_context(start(t, subject, workdir, args.before)) for t in wanted}
         for target, server in running.items():  # warm every server up, and prove it answers
             run_wrk(server.url, subject.bodies, 4, 2, server.pid)
         for concurrency in levels:
@@ -353,7 +369,7 @@ def report(rows: list[dict], subjects: list[Subject], args: argparse.Namespace) 
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("[")[0].strip()
     lines = [
         f"Device: {device()}, shared by the servers and the client. Date: {time.strftime('%Y-%m-%d')}. "
-        f"Command: `python {shlex.join(sys.argv)}`. Client: {wrk}, closed loop, multipart forms "
+        f"Command: `python -m benchmarks.serving_compare {shlex.join(sys.argv[1:])}`. Client: {wrk}, closed loop, multipart forms "
         f"(benchmarks/multipart.lua). {packages}. Each figure is the median of {args.rounds} runs of "
         f"{args.seconds:g} s; the targets take turns. Server CPU: user + system time of the target's whole "
         "process tree (/proc), per answered request. Mean batch: images per model call.",
@@ -382,6 +398,12 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(
             "error: resnet18 needs --resnet18-checkpoint (a trained 3x224x224 ResNet-18: the int8 export verifies against it)"
         )
+    if args.before is not None:
+        if not (args.before / "serving" / "service.py").is_file():
+            raise SystemExit(f"error: --before {args.before} is not a checkout of this project (no serving/service.py)")
+        args.targets = [*args.targets, "service-before"] if "service-before" not in args.targets else args.targets
+    elif "service-before" in args.targets:
+        raise SystemExit("error: the target service-before needs --before CHECKOUT")
     if args.seconds <= 0 or args.rounds < 1 or args.images < 1:
         raise SystemExit("error: --seconds, --rounds and --images must be positive")
     prepare = {"lenet": prepare_lenet, "resnet18": prepare_resnet18}

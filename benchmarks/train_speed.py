@@ -1,6 +1,6 @@
 """Training's two data paths side by side: seconds per epoch of LeNet-BN on Fashion-MNIST.
 
-    python benchmarks/train_speed.py --write BENCHMARKS.md
+    python -m benchmarks.train_speed --write BENCHMARKS.md
 
 ``loader``: a DataLoader that makes each item through PIL (``to_input``) and augments it, every
 epoch; ``tensors``: the inputs made once and cached, batches drawn and augmented as tensors on the
@@ -23,7 +23,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from report import write_section  # this script's folder is on sys.path
+
+from benchmarks.report import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = ["--model", "lenet_bn", "--epochs", "1", "--batch-size", "256", "--seed", "0", "--hflip"]
@@ -70,7 +71,7 @@ def main() -> None:
     text = "\n".join(
         [
             f"Device: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Date: {date.today()}. "
-            f"Command: `python benchmarks/train_speed.py --write BENCHMARKS.md`. torch {torch.__version__}. "
+            f"Command: `python -m benchmarks.train_speed --write BENCHMARKS.md`. torch {torch.__version__}. "
             f"Recipe: `python -m training train {' '.join(RECIPE)} --data-path PATH` on all 60,000 training "
             f"images; medians of {args.rounds} epochs each, the paths taking turns.",
             "",

@@ -7,18 +7,17 @@ import contextlib
 import io
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from benchmarks.servers import answers, free_port, start, stop
 
 REPO = Path(__file__).resolve().parents[1]
 # Training's input cache (training/tensors.py): one per test session, so no run depends on another's.
@@ -35,7 +34,7 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
 @pytest.fixture(scope="session")
 def fashion_test() -> tuple[np.ndarray, np.ndarray]:
     """The real 10,000 test images and labels. Missing data fails under CI and skips only on a dev box."""
-    from training.fashion_mnist import load_fashion_mnist
+    from training.fashion_mnist_files import load_fashion_mnist
 
     try:
         return load_fashion_mnist("test")
@@ -115,12 +114,6 @@ def wait_until(condition, what, timeout_s: float = 60, every_s: float = 0.05):
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args],
@@ -162,36 +155,22 @@ def bentoml_serve(bentoml_home: Path, log: Path, env: dict[str, str]):
     port = free_port()
     home = log.parent / "bentoml"
     shutil.copytree(bentoml_home / "models", home / "models")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    process = start(command, {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", **env}, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: ready(url, process, log), lambda: f"{url} ready:\n{log.read_text()[-4000:]}", 180, 0.2)
         yield url
     finally:
         if process.poll() is None:  # else it ended on its own, and the failure above says why
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+            stop(process)
 
 
 def ready(url: str, process: subprocess.Popen | None = None, log: Path | None = None) -> bool:
     """Whether the server at ``url`` answers /readyz with 200; fails at once if its process has exited."""
     if process is not None and process.poll() is not None:
         pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()[-4000:] if log else ''}")
-    try:
-        return httpx.get(f"{url}/readyz", timeout=10).status_code == 200
-    except httpx.TransportError:
-        return False
+    return answers(f"{url}/readyz")
 
 
 @pytest.fixture(scope="session")

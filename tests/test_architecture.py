@@ -3,7 +3,8 @@ model_store imports no other stage, and holds the inference engine both applicat
 service (serving) and the offline scorer (scoring) never import each other, and only the scorer's
 Ray engine imports Ray; int8 quantization takes arrays, not training's datasets; export
 takes from training only what rebuilds a checkpoint's model and data, never its flags or loop; the
-data spec is torch-free. Checked in the source (every import statement) and at run time (what
+data spec is torch-free. In ``benchmarks``, scripts import shared modules, never another script,
+and nothing reaches for ``sys.path``. Checked in the source (every import statement) and at run time (what
 importing the serving path really loads)."""
 
 from __future__ import annotations
@@ -84,3 +85,56 @@ def test_the_serving_path_and_the_scorer_load_no_torch_nor_ray_at_run_time():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _benchmark_modules() -> dict[str, Path]:
+    return {
+        ".".join(path.relative_to(REPO).with_suffix("").parts): path
+        for path in sorted((REPO / "benchmarks").rglob("*.py"))
+        if path.name != "__init__.py"
+    }
+
+
+def is_script(path: Path) -> bool:
+    """A file run as a program: it has an ``if __name__ == "__main__":`` block."""
+    for node in ast.parse(path.read_text(), str(path)).body:
+        test = node.test if isinstance(node, ast.If) else None
+        if isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__":
+            return True
+    return False
+
+
+def test_benchmark_scripts_import_shared_modules_and_never_another_script():
+    modules = _benchmark_modules()
+    scripts = {name for name, path in modules.items() if is_script(path)}
+    assert {"benchmarks.serving_compare", "benchmarks.gpu.suite", "benchmarks.closed_loop"} <= scripts
+    assert {"benchmarks.images", "benchmarks.servers", "benchmarks.load", "benchmarks.report"}.isdisjoint(scripts)
+    imports_a_script = {name: sorted(imported_modules(path) & (scripts - {name})) for name, path in modules.items()}
+    assert {name: found for name, found in imports_a_script.items() if found} == {}
+    # Nor the tests, which use the shared modules as the scripts do (a script's own test excepted:
+    # a parse, a helper of the script under test).
+    by_tests = {
+        str(path.relative_to(REPO)): sorted(
+            imported_modules(path) & scripts - {"benchmarks.closed_loop", "benchmarks.ood_eval"}
+        )
+        for path in sorted((REPO / "tests").glob("*.py"))
+    }
+    assert {file: found for file, found in by_tests.items() if found} == {}
+
+
+def test_no_benchmark_edits_sys_path_or_imports_a_neighbour_by_its_bare_name():
+    """Run as ``python -m benchmarks.NAME`` from the repository root, they import as the package they are."""
+    modules = _benchmark_modules()
+    packages = {path.parent.name for path in REPO.glob("*/__init__.py")}  # serving is the service, not gpu/serving.py
+    bare = {name.rsplit(".", 1)[-1] for name in modules} - packages
+    found = {
+        name: sorted(imported_modules(path) & bare) + (["sys.path"] if "sys.path" in path.read_text() else [])
+        for name, path in modules.items()
+    }
+    assert {name: what for name, what in found.items() if what} == {}
+
+
+def test_sending_fashion_mnist_images_imports_no_torch():
+    code = "import sys, benchmarks.images, benchmarks.load, benchmarks.servers, benchmarks.wrk_load; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "False", result.stderr[-2000:]

@@ -1,13 +1,6 @@
 """benchmarks/report.py: a benchmark rewrites only its own section of BENCHMARKS.md."""
 
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location(
-    "report", Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
-)
-report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
+from benchmarks import report
 
 
 def test_a_section_is_replaced_in_place_and_the_rest_kept(tmp_path):

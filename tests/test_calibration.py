@@ -2,10 +2,7 @@
 carries the result, the export that fits it on held-out images, and the engine that applies it."""
 
 import asyncio
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,15 +198,9 @@ def test_the_shipped_model_is_calibrated():
 
 
 def _ood_eval():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ood_eval.py"
-    spec = importlib.util.spec_from_file_location("ood_eval", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))  # it imports its neighbour report.py, as when run as a script
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+    from benchmarks import ood_eval
+
+    return ood_eval
 
 
 def test_the_ood_benchmark_s_auroc_on_controlled_scores():

@@ -68,7 +68,7 @@ def test_a_spec_saved_before_hold_out_holds_nothing_out_and_a_new_one_holds_out_
         DataSpec("synthetic", hold_out="yes")
 
     from training.data import hold_out, splits
-    from training.fashion_mnist import FASHION_MNIST_CLASSES
+    from training.fashion_mnist_files import FASHION_MNIST_CLASSES
 
     labels = np.repeat(np.arange(3), [10, 20, 1])
     kept, held = hold_out(labels, 0.1, seed=4)

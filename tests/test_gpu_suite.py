@@ -1,4 +1,4 @@
-"""benchmarks/gpu_suite.py --smoke: the GPU machine's whole sequence, on CPU at tiny sizes, so that the
+"""python -m benchmarks.gpu.suite --smoke: the GPU machine's whole sequence, on CPU at tiny sizes, so that the
 one prepared command is known to run before a GPU lease is spent on it. Every step yields rows; the
 ones that need CUDA say so."""
 
@@ -20,7 +20,16 @@ MODELS = ["alexnet", "vgg11", "nin", "googlenet", "resnet18", "densenet", "lenet
 @pytest.mark.processes
 def test_the_smoke_run_goes_through_every_step_and_says_why_of_each_it_skips(tmp_path):
     # The Python load client, as on the GPU machines, which have no wrk.
-    command = [sys.executable, "benchmarks/gpu_suite.py", "--out", str(tmp_path), "--smoke", "--load-client", "python"]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu.suite",
+        "--out",
+        str(tmp_path),
+        "--smoke",
+        "--load-client",
+        "python",
+    ]
     # A bound for a hung run only: it takes about 90 s on 2 cores here, several times that on one slow core.
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -77,8 +86,7 @@ def test_the_smoke_run_goes_through_every_step_and_says_why_of_each_it_skips(tmp
 
 
 def test_the_python_load_client_reads_sized_and_chunked_answers():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from closed_loop import read_answer
+    from benchmarks.closed_loop import read_answer
 
     async def answers(data: bytes) -> list[tuple[int, bool]]:
         reader = asyncio.StreamReader()
@@ -95,8 +103,7 @@ def test_the_python_load_client_reads_sized_and_chunked_answers():
 
 @pytest.mark.processes
 def test_a_training_stopped_by_its_limit_keeps_the_epochs_it_finished(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from suite_runner import Results, train_step
+    from benchmarks.gpu.steps import Results, train_step
 
     out, results = tmp_path / "run", Results(tmp_path / "out", "test", {})
     args = argparse.Namespace(smoke=True)  # no budget floor; a plain command still runs as a subprocess

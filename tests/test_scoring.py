@@ -77,7 +77,7 @@ def test_tied_probabilities_rank_as_classify_ranks_them():
 
 
 def test_scores_a_folder_reports_broken_files_and_keeps_going(tmp_path, fashion_test):
-    from training.fashion_mnist import FASHION_MNIST_CLASSES
+    from training.fashion_mnist_files import FASHION_MNIST_CLASSES
 
     images, labels = fashion_test
     folder = tmp_path / "photos"

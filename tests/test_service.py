@@ -15,7 +15,7 @@ def classify(url: str, **kwargs) -> httpx.Response:
 
 
 def test_classifies_real_test_images_by_the_datasets_labels(server, fashion_test):
-    from training.fashion_mnist import FASHION_MNIST_CLASSES
+    from training.fashion_mnist_files import FASHION_MNIST_CLASSES
 
     images, labels = fashion_test
 

@@ -15,7 +15,8 @@ from torch.utils.data import Subset
 
 from model_store import ModelCard
 from training.augment import Augment
-from training.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
+from training.fashion_mnist import FashionMNIST
+from training.fashion_mnist_files import FASHION_MNIST_CLASSES
 from training.folder import ImageFolder
 from training.tensors import TensorBatches, as_tensors, augment_batch
 

@@ -118,7 +118,7 @@ def test_resume_without_epochs_finishes_the_run_as_planned(tmp_path):
 
 
 def test_compile_trains_through_torch_compile_and_a_resume_compiles_only_when_asked(tmp_path, monkeypatch, capsys):
-    # torch.compile itself is measured on the GPU (benchmarks/gpu_suite.py); on a CPU it takes minutes.
+    # torch.compile itself is measured on the GPU (benchmarks/gpu/suite.py); on a CPU it takes minutes.
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
     run = tmp_path / "run"

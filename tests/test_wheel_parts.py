@@ -1,4 +1,4 @@
-"""benchmarks/wheel_parts.py: a real (tiny) wheel split, carried, joined, checked and installed into a
+"""benchmarks/gpu/wheel_parts.py: a real (tiny) wheel split, carried, joined, checked and installed into a
 folder of its own, through the command line the GPU machine runs; damaged and missing parts refused."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "wheel_parts.py"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def wheel_parts(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "benchmarks.gpu.wheel_parts", *argv]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def tiny_wheel(folder: Path) -> Path:

@@ -21,7 +21,8 @@ from model_store import ModelCard
 from model_store.errors import UsageError
 from training.augment import Augment
 from training.dataspec import DataSpec
-from training.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
+from training.fashion_mnist import FashionMNIST
+from training.fashion_mnist_files import FASHION_MNIST_CLASSES
 from training.folder import ImageFolder, scan_folder
 from training.synthetic import SHAPE_CLASSES, SyntheticShapes
 

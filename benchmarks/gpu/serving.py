@@ -1,10 +1,10 @@
 """The GPU suite's serving step: the real service started on one graph, loaded closed-loop, and the
-in-process limit it is measured against (benchmarks/gpu_suite.py, step 7).
+in-process limit it is measured against (benchmarks.gpu.suite, step 7).
 
 Torch-free, like the service: what it runs is ``bentoml serve`` of serving/service.py with the
 graph registered in a BentoML home of its own, and ``model_store.engine.OnnxClassifier``, the engine
 the service itself runs, for the limit. The load client is wrk where it is installed, else
-benchmarks/closed_loop.py (the GPU machines have no wrk); the row says which.
+benchmarks.closed_loop (the GPU machines have no wrk); the row says which.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from closed_loop import run_closed_loop  # this script's folder is on sys.path
-from servers import free_port, stop
-from wrk_load import Bodies, run_wrk, write_bodies
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.load import Bodies, run_closed_loop, run_wrk, write_bodies
+from benchmarks.servers import REPO, free_port, stop
+
 SERVING_BATCH = 64  # SERVING_MAX_BATCH_SIZE's default: the in-process limit runs the same batches
 READY_S = 120  # a CUDA session's first start (cuDNN, arenas) can take a while
 __all__ = ["encode_pngs", "fetch", "in_process_limit", "load", "register", "service", "write_bodies"]
@@ -133,7 +132,7 @@ def with_site(site: Path | None) -> dict[str, str]:
 
 
 def load(base: str, bodies: Bodies, concurrency: int, seconds: float, pid: int, client: str = "auto") -> dict:
-    """One closed-loop run on /classify (``wrk_load.run_wrk``'s figures, ``client`` and the mean
+    """One closed-loop run on /classify (``benchmarks.load.run_wrk``'s figures, ``client`` and the mean
     batch the service ran, from its /metrics)."""
     before = metric_sums(base, "classify_batch_size")
     if client == "wrk" or (client == "auto" and shutil.which("wrk")):

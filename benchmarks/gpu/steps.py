@@ -1,10 +1,11 @@
-"""How benchmarks/gpu_suite.py runs its steps: each result written as it comes, one time budget for
+"""How benchmarks.gpu.suite runs its steps: each result written as it comes, one time budget for
 all, and each step's command run with its limit (in this process for ``--smoke``)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import io
 import json
 import statistics
@@ -15,9 +16,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-from report import write_section  # this script's folder is on sys.path
+from benchmarks.report import write_section
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIN_STEP_S = 10  # a step given less than this by the budget is skipped, not started
 
 
@@ -66,29 +67,26 @@ class Budget:
         return min(wanted, self.left())
 
 
-def in_process_script(argv: list[str]) -> int:
-    import export_speed as script
-
-    script.main(script.get_args_parser().parse_args(argv))
-    return 0
-
-
-# --smoke's commands run in this process: its subprocesses would each spend seconds importing torch.
-IN_PROCESS = {
-    "-m": lambda argv: __import__(f"{argv[0]}.__main__", fromlist=["cli"]).cli(argv[1:]),  # training, export
-    "benchmarks/export_speed.py": in_process_script,
-}
+def in_process(argv: list[str]) -> int:
+    """``python -m MODULE ARGS...`` in this process: --smoke's commands run here, since its
+    subprocesses would each spend seconds importing torch. ``argv``: MODULE and ARGS."""
+    module, args = argv[0], argv[1:]
+    if module.startswith("benchmarks."):  # a script: its main, as `python -m` would run it
+        script = importlib.import_module(module)
+        script.main(script.get_args_parser().parse_args(args))
+        return 0
+    return importlib.import_module(f"{module}.__main__").cli(args)  # training, export
 
 
 def run(command: list[str], limit_s: float, smoke: bool):
     """One step's command: a subprocess with a time limit on the GPU (a CUDA error or a hang in one
-    model costs that row only); in-process for ``--smoke`` (``IN_PROCESS``)."""
+    model costs that row only); in-process for ``--smoke`` (:func:`in_process`)."""
     start = time.perf_counter()
-    if smoke and command[1] in IN_PROCESS:
+    if smoke and command[1] == "-m":
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
-                code = IN_PROCESS[command[1]](command[2:])
+                code = in_process(command[2:])
             except SystemExit as err:  # a script's error exit
                 code = 0 if err.code is None else 2
                 print(err.code, file=sys.stderr)

@@ -1,7 +1,7 @@
 """Every textbook row trained, exported, verified, timed and served, in one command for a GPU machine's short lease.
 
-    python benchmarks/gpu_suite.py --out gpu-results --data-dir DIR    # on a GPU machine (make gpu-suite)
-    python benchmarks/gpu_suite.py --out /tmp/smoke --smoke            # the same sequence on CPU, tiny (CI)
+    python -m benchmarks.gpu.suite --out gpu-results --data-dir DIR    # on a GPU machine (make gpu-suite)
+    python -m benchmarks.gpu.suite --out /tmp/smoke --smoke         # the same sequence on CPU, tiny (CI)
 
 In priority order, each result written the moment it exists: a JSON line in ``OUT/results.jsonl``
 and its row in ``OUT/BENCHMARKS.md`` (checkpoints, graphs and cached inputs go to ``--work``). A
@@ -21,15 +21,15 @@ longer allows, or one this machine cannot run, is a row saying so (``"skipped": 
 4. export of each trained model, fp32 and on CUDA fp16, each verified against PyTorch by
    ``python -m export``, then each graph on the CUDA provider against the fp32 graph on the CPU
    (GPU parity). On a GPU these run beside steps 2 and 3, two at a time, off CPU cores 0 and 1;
-5. ``benchmarks/export_speed.py`` on ResNet-18: PyTorch eager against ONNX Runtime fp32 and fp16
+5. ``benchmarks.export_speed`` on ResNet-18: PyTorch eager against ONNX Runtime fp32 and fp16
    on the CUDA provider, and TensorRT when the build has it, at batches 1 and 64;
 6. ``torch.compile``: ResNet-18 trained 3 epochs with ``--compile``, its steady examples/s against
    step 2's eager run (``--compile-limit-s``, 150 s);
 7. serving: step 2's ResNet-18 graph in the real service (``bentoml serve``; SERVING_DEVICE=cuda
    and SERVING_BATCH_WAIT_MS=2 where the CUDA provider loads), SERVING_WORKERS 1 then 4, loaded by
-   wrk or, where there is none, ``benchmarks/closed_loop.py``; against the in-process limit: the
+   wrk or, where there is none, ``benchmarks.closed_loop``; against the in-process limit: the
    service's engine on the same graph at its batch size (64), PNG decode included, one thread (the
-   model alone is reported too). Goal: within 2x (``--serve-limit-s``, 90 s; benchmarks/gpu_serving.py).
+   model alone is reported too). Goal: within 2x (``--serve-limit-s``, 90 s; benchmarks.gpu.serving).
 
 ``--smoke`` runs every step on the CPU on synthetic data at small sizes for a few batches, in
 this process; fp16, GPU parity, the CUDA engines and the compiled run are rows saying "no CUDA".
@@ -47,7 +47,7 @@ carry ``[".gpu/parts/NN"]``:
 
 then the last, with carry ``[".gpu/parts/LAST", ".gpu/data", ".gpu/site"]`` and timeout_s 600:
 
-    sh benchmarks/gpu_launch.sh
+    sh benchmarks/gpu/launch.sh
 
 which installs onnxruntime-gpu into /tmp/ort (on PYTHONPATH) and the serving wheels into
 /tmp/site (``--serving-site``: the service's alone), and runs this suite into ``$OUT/gpu`` with
@@ -71,11 +71,8 @@ from datetime import date
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # a GPU machine has the repository, not the package installed
-
-import gpu_serving  # noqa: E402  (this script's folder is on sys.path)
-from suite_runner import MIN_STEP_S, Budget, Results, read_log, steady, step, train_step  # noqa: E402
+from benchmarks.gpu import serving as gpu_serving
+from benchmarks.gpu.steps import MIN_STEP_S, REPO, Budget, Results, read_log, steady, step, train_step
 
 # (model, textbook size, model args, smoke size): the course's rows, in priority order; LeNet last,
 # for the textbook's throughput figure.
@@ -185,7 +182,7 @@ def environment(args: argparse.Namespace) -> dict:
         record["warning"] = (
             "a GPU is present but ONNX Runtime cannot run on it "
             f"({record.get('cuda_provider', 'no CUDAExecutionProvider in this build')}): its rows run on the CPU; "
-            "install onnxruntime-gpu with benchmarks/wheel_parts.py and put its --target on PYTHONPATH"
+            "install onnxruntime-gpu with benchmarks/gpu/wheel_parts.py and put its --target on PYTHONPATH"
         )
         warn(record["warning"])
     return record
@@ -414,7 +411,7 @@ def export_speed(results: Results, args, budget: Budget) -> None:
     device = "cuda" if args.cuda_provider else "cpu"
     jsonl = args.work / "export-speed.jsonl"
     jsonl.unlink(missing_ok=True)
-    command = [sys.executable, "benchmarks/export_speed.py", "--models", *args.speed_models, "--device", device]
+    command = [sys.executable, "-m", "benchmarks.export_speed", "--models", *args.speed_models, "--device", device]
     rounds, document = "1" if args.smoke else "5", str(args.out / "BENCHMARKS.md")
     command += ["--rounds", rounds, "--write", document, "--jsonl", str(jsonl)]
     command += ["--data-dir", str(args.data_dir)] if args.data_dir else []
@@ -480,7 +477,7 @@ def serve(results: Results, args, budget: Budget) -> None:
         if args.smoke:  # noise: the synthetic run's graph takes any 28x28 image
             images = np.random.default_rng(0).integers(0, 256, (256, 28, 28), dtype=np.uint8)
         else:
-            from training.fashion_mnist import load_fashion_mnist
+            from training.fashion_mnist_files import load_fashion_mnist
 
             images = load_fashion_mnist("test", args.data_dir)[0][:256]
         pngs = gpu_serving.encode_pngs(images)
@@ -556,7 +553,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--load-client",
         default="auto",
         choices=("auto", "wrk", "python"),
-        help="serving's load client: wrk, benchmarks/closed_loop.py, or wrk where installed (default: auto)",
+        help="serving's load client: wrk, benchmarks.closed_loop, or wrk where installed (default: auto)",
     )
     return parser
 
@@ -575,7 +572,7 @@ def main(args: argparse.Namespace) -> None:
     # Subprocesses (export_speed, the load clients, the service and its workers) find the repository too.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))
     budget = Budget(args.budget_s)
-    results = Results(args.out, " ".join(["python", *sys.argv]), HEADERS)
+    results = Results(args.out, " ".join(["python -m benchmarks.gpu.suite", *sys.argv[1:]]), HEADERS)
     env = environment(args)
     args.cuda_provider = env.get("cuda_provider") == "loads"
     line = (

@@ -5,11 +5,11 @@ Here (with the package registry):
 
     pip download onnxruntime-gpu==1.31.1 --no-deps --only-binary=:all: --python-version 3.12 \\
         --platform manylinux_2_28_x86_64 -d wheels/
-    python benchmarks/wheel_parts.py split wheels/onnxruntime_gpu-*.whl --out .gpu/parts
+    python -m benchmarks.gpu.wheel_parts split wheels/onnxruntime_gpu-*.whl --out .gpu/parts
 
 There, after each part has arrived (one command per part, each copying its part to /tmp/parts):
 
-    python benchmarks/wheel_parts.py install /tmp/parts --target /tmp/ort-gpu
+    python -m benchmarks.gpu.wheel_parts install /tmp/parts --target /tmp/ort-gpu
     PYTHONPATH=/tmp/ort-gpu python -c "import onnxruntime as o; print(o.get_available_providers())"
 
 ``split`` writes ``NAME.partNN`` files of at most ``--part-mb`` MiB and ``NAME.parts.json``: the
@@ -30,8 +30,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for model_store.files
-from model_store.files import atomic_output, file_sha256  # noqa: E402
+from model_store.files import atomic_output, file_sha256
 
 MIB = 2**20
 
@@ -93,7 +92,7 @@ def install(folder: Path, target: Path) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python benchmarks/wheel_parts.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.wheel_parts", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     splitting = commands.add_parser("split", help="a wheel -> parts and a manifest")
     splitting.add_argument("wheel", type=Path)

@@ -1,0 +1,79 @@
+"""Ways of asking one service, loaded in turn: one `bentoml serve` of the shipped models, wrk with
+each way (a path and its bodies) at each level in each round, so that drift on a shared machine
+hits them alike, and the table of the median rounds. ``benchmarks.protocol_compare`` and
+``benchmarks.explain_speed`` are two sets of ways."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.load import Bodies, run_wrk
+from benchmarks.report import device
+from benchmarks.servers import REPO, free_port, process
+
+
+def get_args_parser(description: str, levels: tuple[int, ...] = (1, 32)) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    shown = " ".join(map(str, levels))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(levels), help=f"levels (default: {shown})")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each run (default: 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported (default: 3)")
+    parser.add_argument("--images", type=int, default=256, help="distinct test images (default: 256)")
+    parser.add_argument("--write", type=Path, default=None, help="write the section into this markdown file")
+    return parser
+
+
+def load_in_turn(workdir: Path, ways: dict[str, tuple[str, Bodies]], args: argparse.Namespace) -> dict:
+    """One `bentoml serve` of the shipped models, loaded by wrk with each way (its path, its bodies)
+    in turn, at each of ``args.concurrency`` in each of ``args.rounds`` rounds:
+    {(way, concurrency): [wrk result per round]}. A failed request stops it."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    home = workdir / "bentoml"
+    env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SERVING_LOG_REQUESTS": "false"}
+    register = [sys.executable, "-m", "model_store", "register-default"]
+    subprocess.run(register, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
+    command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    runs: dict[tuple[str, int], list[dict]] = {}
+    with process("service", command, env, base + "/readyz", workdir) as pid:
+        for path, bodies in ways.values():  # warm: each way's first requests
+            run_wrk(base + path, bodies, 4, 1, pid)
+        for round_ in range(args.rounds):
+            for concurrency in args.concurrency:
+                for way, (path, bodies) in ways.items():
+                    result = run_wrk(base + path, bodies, concurrency, args.seconds, pid)
+                    if result["errors"]:
+                        raise SystemExit(f"error: {way} at c={concurrency}: {result['errors']} failed requests")
+                    runs.setdefault((way, concurrency), []).append(result)
+                    print(json.dumps({"way": way, "round": round_, **result}), flush=True)
+    return runs
+
+
+def ways_table(runs: dict, args, script: str, about: str, ways, baseline: str, baseline_label: str) -> str:
+    """The section: device, date and command, ``about``, and per level and way the median round by
+    requests/s, with its requests/s over ``baseline``'s median."""
+    lines = [
+        f"Device: {device()}. Date: {datetime.date.today()}. Command: `python -m benchmarks.{script} "
+        f"--concurrency {' '.join(map(str, args.concurrency))} --seconds {args.seconds:g} --rounds {args.rounds}`.",
+        about,
+        "",
+        f"| way | concurrency | req/s | vs {baseline_label} | p50 ms | p99 ms | server CPU ms/req |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for concurrency in args.concurrency:
+        base = statistics.median(r["rps"] for r in runs[(baseline, concurrency)])
+        for way in ways:
+            results = sorted(runs[(way, concurrency)], key=lambda r: r["rps"])
+            r = results[len(results) // 2]
+            lines.append(
+                f"| {way} | {concurrency} | {r['rps']:,.0f} | {r['rps'] / base:.2f}x | {r['p50']:.2f} | "
+                f"{r['p99']:.2f} | {r['server_cpu_ms']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
