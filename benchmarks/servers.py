@@ -9,10 +9,13 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
+# Straight to the server: these are loopback URLs, which a proxy set in the environment must not see.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 READY_SECONDS = 300  # importing torch and building ResNet-18 on a loaded 2-core machine is slow
 
 
@@ -31,14 +34,31 @@ def start(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) 
         )
 
 
-def answers(url: str) -> bool:
-    """Whether GET ``url`` answers 200 now."""
-    import httpx  # here: benchmarks/gpu/serving.py imports this module on machines without it
+def fetch(url: str, timeout: float = 30) -> str:
+    """The body of a 2xx answer to GET ``url``; an OSError (urllib's HTTPError, URLError) for
+    anything else. The standard library's client: the GPU machines have no httpx."""
+    with _DIRECT.open(url, timeout=timeout) as answer:
+        return answer.read().decode()
 
+
+def answers(url: str, timeout: float = 10) -> bool:
+    """Whether GET ``url`` answers 2xx now."""
     try:
-        return httpx.get(url, timeout=10).status_code == 200
-    except httpx.TransportError:
+        fetch(url, timeout)
+    except OSError:  # refused, reset, timed out, or an HTTP error status
         return False
+    return True
+
+
+def metric_sums(base: str, name: str) -> tuple[float, float]:
+    """(count, sum) of a histogram on a service's /metrics, over all its label sets and workers."""
+    count = total = 0.0
+    for line in fetch(base + "/metrics").splitlines():
+        if line.startswith(name + "_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
 
 
 @contextlib.contextmanager

@@ -36,14 +36,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Iterator
 
-import httpx
 import torch
 from PIL import Image
 
 from benchmarks.images import encode, fashion_images, fashion_pngs
 from benchmarks.load import Bodies, run_wrk, write_bodies
 from benchmarks.report import device, write_section
-from benchmarks.servers import REPO, free_port, process
+from benchmarks.servers import REPO, free_port, metric_sums, process
 from model_store import ModelCard
 from training.checkpoint import read_checkpoint, save_checkpoint
 from training.models import build_model
@@ -188,17 +187,6 @@ def prepare_resnet18(workdir: Path, args: argparse.Namespace) -> Subject:
         checkpoint,
         write_bodies(workdir / "resnet18-bodies", jpegs, "image/jpeg"),
     )
-
-
-def metric_sums(url: str, name: str) -> tuple[float, float]:
-    """(count, sum) of a histogram on a service's /metrics, over all its label sets and workers."""
-    count = total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith(name + "_count"):
-            count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith(name + "_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return count, total
 
 
 @contextlib.contextmanager

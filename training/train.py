@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -274,12 +275,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         net = torch.compile(net)
     resumable = Resumable(model, optimizer, scheduler, scaler, generator, device)
 
-    start_epoch, best_acc = 1, -1.0
+    record = Record(output_dir, args, card, spec, choose_on, sorted(pretrained), resumable)
+    start_epoch = 1
     if resumed:
         resumable.load(resumed)
         start_epoch = resumed["epoch"] + 1
         # A run from before best_on was saved chose on the test split.
-        best_acc = resumed["best_acc"] if resumed.get("best_on", "test") == choose_on else -1.0
+        record.best_acc = resumed["best_acc"] if resumed.get("best_on", "test") == choose_on else -1.0
 
     show = rank == 0
     if show:
@@ -314,28 +316,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 "examples_per_s": round(trained["seen"] / seconds, 1),
                 "seconds": round(time.perf_counter() - start, 2),
             }
-            print_epoch(metrics)
-            log_epoch(output_dir / "log.csv", metrics)
-            plot_curves(output_dir / "log.csv", output_dir / "curves.png")
-            improved = metrics[f"{choose_on}_acc"] > best_acc
-            best_acc = max(best_acc, metrics[f"{choose_on}_acc"])
-            epoch_card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics})
-            state = {
-                "epoch": epoch,
-                "args": jsonable(vars(args)),
-                "data": spec.to_dict(),
-                "best_acc": best_acc,
-                "best_on": choose_on,
-                "pretrained": sorted(pretrained),
-                **resumable.state(),
-            }
-            save_checkpoint(output_dir / "last.pt", model, epoch_card, **state)
-            if improved:
-                save_checkpoint(output_dir / "best.pt", model, epoch_card, **state)
+            record.epoch(model, metrics)
         if world > 1:
             dist.barrier()
     if show:
-        print(f"best {choose_on} acc {best_acc:.4f} (best.pt); checkpoints in {output_dir}")
+        print(f"best {choose_on} acc {record.best_acc:.4f} (best.pt); checkpoints in {output_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return metrics
@@ -397,6 +382,41 @@ def make_loaders(args, data_path: str, train_set, evaluated: dict, card: ModelCa
         split: DataLoader(items, 512, num_workers=args.workers, pin_memory=pin) for split, items in evaluated.items()
     }
     return train_loader, eval_loaders
+
+
+@dataclass
+class Record:
+    """Where each epoch's results go, on rank 0: the console, log.csv, curves.png, last.pt, and
+    best.pt when the accuracy on ``choose_on`` improved."""
+
+    output_dir: Path
+    args: argparse.Namespace
+    card: ModelCard
+    spec: DataSpec
+    choose_on: str  # "val", or "test" when nothing is held out
+    pretrained: list[str]  # the parameters --init-weights filled
+    resumable: Resumable
+    best_acc: float = -1.0
+
+    def epoch(self, model: nn.Module, metrics: dict) -> None:
+        print_epoch(metrics)
+        log_epoch(self.output_dir / "log.csv", metrics)
+        plot_curves(self.output_dir / "log.csv", self.output_dir / "curves.png")
+        accuracy = metrics[f"{self.choose_on}_acc"]
+        improved, self.best_acc = accuracy > self.best_acc, max(self.best_acc, accuracy)
+        card = ModelCard.from_dict({**self.card.to_dict(), "metrics": metrics})
+        state = {
+            "epoch": metrics["epoch"],
+            "args": jsonable(vars(self.args)),
+            "data": self.spec.to_dict(),
+            "best_acc": self.best_acc,
+            "best_on": self.choose_on,
+            "pretrained": self.pretrained,
+            **self.resumable.state(),
+        }
+        save_checkpoint(self.output_dir / "last.pt", model, card, **state)
+        if improved:
+            save_checkpoint(self.output_dir / "best.pt", model, card, **state)
 
 
 class Resumable:

@@ -17,18 +17,17 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from benchmarks.load import Bodies, run_closed_loop, run_wrk, write_bodies
-from benchmarks.servers import REPO, free_port, stop
+from benchmarks.servers import REPO, answers, free_port, metric_sums, start, stop
 
 SERVING_BATCH = 64  # SERVING_MAX_BATCH_SIZE's default: the in-process limit runs the same batches
 READY_S = 120  # a CUDA session's first start (cuDNN, arenas) can take a while
-__all__ = ["encode_pngs", "fetch", "in_process_limit", "load", "register", "service", "write_bodies"]
+__all__ = ["encode_pngs", "in_process_limit", "load", "register", "service", "write_bodies"]
 
 
 def encode_pngs(images: np.ndarray) -> list[bytes]:
@@ -103,19 +102,13 @@ def service(
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*cuda_library_dirs(), env.get("LD_LIBRARY_PATH")]))
     log = logs / f"service-{workers}w.log"
     command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "wb") as out:
-        child = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    child = start(command, env, log)
     base = f"http://127.0.0.1:{port}"
     try:
         ready_by = min(deadline, time.monotonic() + READY_S)
-        while True:
+        while not answers(base + "/readyz", timeout=2):
             if child.poll() is not None:
                 raise RuntimeError(f"the service exited with {child.returncode}: {last_line(log)}")
-            with contextlib.suppress(OSError):
-                fetch(base + "/readyz", timeout=2)
-                break
             if time.monotonic() > ready_by:
                 raise TimeoutError(f"the service was not ready in time: {last_line(log)}")
             time.sleep(0.5)
@@ -142,23 +135,6 @@ def load(base: str, bodies: Bodies, concurrency: int, seconds: float, pid: int, 
     after = metric_sums(base, "classify_batch_size")
     batches = after[0] - before[0]
     return {**figures, "mean_batch": (after[1] - before[1]) / batches if batches else float("nan")}
-
-
-def fetch(url: str, timeout: float = 30) -> str:
-    """The body of a 2xx answer; an HTTPError (an OSError) for any other."""
-    with urllib.request.urlopen(url, timeout=timeout) as answer:
-        return answer.read().decode()
-
-
-def metric_sums(base: str, name: str) -> tuple[float, float]:
-    """(count, sum) of a histogram on the service's /metrics, over all its label sets and workers."""
-    count = total = 0.0
-    for line in fetch(base + "/metrics").splitlines():
-        if line.startswith(name + "_count"):
-            count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith(name + "_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return count, total
 
 
 def cuda_library_dirs() -> list[str]:

@@ -73,6 +73,7 @@ from pathlib import Path
 
 from benchmarks.gpu import serving as gpu_serving
 from benchmarks.gpu.steps import MIN_STEP_S, REPO, Budget, Results, read_log, steady, step, train_step
+from benchmarks.servers import fetch
 
 # (model, textbook size, model args, smoke size): the course's rows, in priority order; LeNet last,
 # for the textbook's throughput figure.
@@ -488,7 +489,7 @@ def serve(results: Results, args, budget: Budget) -> None:
         for workers in args.serving_workers:
             started = gpu_serving.service(home, "gpu-resnet18", device, workers, args.work, deadline, args.serving_site)
             with started as (base, pid):
-                provider = json.loads(gpu_serving.fetch(base + "/models"))["models"][0]["provider"]
+                provider = json.loads(fetch(base + "/models"))["models"][0]["provider"]
                 for concurrency in args.serving_concurrency:
                     if time.monotonic() + args.serving_seconds + 10 > deadline:
                         raise TimeoutError(f"--serve-limit-s ({args.serve_limit_s:.0f} s) spent before c={concurrency}")
