@@ -26,3 +26,21 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 
 def fashion_pngs(count: int) -> list[bytes]:
     return [encode(Image.fromarray(a), "PNG") for a in fashion_images(count)]
+
+
+def fashion_photos(
+    count: int, size: tuple[int, int] = (4000, 3000), fmt: str = "JPEG", grain: float = 8.0
+) -> list[bytes]:
+    """``count`` test images as a phone sends a photo: upscaled (bicubic) to fill the height of a
+    ``size`` frame, with the sensor's grain (Gaussian, ``grain`` grey levels) that gives a real photo
+    its texture and its file size (a 12-megapixel JPEG at quality 90: 2 to 3 MB), in ``fmt``."""
+    rng = np.random.default_rng(0)
+    width, height = size
+    photos = []
+    for image in fashion_images(count):
+        frame = np.zeros((height, width, 3), np.uint8)
+        garment = Image.fromarray(image).convert("RGB").resize((height, height), Image.Resampling.BICUBIC)
+        frame[:, (width - height) // 2 : (width + height) // 2] = np.asarray(garment)
+        noisy = np.clip(frame + rng.normal(0, grain, frame.shape), 0, 255).astype(np.uint8)
+        photos.append(encode(Image.fromarray(noisy), fmt))
+    return photos

@@ -22,6 +22,9 @@ from model_store.errors import UsageError
 CARD_VERSION = 1
 RESIZE_MODES = ("stretch", "fit", "crop")  # see model_store.preprocess.resize_to_card
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+# How the image is decoded before that resize (model_store.preprocess): "full", every pixel, or
+# "scaled", a JPEG at the smallest 1/2, 1/4 or 1/8 scale that keeps the detail the resize needs.
+DECODES = ("full", "scaled")
 ONNX_METADATA_KEY = "model_card"  # the metadata_props key that holds the card as JSON
 # Architectures whose head is global average pooling -> linear (NiN: no linear), so whose export can
 # add a class-activation map (python -m export --cam); export.cam splits each of them.
@@ -39,6 +42,7 @@ class ModelCard:
     std: tuple[float, ...]  # per channel, on the 0..1 pixel scale
     resize: str = "fit"  # how an image of another size reaches height x width: one of RESIZE_MODES
     interpolation: str = "bilinear"  # resampling filter for that resize: one of INTERPOLATIONS
+    decode: str = "full"  # one of DECODES; "full" for every card written before the field existed
     arch_args: dict[str, Any] = field(default_factory=dict)  # builder kwargs besides in_channels, num_classes
     dataset: str = ""  # what the model was trained on, for people
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. {"epoch": 12, "test_acc": 0.91}
@@ -74,6 +78,8 @@ class ModelCard:
             raise UsageError(f"model card: resize {self.resize!r} is not one of {RESIZE_MODES}")
         if self.interpolation not in INTERPOLATIONS:
             raise UsageError(f"model card: interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if self.decode not in DECODES:
+            raise UsageError(f"model card: decode {self.decode!r} is not one of {DECODES}")
         if isinstance(self.calibration, dict):  # as it comes back from JSON
             try:
                 object.__setattr__(self, "calibration", Calibration.from_dict(self.calibration))
@@ -96,6 +102,8 @@ class ModelCard:
             del fields["calibration"]
         else:
             fields["calibration"] = self.calibration.to_dict()
+        if self.decode == "full":  # likewise; a "scaled" card is refused by code that cannot honour it
+            del fields["decode"]
         return json.dumps({"card_version": CARD_VERSION, **fields}, sort_keys=True)
 
     @classmethod

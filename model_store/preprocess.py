@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
+import pillow_heif
 from PIL import ExifTags, Image, ImageOps
 
 from model_store.card import ModelCard
@@ -24,7 +25,14 @@ logger = logging.getLogger(__name__)
 
 # Formats we decode. Restricting Pillow's plugins keeps out formats that are rarely images a client
 # means to send and that reach for external programs or odd code paths (EPS runs Ghostscript).
-SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+# HEIF is HEIC, as iPhones store photos (pillow-heif's plugin); AVIF is Pillow's own.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "HEIF", "AVIF")
+# A HEIC is decoded to its primary image alone: not its thumbnails, depth maps or other auxiliary
+# images, which pillow-heif would otherwise read along with it. libheif applies the container's
+# rotation and mirroring (irot, imir) as it decodes, and pillow-heif then sets the EXIF orientation
+# to 1, as the HEIF standard has readers ignore it: to_input's EXIF turn leaves a HEIC as it is.
+pillow_heif.options.THUMBNAILS = pillow_heif.options.DEPTH_IMAGES = pillow_heif.options.AUX_IMAGES = False
+pillow_heif.register_heif_opener()
 # Modes we bring to L / RGB. 16-bit greyscale is rescaled to 8 bits (Pillow's own conversion would
 # clip it); alpha is composited onto black, the colour of the padding. Float images are refused:
 # their value range is not knowable from the file.
@@ -39,6 +47,15 @@ MAX_JPEG_SCANS = 100
 # 40-megapixel RGB image peaks at 340 MB (estimate 480), a 1 x 40,000,000 PNG at 950 MB (2,040).
 DECODE_COPIES, ROW_OVERHEAD_BYTES = 3, 16
 DEFAULT_MAX_DECODE_BYTES = 512 * 2**20  # admits a 40-megapixel RGB photo, refuses 1-pixel-wide bombs
+# A card's decode "scaled": a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale in the DCT domain
+# (straight to greyscale for a 1-channel card), the smallest scale that still leaves REDUCING_GAP
+# times the size the resize to the card produces, as Pillow's own thumbnail() does (its
+# reducing_gap, 2.0): the resize still averages at least 2x2 decoded pixels into each of its own. A
+# 12-megapixel photo for a 28x28 model decodes 64x fewer pixels. Other formats decode whole.
+REDUCING_GAP = 2
+# A progressive JPEG keeps every DCT coefficient until its last scan, at full size whatever the
+# scale it outputs: 2 bytes per sample of each component (an upper bound under chroma subsampling).
+COEFFICIENT_BYTES = 2
 # Magic bytes, to tell a damaged image of a supported format from bytes that are no image at all.
 _SIGNATURES = {
     b"\x89PNG\r\n\x1a\n": "PNG",
@@ -80,26 +97,51 @@ def _as_image_error(what: str, image: Image.Image | None = None) -> Iterator[Non
         raise ImageError(f"{damage} {kind}: cannot {what} it ({type(err).__name__}: {err})") from None
 
 
-def decode_cost_bytes(image: Image.Image) -> int:
-    """Estimated peak memory of decoding and converting ``image``, from its header (see DECODE_COPIES)."""
+def decode_cost_bytes(image: Image.Image, source_size: tuple[int, int] | None = None) -> int:
+    """Estimated peak memory of decoding and converting ``image``, from its header (see DECODE_COPIES).
+    ``source_size``: the size in the file, when the decode is scaled (:func:`draft`) to ``image.size``."""
     width, height = image.size
     pixel_bytes = 1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4
-    return DECODE_COPIES * height * (width * pixel_bytes + ROW_OVERHEAD_BYTES)
+    cost = DECODE_COPIES * height * (width * pixel_bytes + ROW_OVERHEAD_BYTES)
+    if source_size is not None and source_size != image.size and image.info.get("progressive"):
+        components = getattr(image, "layers", len(image.getbands()))  # in the file, whatever the output
+        cost += COEFFICIENT_BYTES * components * source_size[0] * source_size[1]
+    return cost
+
+
+def draft(image: Image.Image, card: ModelCard) -> tuple[int, int]:
+    """Ask a JPEG's decoder for the smallest scale (and for a 1-channel card, greyscale) that still
+    leaves REDUCING_GAP times the size the resize to ``card`` will produce; returns the size in the
+    file. Before anything is decoded; other formats are left as they are."""
+    source = image.size
+    if image.format != "JPEG":
+        return source
+    # The resize sees the image as it stands after its EXIF orientation: a quarter turn swaps its sides.
+    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    width, height = resized_size(*(source[::-1] if turned else source), card)
+    wanted = (width * REDUCING_GAP, height * REDUCING_GAP)
+    image.draft("L" if card.in_channels == 1 else "RGB", wanted[::-1] if turned else wanted)
+    return source
 
 
 def open_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    card: ModelCard | None = None,
 ) -> Image.Image:
     """Read an image's header, refusing empty, unknown, oversized, costly, animated and unsupported-mode input.
 
     Nothing is decoded yet (:func:`load_image` does that), so a decompression bomb is refused here
-    for the cost of its header.
+    for the cost of its header. With a ``card`` whose decode is "scaled", the decode is set to the
+    size that card needs (:func:`draft`), and the pixel and memory limits apply to what will really
+    be decoded: a 48-megapixel JPEG for a 28x28 model decodes 0.75 megapixels.
     """
     with _as_image_error("read the header of"):
-        return _open(data, max_pixels, max_decode_bytes)
+        return _open(data, max_pixels, max_decode_bytes, card)
 
 
-def _open(data: bytes, max_pixels: int, max_decode_bytes: int) -> Image.Image:
+def _open(data: bytes, max_pixels: int, max_decode_bytes: int, card: ModelCard | None) -> Image.Image:
     if not data:
         raise ImageError("empty image: 0 bytes received")
     try:
@@ -113,6 +155,7 @@ def _open(data: bytes, max_pixels: int, max_decode_bytes: int) -> Image.Image:
         raise ImageError(
             f"not a supported image: {len(data)} bytes that are none of {', '.join(SUPPORTED_FORMATS)}"
         ) from None
+    source = draft(image, card) if card is not None and card.decode == "scaled" else None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels:,}")
@@ -120,7 +163,7 @@ def _open(data: bytes, max_pixels: int, max_decode_bytes: int) -> Image.Image:
         raise ImageError(
             f"unsupported image mode {image.mode!r} ({image.format}); supported: {', '.join(SUPPORTED_MODES)}"
         )
-    cost = decode_cost_bytes(image)
+    cost = decode_cost_bytes(image, source)
     if cost > max_decode_bytes:
         raise ImageError(
             f"image too costly to decode: {width}x{height} {image.mode} needs about {cost / 2**20:,.0f} MB, "
@@ -129,7 +172,9 @@ def _open(data: bytes, max_pixels: int, max_decode_bytes: int) -> Image.Image:
     if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:  # SOS markers
         raise ImageError(f"progressive JPEG with {scans} scans; at most {MAX_JPEG_SCANS} are decoded")
     frames = getattr(image, "n_frames", 1)
-    if frames > 1:  # which frame would be the answer's? The client must choose.
+    # Which frame of an animation would be the answer's? The client must choose. A HEIC with several
+    # images (a burst, a collection) names its primary one, which Image.open has selected.
+    if frames > 1 and image.format != "HEIF":
         raise ImageError(f"animated {image.format} with {frames} frames; send a single still image")
     return image
 
@@ -142,15 +187,20 @@ def load_image(image: Image.Image) -> Image.Image:
 
 
 def decode_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    card: ModelCard | None = None,
 ) -> Image.Image:
     """Decode and fully load an image: :func:`open_image`, then :func:`load_image`."""
-    return load_image(open_image(data, max_pixels, max_decode_bytes))
+    return load_image(open_image(data, max_pixels, max_decode_bytes, card))
 
 
 def _signature_format(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[4:8] == b"ftyp":  # an ISO media file: its major brand says which
+        return {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIF", b"heix": "HEIF", b"mif1": "HEIF"}.get(data[8:12])
     return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
@@ -165,17 +215,23 @@ def resize_to_card(image: Image.Image, card: ModelCard) -> Image.Image:
     if image.size == size:
         return image
     resample = _FILTERS[card.interpolation]
+    scaled = image.resize(resized_size(*image.size, card), resample)
     if card.resize == "stretch":
-        return image.resize(size, resample)
-    w, h = image.size
-    scale = (min if card.resize == "fit" else max)(card.width / w, card.height / h)
-    scaled = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+        return scaled
     left, top = (card.width - scaled.width) // 2, (card.height - scaled.height) // 2
     if card.resize == "crop":
         return scaled.crop((-left, -top, -left + card.width, -top + card.height))
     canvas = Image.new(image.mode, size)  # black
     canvas.paste(scaled, (left, top))
     return canvas
+
+
+def resized_size(width: int, height: int, card: ModelCard) -> tuple[int, int]:
+    """The size :func:`resize_to_card` resizes a ``width`` x ``height`` image to, before any pad or crop."""
+    if card.resize == "stretch":
+        return card.width, card.height
+    scale = (min if card.resize == "fit" else max)(card.width / width, card.height / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def to_input(image: Image.Image, card: ModelCard) -> np.ndarray:
@@ -210,5 +266,6 @@ def _to_8bit_opaque(image: Image.Image) -> Image.Image:
 def image_bytes_to_input(
     data: bytes, card: ModelCard, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
 ) -> np.ndarray:
-    """Encoded image bytes -> model input; raises ImageError, and only ImageError, for anything unusable."""
-    return to_input(decode_image(data, max_pixels, max_decode_bytes), card)
+    """Encoded image bytes -> model input, decoded as ``card`` says; raises ImageError, and only
+    ImageError, for anything unusable."""
+    return to_input(decode_image(data, max_pixels, max_decode_bytes, card), card)

@@ -165,7 +165,7 @@ class Handlers:
         card, max_pixels = model.engine.card, self.config.max_pixels
         small = (
             len(upload.data) <= INLINE_MAX_BYTES
-            and (image := open_image(upload.data, max_pixels, self.max_decode_bytes)).width * image.height
+            and (image := open_image(upload.data, max_pixels, self.max_decode_bytes, card)).width * image.height
             <= INLINE_MAX_PIXELS
         )
         if small:

@@ -29,6 +29,7 @@ def test_json_round_trip_keeps_every_field():
         ({"class_names": ("a", "a")}, "duplicates"),
         ({"class_names": ()}, "class_names must be non-empty"),
         ({"height": 0}, "height must be a positive integer"),
+        ({"decode": "draft"}, "decode 'draft' is not one of"),
     ],
 )
 def test_invalid_cards_are_refused_with_the_reason(change, message):
@@ -53,3 +54,10 @@ def test_a_nan_std_in_the_json_is_refused():
     text = ModelCard(**CARD).to_json().replace('"std": [0.35]', '"std": [NaN]')
     with pytest.raises(ValueError, match="std must be finite numbers"):
         ModelCard.from_json(text)
+
+
+def test_decode_is_full_for_a_card_written_before_it_and_only_scaled_is_written_out():
+    old = ModelCard(**CARD).to_dict()
+    assert "decode" not in old and ModelCard.from_dict(old).decode == "full"  # reads as it did, writes as it did
+    scaled = ModelCard(**CARD, decode="scaled")
+    assert scaled.to_dict()["decode"] == "scaled" and ModelCard.from_json(scaled.to_json()) == scaled

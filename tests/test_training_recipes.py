@@ -117,6 +117,19 @@ def test_resume_without_epochs_finishes_the_run_as_planned(tmp_path):
     assert state(run / "last.pt")["epoch"] == 3
 
 
+def test_a_new_run_decodes_scaled_and_a_run_from_before_the_choice_resumes_decoding_every_pixel(tmp_path):
+    run = tmp_path / "run"
+    recipe = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "32", "--model", "lenet"]
+    train_module.main(train_args(*recipe, "--epochs", "1", "--output-dir", str(run)))
+    payload = state(run / "last.pt")
+    assert payload["card"]["decode"] == "scaled" and payload["args"]["decode"] == "scaled"
+    del payload["card"]["decode"], payload["args"]["decode"]  # as written before the choice existed
+    payload["args"]["epochs"] = 2
+    torch.save(payload, run / "last.pt")
+    train_module.main(train_args("--resume", str(run / "last.pt")))
+    assert "decode" not in state(run / "last.pt")["card"]  # "full", which a card leaves out
+
+
 def test_compile_trains_through_torch_compile_and_a_resume_compiles_only_when_asked(tmp_path, monkeypatch, capsys):
     # torch.compile itself is measured on the GPU (benchmarks/gpu/suite.py); on a CPU it takes minutes.
     compiled = []

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from model_store import ModelCard
+from model_store.card import DECODES
 from model_store.errors import UsageError
 from training.augment import Augment
 from training.dataspec import DataSpec
@@ -50,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("fit", "stretch", "crop"),
         help="how images reach the input size (default: fit; crop for folder)",
     )
+    parser.add_argument(
+        "--decode",
+        default="scaled",
+        choices=DECODES,
+        help="scaled: a large JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps what the "
+        "resize needs (several times faster for photos, pixels within a grey level or so); full: every "
+        "pixel (default: %(default)s)",
+    )
 
 
 def make_card(
@@ -60,6 +69,7 @@ def make_card(
     classes: tuple[str, ...] | list[str],
     in_channels: int | None = None,
     resize: str | None = None,
+    decode: str = "scaled",
 ) -> ModelCard:
     """The run's card, with mean and std of 0.5 until ``load_data`` measures them on the training inputs."""
     channels = in_channels or (3 if spec.dataset == "folder" else 1)
@@ -74,6 +84,7 @@ def make_card(
         std=(0.5,) * channels,
         resize=resize or ("crop" if spec.dataset == "folder" else "fit"),
         interpolation="bilinear",
+        decode=decode,
         dataset=spec.dataset,
     )
 
@@ -86,6 +97,7 @@ def load_data(
     in_channels: int | None = None,
     resize: str | None = None,
     augment: Augment | None = None,
+    decode: str = "scaled",
 ) -> tuple[Splits, ModelCard]:
     """(the run's splits, its card) of ``spec``: the card's mean and std are measured on the
     training inputs, ``augment`` wraps the training set, and the test and validation splits are cut
@@ -95,7 +107,7 @@ def load_data(
         classes = scanned[0]
     else:
         classes = FASHION_MNIST_CLASSES if spec.dataset == "fashion-mnist" else SHAPE_CLASSES
-    card = make_card(spec, arch, arch_args, size, classes, in_channels, resize)
+    card = make_card(spec, arch, arch_args, size, classes, in_channels, resize, decode)
     parts = splits(spec, card, scanned)
     if parts.validation is not None:
         logger.info("held out %d of the %s training images for validation", len(parts.validation), spec.dataset)

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BYTES = 16 * 2**30  # 60,000 x 3 x 224 x 224 is 9 GB: fits host memory and an H100's
 CACHE_DIR = Path(os.environ.get("CLASSIC_CNNS_CACHE", Path.home() / ".cache" / "classic-cnns"))
-_PREPROCESSING = ("in_channels", "height", "width", "resize", "interpolation")  # what to_input reads
+_PREPROCESSING = ("in_channels", "height", "width", "resize", "interpolation", "decode")  # what decoding reads
 
 
 def input_bytes(dataset: Dataset, card: ModelCard) -> int:

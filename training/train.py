@@ -206,6 +206,8 @@ def apply_resume(args: argparse.Namespace) -> dict:
     args.output_dir = args.output_dir or args.resume.parent
     if "data_path" not in payload["args"]:  # written before the tensor path: resume the way it was trained
         args.data_path = "loader"
+    if "decode" not in payload["args"]:  # written before decoding was a choice: every pixel, as then
+        args.decode = "full"
     if args.epochs is None:  # finish the run as it was planned
         args.epochs = payload["args"]["epochs"]
     if args.epochs <= payload["epoch"]:
@@ -251,6 +253,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         args.in_channels,
         args.resize,
         augment.Augment.from_args(args),
+        args.decode,
     )
     train_set, test_set = parts.train, parts.test
     # Which split chooses best.pt: the held-out one. Without it, the test split, and the log says so:
