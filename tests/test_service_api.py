@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.images import fashion_photos
 from tests.conftest import png_bytes, wait_until
 
 
@@ -245,3 +246,19 @@ def test_with_tracing_on_requests_go_through_bentomls_layer_with_the_same_answer
         lean, through_bentoml = post(server, path, **kwargs), post(traced, path, **kwargs)
         assert (through_bentoml.status_code, through_bentoml.json()) == (lean.status_code, lean.json()), path
         assert "x-bentoml-request-id" in through_bentoml.headers and "x-bentoml-request-id" not in lean.headers
+
+
+def test_phone_photos_are_answered_as_their_pngs_are(server):
+    """The shipped model's card decodes scaled: a 50-megapixel JPEG (over the 40-megapixel limit of a
+    full decode) is answered, in a decoder process, as the same garment's PNG is; so are a HEIC and an
+    AVIF of it."""
+    [png] = fashion_photos(1, (816, 612), "PNG", grain=0)  # framed as the photo is: the same input
+    photos = {
+        "image/jpeg": fashion_photos(1, (8160, 6120), "JPEG", grain=0)[0],
+        "image/heic": encoded(Image.open(io.BytesIO(png)), "HEIF"),
+        "image/avif": encoded(Image.open(io.BytesIO(png)), "AVIF"),
+    }
+    expected = post(server, "/classify", content=png, headers={"content-type": "image/png"}).json()["label"]
+    for media_type, data in photos.items():
+        answer = post(server, "/classify", content=data, headers={"content-type": media_type})
+        assert answer.status_code == 200 and answer.json()["label"] == expected, (media_type, answer.text)
