@@ -12,6 +12,7 @@ load clients were not the default: on a 2-core machine one took half a core from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -22,11 +23,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from benchmarks.servers import REPO
 
 LUA = Path(__file__).with_name("multipart.lua")
 TICKS = os.sysconf("SC_CLK_TCK")
+CLIENT_TIMEOUT_S = 30.0  # a request not answered in this long is an error, for both clients (wrk: --timeout)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,48 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
+@dataclass
+class Cost:
+    """What a run cost: its wall seconds, the server tree's CPU seconds, the client processes' CPU seconds."""
+
+    seconds: float = 0.0
+    server_cpu: float | None = None  # None: no server pid given
+    client_cpu: float = 0.0
+
+
+@contextlib.contextmanager
+def measured(server_pid: int | None) -> Iterator[Cost]:
+    """Measure the block: wall time, the CPU of ``server_pid``'s process tree (as it is when the block
+    starts) and of the child processes the block waited for (the load client)."""
+    pids = process_tree(server_pid) if server_pid else []
+    client_before, server_before = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(pids)
+    started, cost = time.perf_counter(), Cost()
+    yield cost
+    cost.seconds = time.perf_counter() - started
+    cost.server_cpu = cpu_seconds(pids) - server_before if pids else None
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cost.client_cpu = (after.ru_utime + after.ru_stime) - (client_before.ru_utime + client_before.ru_stime)
+
+
+def figures(concurrency: int, done: int, errors: int, duration: float, latencies: tuple, cost: Cost) -> dict:
+    """A run's row: requests answered 2xx and the rest, requests/s over the client's ``duration``,
+    (p50, p99, max) ms, and what the server and the client spent."""
+    p50, p99, worst = latencies
+    server = cost.server_cpu
+    return {
+        "concurrency": concurrency,
+        "requests": done,
+        "errors": errors,
+        "rps": done / duration,
+        "p50": p50,
+        "p99": p99,
+        "max": worst,
+        "server_cpu_ms": server * 1000 / done if (server is not None and done) else float("nan"),
+        "server_cores": server / cost.seconds if server is not None else float("nan"),
+        "client_cores": cost.client_cpu / cost.seconds,
+    }
+
+
 def run_wrk(url: str, bodies: Bodies, concurrency: int, seconds: float, server_pid: int | None = None) -> dict:
     """One closed-loop wrk run; figures in requests/s, milliseconds and server CPU ms per request.
 
@@ -121,37 +166,16 @@ def run_wrk(url: str, bodies: Bodies, concurrency: int, seconds: float, server_p
         bodies.content_type,
         *bodies.headers,
     ]
-    pids = process_tree(server_pid) if server_pid else []
-    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_before = cpu_seconds(pids)
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
-    server_cpu = cpu_seconds(pids) - server_before
-    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with measured(server_pid) as cost:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"wrk failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
     raw = json.loads(lines[-1])
-    errors = raw["non_2xx"] + raw["socket_errors"] + raw["timeouts"]
     done = raw["requests"] - raw["non_2xx"]
-    duration = raw["duration_us"] / 1e6
-    client_cpu = (client_after.ru_utime + client_after.ru_stime) - (client_before.ru_utime + client_before.ru_stime)
-    return {
-        "concurrency": concurrency,
-        "requests": done,
-        "errors": errors,
-        "rps": done / duration,
-        "p50": raw["p50_us"] / 1000,
-        "p99": raw["p99_us"] / 1000,
-        "max": raw["max_us"] / 1000,
-        "server_cpu_ms": server_cpu * 1000 / done if (pids and done) else float("nan"),
-        "server_cores": server_cpu / elapsed if pids else float("nan"),
-        "client_cores": client_cpu / elapsed,
-    }
-
-
-CLIENT_TIMEOUT_S = 30.0  # a request not answered in this long is an error, for both clients (wrk: --timeout)
+    errors = raw["non_2xx"] + raw["socket_errors"] + raw["timeouts"]
+    latencies = (raw["p50_us"] / 1000, raw["p99_us"] / 1000, raw["max_us"] / 1000)
+    return figures(concurrency, done, errors, raw["duration_us"] / 1e6, latencies, cost)
 
 
 def run_closed_loop(
@@ -174,40 +198,22 @@ def run_closed_loop(
     ]
     command += ["--content-type", bodies.content_type, "--seconds", f"{seconds:g}"]
     command += [a for h in bodies.headers for a in ("--header", h)]
-    pids = process_tree(server_pid) if server_pid else []
-    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_before = cpu_seconds(pids)
-    started = time.perf_counter()
-    children = [
-        subprocess.Popen(
-            [*command, "--concurrency", str(share), "--offset", str(k * 7919)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for k, share in enumerate(shares)
-    ]
-    outputs = [child.communicate(timeout=seconds + CLIENT_TIMEOUT_S + 30)[0] for child in children]
-    elapsed = time.perf_counter() - started
-    server_cpu = cpu_seconds(pids) - server_before
-    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with measured(server_pid) as cost:
+        children = [
+            subprocess.Popen(
+                [*command, "--concurrency", str(share), "--offset", str(k * 7919)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for k, share in enumerate(shares)
+        ]
+        outputs = [child.communicate(timeout=seconds + CLIENT_TIMEOUT_S + 30)[0] for child in children]
     if any(child.returncode for child in children):
         raise RuntimeError(f"a load client failed: exit statuses {[child.returncode for child in children]}")
     runs = [json.loads(output) for output in outputs]
     done, errors = sum(r["ok"] for r in runs), sum(r["errors"] for r in runs)
-    latencies = sorted(x for r in runs for x in r["latencies"]) or [float("nan")]
-    duration = max(r["seconds"] for r in runs)
-    client_cpu = (client_after.ru_utime + client_after.ru_stime) - (client_before.ru_utime + client_before.ru_stime)
-    return {
-        "concurrency": concurrency,
-        "requests": done,
-        "errors": errors,
-        "rps": done / duration,
-        "p50": latencies[len(latencies) // 2],
-        "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-        "max": latencies[-1],
-        "server_cpu_ms": server_cpu * 1000 / done if (pids and done) else float("nan"),
-        "server_cores": server_cpu / elapsed if pids else float("nan"),
-        "client_cores": client_cpu / elapsed,
-        "client": f"python closed loop (benchmarks.closed_loop), {processes} process(es)",
-    }
+    ms = sorted(x for r in runs for x in r["latencies"]) or [float("nan")]
+    latencies = (ms[len(ms) // 2], ms[min(len(ms) - 1, int(len(ms) * 0.99))], ms[-1])
+    client = f"python closed loop (benchmarks.closed_loop), {processes} process(es)"
+    return {**figures(concurrency, done, errors, max(r["seconds"] for r in runs), latencies, cost), "client": client}

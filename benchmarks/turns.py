@@ -17,22 +17,28 @@ from pathlib import Path
 from benchmarks.load import Bodies, run_wrk
 from benchmarks.report import device
 from benchmarks.servers import REPO, free_port, process
+from serving.config import ServingConfig
 
 
-def get_args_parser(description: str, levels: tuple[int, ...] = (1, 32)) -> argparse.ArgumentParser:
+def get_args_parser(description: str, levels: tuple[int, ...] = (1, 32), images: int = 256) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     shown = " ".join(map(str, levels))
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(levels), help=f"levels (default: {shown})")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each run (default: 10)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported (default: 3)")
-    parser.add_argument("--images", type=int, default=256, help="distinct test images (default: 256)")
+    parser.add_argument("--images", type=int, default=images, help=f"distinct test images (default: {images})")
     parser.add_argument("--write", type=Path, default=None, help="write the section into this markdown file")
     return parser
 
 
-def load_in_turn(workdir: Path, ways: dict[str, tuple[str, Bodies]], args: argparse.Namespace) -> dict:
-    """One `bentoml serve` of the shipped models, loaded by wrk with each way (its path, its bodies)
-    in turn, at each of ``args.concurrency`` in each of ``args.rounds`` rounds:
+def load_in_turn(
+    workdir: Path,
+    ways: dict[str, tuple[str, Bodies]],
+    args: argparse.Namespace,
+    more_models: dict[str, Path] | None = None,
+) -> dict:
+    """One `bentoml serve` of the shipped models (and ``more_models``, name: ONNX file), loaded by wrk
+    with each way (its path, its bodies) in turn, at each of ``args.concurrency`` in each of ``args.rounds`` rounds:
     {(way, concurrency): [wrk result per round]}. A failed request stops it."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -40,6 +46,12 @@ def load_in_turn(workdir: Path, ways: dict[str, tuple[str, Bodies]], args: argpa
     env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SERVING_LOG_REQUESTS": "false"}
     register = [sys.executable, "-m", "model_store", "register-default"]
     subprocess.run(register, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
+    for name, graph in (more_models or {}).items():  # served beside the shipped ones
+        register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", name]
+        subprocess.run(register, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
+    if more_models:
+        shipped = ServingConfig().models
+        env["SERVING_MODELS"] = ",".join([*shipped, *(f"{name}:latest" for name in more_models)])
     command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
     runs: dict[tuple[str, int], list[dict]] = {}
     with process("service", command, env, base + "/readyz", workdir) as pid:

@@ -1,0 +1,89 @@
+"""What a phone photo costs the service: the shipped LeNet asked about photos, its card's decode
+"scaled" against "full", on one `bentoml serve`, loaded by wrk in turn.
+
+    python -m benchmarks.photo_serving                         # c=1 and 8, 10 s, 3 rounds
+    python -m benchmarks.photo_serving --write BENCHMARKS.md
+
+The shipped LeNet graph is served twice under two names, its card saying decode "scaled"
+(``lenet-scaled``) and "full" (``lenet-full``), so the two ways of decoding meet the same server,
+the same batches and the same limits. Photos (``benchmarks.images.fashion_photos``): Fashion-MNIST
+test images upscaled into a phone's frame with a sensor's grain, one per request, multipart as
+curl -F sends them. Ways:
+
+- jpeg-12mp-scaled / jpeg-12mp-full: 4000x3000 JPEGs, quality 90;
+- jpeg-48mp-scaled: 8000x6000 JPEGs (a full decode refuses them: over the 40-megapixel limit);
+- png-12mp-scaled: 4000x3000 PNGs without grain (a noisy one is 36 MB), which no method can decode
+  at a smaller scale;
+- webp-1024-scaled: 1024x768 WebPs.
+
+Server CPU per request is read from /proc for the server's whole process tree (decoder processes
+included), so it is the photo's whole cost to the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.images import fashion_photos
+from benchmarks.load import write_bodies
+from benchmarks.report import write_section
+from benchmarks.turns import get_args_parser, load_in_turn, ways_table
+from model_store.card import ONNX_METADATA_KEY, ModelCard
+from model_store.store import DEFAULT_MODEL_FILE
+
+SECTION = "## Phone photos: what decoding at the model's scale saves the service"
+PHOTOS = {  # way -> (frame, format, grain): grain that keeps each file under the 10 MB body limit
+    "jpeg-12mp": ((4000, 3000), "JPEG", 8.0),
+    "jpeg-48mp": ((8000, 6000), "JPEG", 3.0),
+    "png-12mp": ((4000, 3000), "PNG", 0.0),
+    "webp-1024": ((1024, 768), "WEBP", 8.0),
+}
+WAYS = ("jpeg-12mp-scaled", "jpeg-12mp-full", "jpeg-48mp-scaled", "png-12mp-scaled", "webp-1024-scaled")
+
+
+def with_decode(decode: str, out: Path) -> Path:
+    """The shipped LeNet with its card's decode set to ``decode``, written to ``out``."""
+    import onnx
+
+    model = onnx.load(DEFAULT_MODEL_FILE)
+    for prop in model.metadata_props:
+        if prop.key == ONNX_METADATA_KEY:
+            prop.value = dataclasses.replace(ModelCard.from_json(prop.value), decode=decode).to_json()
+    onnx.save(model, out)
+    return out
+
+
+def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="photo-serving-") as folder:
+        workdir = Path(folder)
+        models = {
+            f"lenet-{decode}": with_decode(decode, workdir / f"lenet-{decode}.onnx") for decode in ("scaled", "full")
+        }
+        sizes, ways = {}, {}
+        for kind, (frame, fmt, grain) in PHOTOS.items():
+            photos = fashion_photos(args.images, frame, fmt, grain)
+            sizes[kind] = sum(map(len, photos)) / len(photos)
+            bodies = write_bodies(workdir / kind, photos, f"image/{fmt.lower()}")
+            for way in WAYS:
+                if way.startswith(kind + "-"):
+                    ways[way] = (f"/classify?model=lenet-{way.rsplit('-', 1)[1]}", bodies)
+        runs = load_in_turn(workdir, ways, args, models)
+    files = ", ".join(f"{kind} {size / 2**20:.2f} MB" for kind, size in sizes.items())
+    about = (
+        "One `bentoml serve` of the shipped models plus the shipped LeNet twice, its card saying decode "
+        f'"scaled" and "full" (SERVING_LOG_REQUESTS=false); {args.images} distinct photos per way, mean file size: '
+        f"{files}. wrk in a closed loop; each way in turn at each level in each round, the median round by "
+        "requests/s shown; server CPU is the whole process tree's, decoder processes included."
+    )
+    text = ways_table(runs, args, "photo_serving", about, WAYS, "jpeg-12mp-full", "12 MP JPEG, full decode")
+    print(f"{SECTION}\n\n{text}")
+    if args.write:
+        write_section(args.write, "photo-serving", text, SECTION)
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser(__doc__.splitlines()[0], levels=(1, 8), images=16).parse_args()))
