@@ -14,7 +14,10 @@ curl -F sends them. Ways:
 - jpeg-48mp-scaled: 8000x6000 JPEGs (a full decode refuses them: over the 40-megapixel limit);
 - png-12mp-scaled: 4000x3000 PNGs without grain (a noisy one is 36 MB), which no method can decode
   at a smaller scale;
-- webp-1024-scaled: 1024x768 WebPs.
+- webp-1024-scaled: 1024x768 WebPs;
+- jpeg-12mp-floor: the 12 MP JPEGs to the bare Starlette floor (``benchmarks.starlette_floor``) on the
+  same graph, decoding as a user would write it (``FLOOR_DECODE=naive``: ``Image.open(...).convert(...)
+  .resize(...)``, every pixel), one image per request on its event loop.
 
 Server CPU per request is read from /proc for the server's whole process tree (decoder processes
 included), so it is the photo's whole cost to the service.
@@ -42,7 +45,15 @@ PHOTOS = {  # way -> (frame, format, grain): grain that keeps each file under th
     "png-12mp": ((4000, 3000), "PNG", 0.0),
     "webp-1024": ((1024, 768), "WEBP", 8.0),
 }
-WAYS = ("jpeg-12mp-scaled", "jpeg-12mp-full", "jpeg-48mp-scaled", "png-12mp-scaled", "webp-1024-scaled")
+WAYS = (
+    "jpeg-12mp-scaled",
+    "jpeg-12mp-full",
+    "jpeg-12mp-floor",
+    "jpeg-48mp-scaled",
+    "png-12mp-scaled",
+    "webp-1024-scaled",
+)
+UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--no-access-log", "--loop", "uvloop", "--http", "httptools"]
 
 
 def with_decode(decode: str, out: Path) -> Path:
@@ -70,12 +81,18 @@ def main(args: argparse.Namespace) -> None:
             bodies = write_bodies(workdir / kind, photos, f"image/{fmt.lower()}")
             for way in WAYS:
                 if way.startswith(kind + "-"):
-                    ways[way] = (f"/classify?model=lenet-{way.rsplit('-', 1)[1]}", bodies)
-        runs = load_in_turn(workdir, ways, args, models)
+                    how = way.rsplit("-", 1)[1]
+                    ways[way] = (
+                        ("/classify", bodies, "floor") if how == "floor" else (f"/classify?model=lenet-{how}", bodies)
+                    )
+        floor_env = {"FLOOR_ONNX": str(DEFAULT_MODEL_FILE), "FLOOR_DECODE": "naive"}
+        floor = ([sys.executable, *UVICORN, "benchmarks.starlette_floor:app"], floor_env, "/healthz")
+        runs = load_in_turn(workdir, {way: ways[way] for way in WAYS}, args, models, {"floor": floor})
     files = ", ".join(f"{kind} {size / 2**20:.2f} MB" for kind, size in sizes.items())
     about = (
         "One `bentoml serve` of the shipped models plus the shipped LeNet twice, its card saying decode "
-        f'"scaled" and "full" (SERVING_LOG_REQUESTS=false); {args.images} distinct photos per way, mean file size: '
+        f'"scaled" and "full" (SERVING_LOG_REQUESTS=false), and the bare floor on the same graph decoding naively '
+        f"(jpeg-12mp-floor); {args.images} distinct photos per way, mean file size: "
         f"{files}. wrk in a closed loop; each way in turn at each level in each round, the median round by "
         "requests/s shown; server CPU is the whole process tree's, decoder processes included."
     )

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.images import encode, fashion_images
+from benchmarks.images import encode, fashion_images, fashion_photos
 from benchmarks.load import cpu_seconds, process_tree
 from benchmarks.report import device, write_section
 from benchmarks.servers import REPO
@@ -59,6 +59,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pngs", type=int, default=50_000, help="LeNet PNGs (default: 50000)")
     parser.add_argument("--resnet18-onnx", type=Path, default=None, help="a ResNet-18 3x224x224 graph: adds its row")
     parser.add_argument("--jpegs", type=int, default=600, help="ResNet-18 JPEGs (default: 600)")
+    parser.add_argument(
+        "--photos",
+        type=int,
+        default=0,
+        help="LeNet on 12 MP JPEG photos (benchmarks.images.fashion_photos): adds that row",
+    )
+    parser.add_argument(
+        "--section",
+        default=SECTION,
+        help="the markers' name, for a run kept beside the main one (default: %(default)s)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="rounds of each measurement; medians (default: 1)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray-local runs")
     parser.add_argument("--write", type=Path, default=None, help="replace the section between its markers in this file")
@@ -172,6 +183,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     command = "python -m benchmarks.score_speed" + (
         f" --resnet18-onnx {args.resnet18_onnx} --jpegs {args.jpegs}" if args.resnet18_onnx else ""
     )
+    command += f" --pngs {args.pngs}" if args.pngs != 50_000 else ""
+    command += f" --photos {args.photos} --section {args.section}" if args.photos else ""
     lines = [
         f"Device: {device()}, shared with other work while it ran. Date: {time.strftime('%Y-%m-%d')}. Command: "
         f"`{command} --write BENCHMARKS.md`. onnxruntime {version('onnxruntime')}, pyarrow {version('pyarrow')}, "
@@ -200,15 +213,21 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    subjects = [
-        ("LeNet PNG 28x28", LENET, [encode(Image.fromarray(a), "PNG") for a in fashion_images(args.pngs)], "png")
-    ]
+    subjects = []
+    if args.pngs:
+        subjects.append(
+            ("LeNet PNG 28x28", LENET, [encode(Image.fromarray(a), "PNG") for a in fashion_images(args.pngs)], "png")
+        )
+    if args.photos:  # the shipped card decodes scaled: each photo at 1/8 scale
+        subjects.append(("LeNet JPEG 12 MP photos", LENET, fashion_photos(args.photos), "jpg"))
     if args.resnet18_onnx:
         jpegs = [
             encode(Image.fromarray(a).resize((224, 224), Image.Resampling.BILINEAR).convert("RGB"), "JPEG")
             for a in fashion_images(args.jpegs)
         ]
         subjects.append(("ResNet-18 JPEG 224x224", args.resnet18_onnx, jpegs, "jpg"))
+    if not subjects:
+        raise SystemExit("error: nothing to score: --pngs 0 needs --photos or --resnet18-onnx")
     if not args.no_ray:
         import ray
 
@@ -218,7 +237,8 @@ def main(args: argparse.Namespace) -> None:
     text = report(rows, args)
     print(text)
     if args.write:
-        write_section(args.write, SECTION, text, HEADING)
+        heading = HEADING if args.section == SECTION else f"{HEADING}: {args.section}"
+        write_section(args.write, args.section, text, heading)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,20 @@ the event loop, JSON. No batching, limits, auth, metrics or logs.
     FLOOR_ONNX=model_store/default/fashion-lenet.onnx uvicorn benchmarks.starlette_floor:app --port 8001 \\
         --no-access-log --loop uvloop --http httptools
 
-``benchmarks/serving_compare.py`` measures the service against it: what the service's own
-features cost per request is the distance to this floor.
+``benchmarks.serving_compare`` measures the service against it: what the service's own
+features cost per request is the distance to this floor. With ``FLOOR_DECODE=naive`` it decodes as
+a user would write it, ``Image.open(...).convert(...).resize(...)``: every pixel, then the card's
+size (``benchmarks.photo_serving``); by default as the service does (``image_bytes_to_input``).
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -32,10 +36,23 @@ card = ModelCard.from_json(session.get_modelmeta().custom_metadata_map[ONNX_META
 input_name = session.get_inputs()[0].name
 
 
+def naive_input(data: bytes, card: ModelCard) -> np.ndarray:
+    """What a hand-written server does with an image: decode it whole, convert, stretch to size."""
+    try:
+        image = Image.open(io.BytesIO(data)).convert("L" if card.in_channels == 1 else "RGB")
+        array = np.asarray(image.resize((card.width, card.height), Image.Resampling.BILINEAR))
+    except Exception as err:
+        raise ImageError(str(err)) from None
+    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+to_pixels = naive_input if os.environ.get("FLOOR_DECODE") == "naive" else image_bytes_to_input
+
+
 async def classify(request: Request) -> JSONResponse:
     form = await request.form()
     try:
-        pixels = image_bytes_to_input(await form["image"].read(), card)
+        pixels = to_pixels(await form["image"].read(), card)
     except (KeyError, AttributeError, ImageError) as err:
         return JSONResponse({"error": str(err)}, status_code=400)
     finally:

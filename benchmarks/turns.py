@@ -6,6 +6,7 @@ hits them alike, and the table of the median rounds. ``benchmarks.protocol_compa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.load import Bodies, run_wrk
+from benchmarks.load import run_wrk
 from benchmarks.report import device
 from benchmarks.servers import REPO, free_port, process
 from serving.config import ServingConfig
@@ -33,17 +34,17 @@ def get_args_parser(description: str, levels: tuple[int, ...] = (1, 32), images:
 
 def load_in_turn(
     workdir: Path,
-    ways: dict[str, tuple[str, Bodies]],
+    ways: dict[str, tuple],
     args: argparse.Namespace,
     more_models: dict[str, Path] | None = None,
+    more_servers: dict[str, tuple[list[str], dict[str, str], str]] | None = None,
 ) -> dict:
-    """One `bentoml serve` of the shipped models (and ``more_models``, name: ONNX file), loaded by wrk
-    with each way (its path, its bodies) in turn, at each of ``args.concurrency`` in each of ``args.rounds`` rounds:
-    {(way, concurrency): [wrk result per round]}. A failed request stops it."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    home = workdir / "bentoml"
-    env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SERVING_LOG_REQUESTS": "false"}
+    """One `bentoml serve` of the shipped models (and ``more_models``, name: ONNX file), and
+    ``more_servers`` (name: command, environment, readiness path), loaded by wrk with each way (its
+    path, its bodies, and the server it asks when not the service) in turn, at each of
+    ``args.concurrency`` in each of ``args.rounds`` rounds: {(way, concurrency): [wrk result per
+    round]}. A failed request stops it."""
+    env = {"BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "SERVING_LOG_REQUESTS": "false"}
     register = [sys.executable, "-m", "model_store", "register-default"]
     subprocess.run(register, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
     for name, graph in (more_models or {}).items():  # served beside the shipped ones
@@ -52,14 +53,26 @@ def load_in_turn(
     if more_models:
         shipped = ServingConfig().models
         env["SERVING_MODELS"] = ",".join([*shipped, *(f"{name}:latest" for name in more_models)])
-    command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    servers = {"service": ([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"], env, "/readyz")}
+    servers.update(more_servers or {})
     runs: dict[tuple[str, int], list[dict]] = {}
-    with process("service", command, env, base + "/readyz", workdir) as pid:
-        for path, bodies in ways.values():  # warm: each way's first requests
+    with contextlib.ExitStack() as stack:
+        running = {}  # name: (base URL, pid)
+        for name, (command, server_env, ready) in servers.items():
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            running[name] = (
+                base,
+                stack.enter_context(process(name, [*command, "--port", str(port)], server_env, base + ready, workdir)),
+            )
+        targets = {
+            way: (running[spec[2] if len(spec) > 2 else "service"], spec[0], spec[1]) for way, spec in ways.items()
+        }
+        for (base, pid), path, bodies in targets.values():  # warm: each way's first requests
             run_wrk(base + path, bodies, 4, 1, pid)
         for round_ in range(args.rounds):
             for concurrency in args.concurrency:
-                for way, (path, bodies) in ways.items():
+                for way, ((base, pid), path, bodies) in targets.items():
                     result = run_wrk(base + path, bodies, concurrency, args.seconds, pid)
                     if result["errors"]:
                         raise SystemExit(f"error: {way} at c={concurrency}: {result['errors']} failed requests")
