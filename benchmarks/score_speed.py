@@ -185,6 +185,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     )
     command += f" --pngs {args.pngs}" if args.pngs != 50_000 else ""
     command += f" --photos {args.photos} --section {args.section}" if args.photos else ""
+    command += " --no-ray" if args.no_ray else ""
     lines = [
         f"Device: {device()}, shared with other work while it ran. Date: {time.strftime('%Y-%m-%d')}. Command: "
         f"`{command} --write BENCHMARKS.md`. onnxruntime {version('onnxruntime')}, pyarrow {version('pyarrow')}, "
