@@ -5,7 +5,8 @@
 
 The baseline that ``benchmarks/serving_compare.py`` measures the BentoML service against. The
 checkpoint is one written by ``training.checkpoint.save_checkpoint`` (state_dict + card). It uses
-the project's own preprocessing, so the two servers differ only in how they serve, not in what.
+the project's own preprocessing, so the two servers differ only in how they serve, not in what;
+with ``BASELINE_DECODE=naive``, decoding as a user would write it (``benchmarks.peers.naive_input``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated
 import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
+from benchmarks.peers import naive_input
 from model_store import ImageError, image_bytes_to_input
 from training.checkpoint import load_model
 
@@ -25,6 +27,7 @@ torch.set_num_threads(os.cpu_count())
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 model, card, _ = load_model(os.environ["BASELINE_CHECKPOINT"])  # eager: loaded at import, before serving
 model = model.to(device)
+to_pixels = naive_input if os.environ.get("BASELINE_DECODE") == "naive" else image_bytes_to_input
 app = FastAPI()
 
 
@@ -37,7 +40,7 @@ def healthz() -> dict:
 @app.post("/classify")
 def classify(image: Annotated[UploadFile, File()]) -> dict:
     try:
-        pixels = image_bytes_to_input(image.file.read(), card)
+        pixels = to_pixels(image.file.read(), card)
     except ImageError as err:
         raise HTTPException(status_code=400, detail=str(err)) from None
     with torch.inference_mode():

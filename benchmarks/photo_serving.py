@@ -15,6 +15,9 @@ curl -F sends them. Ways:
 - png-12mp-scaled: 4000x3000 PNGs without grain (a noisy one is 36 MB), which no method can decode
   at a smaller scale;
 - webp-1024-scaled: 1024x768 WebPs;
+- jpeg-12mp-fastapi: the 12 MP JPEGs to the hand-written FastAPI + PyTorch server
+  (``benchmarks.fastapi_baseline``, the shipped LeNet's architecture) decoding the same way
+  (``BASELINE_DECODE=naive``), in FastAPI's thread pool;
 - jpeg-12mp-floor: the 12 MP JPEGs to the bare Starlette floor (``benchmarks.starlette_floor``) on the
   same graph, decoding as a user would write it (``FLOOR_DECODE=naive``: ``Image.open(...).convert(...)
   .resize(...)``, every pixel), one image per request on its event loop.
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from benchmarks.images import fashion_photos
 from benchmarks.load import write_bodies
+from benchmarks.peers import lenet_checkpoint
 from benchmarks.report import write_section
 from benchmarks.turns import get_args_parser, load_in_turn, ways_table
 from model_store.card import ONNX_METADATA_KEY, ModelCard
@@ -48,11 +52,13 @@ PHOTOS = {  # way -> (frame, format, grain): grain that keeps each file under th
 WAYS = (
     "jpeg-12mp-scaled",
     "jpeg-12mp-full",
+    "jpeg-12mp-fastapi",
     "jpeg-12mp-floor",
     "jpeg-48mp-scaled",
     "png-12mp-scaled",
     "webp-1024-scaled",
 )
+PEERS = ("fastapi", "floor")  # servers besides the service, decoding as a user writes it
 UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--no-access-log", "--loop", "uvloop", "--http", "httptools"]
 
 
@@ -82,17 +88,25 @@ def main(args: argparse.Namespace) -> None:
             for way in WAYS:
                 if way.startswith(kind + "-"):
                     how = way.rsplit("-", 1)[1]
-                    ways[way] = (
-                        ("/classify", bodies, "floor") if how == "floor" else (f"/classify?model=lenet-{how}", bodies)
-                    )
-        floor_env = {"FLOOR_ONNX": str(DEFAULT_MODEL_FILE), "FLOOR_DECODE": "naive"}
-        floor = ([sys.executable, *UVICORN, "benchmarks.starlette_floor:app"], floor_env, "/healthz")
-        runs = load_in_turn(workdir, {way: ways[way] for way in WAYS}, args, models, {"floor": floor})
+                    ways[way] = ("/classify", bodies, how) if how in PEERS else (f"/classify?model=lenet-{how}", bodies)
+        peers = {
+            "floor": (
+                "benchmarks.starlette_floor:app",
+                {"FLOOR_ONNX": str(DEFAULT_MODEL_FILE), "FLOOR_DECODE": "naive"},
+            ),
+            "fastapi": (
+                "benchmarks.fastapi_baseline:app",
+                {"BASELINE_CHECKPOINT": str(lenet_checkpoint(workdir / "lenet.pt")), "BASELINE_DECODE": "naive"},
+            ),
+        }
+        servers = {name: ([sys.executable, *UVICORN, app], env, "/healthz") for name, (app, env) in peers.items()}
+        runs = load_in_turn(workdir, {way: ways[way] for way in WAYS}, args, models, servers)
     files = ", ".join(f"{kind} {size / 2**20:.2f} MB" for kind, size in sizes.items())
     about = (
         "One `bentoml serve` of the shipped models plus the shipped LeNet twice, its card saying decode "
-        f'"scaled" and "full" (SERVING_LOG_REQUESTS=false), and the bare floor on the same graph decoding naively '
-        f"(jpeg-12mp-floor); {args.images} distinct photos per way, mean file size: "
+        f'"scaled" and "full" (SERVING_LOG_REQUESTS=false); the hand-written FastAPI + PyTorch server (1 worker, '
+        "its thread pool) and the bare floor, both decoding every pixel as a user writes it; "
+        f"{args.images} distinct photos per way, mean file size: "
         f"{files}. wrk in a closed loop; each way in turn at each level in each round, the median round by "
         "requests/s shown; server CPU is the whole process tree's, decoder processes included."
     )

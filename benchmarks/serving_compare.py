@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import shlex
 import statistics
@@ -36,16 +35,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
 from PIL import Image
 
 from benchmarks.images import encode, fashion_images, fashion_pngs
 from benchmarks.load import Bodies, run_wrk, write_bodies
+from benchmarks.peers import lenet_checkpoint
 from benchmarks.report import device, write_section
 from benchmarks.servers import REPO, free_port, metric_sums, process
 from model_store import ModelCard
-from training.checkpoint import read_checkpoint, save_checkpoint
-from training.models import build_model
+from training.checkpoint import read_checkpoint
 
 SECTION = "## HTTP serving: the service against a hand-written server, LitServe and a bare floor"
 LEVELS = {"lenet": [1, 32, 128], "resnet18": [32]}
@@ -144,18 +142,14 @@ class Running:
 def prepare_lenet(workdir: Path, args: argparse.Namespace) -> Subject:
     from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
 
-    # The shipped ONNX holds no PyTorch weights (its BatchNorms are folded), so FastAPI gets the
-    # same architecture with random weights: the time per image does not depend on their values.
-    card = dataclasses.replace(read_onnx_card(DEFAULT_MODEL_FILE), metrics={}, export={})
-    torch.manual_seed(0)
-    save_checkpoint(workdir / "lenet.pt", build_model(card), card)
+    card = read_onnx_card(DEFAULT_MODEL_FILE)
     return Subject(
         "lenet",
         f"LeNet ({card.arch}), 1x28x28, Fashion-MNIST test images as PNG (~0.7 KB). The shipped graph; "
         "FastAPI: the same architecture with random weights (the shipped ONNX holds no PyTorch weights)",
         DEFAULT_MODEL_FILE,
         None,
-        workdir / "lenet.pt",
+        lenet_checkpoint(workdir / "lenet.pt"),
         write_bodies(workdir / "lenet-bodies", fashion_pngs(args.images), "image/png"),
     )
 

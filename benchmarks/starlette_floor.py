@@ -13,17 +13,16 @@ size (``benchmarks.photo_serving``); by default as the service does (``image_byt
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from benchmarks.peers import naive_input
 from model_store import ImageError, image_bytes_to_input
 from model_store.card import ONNX_METADATA_KEY, ModelCard
 
@@ -34,16 +33,6 @@ options.intra_op_num_threads = 1  # batch 1 of a small model: one thread is fast
 session = ort.InferenceSession(os.environ["FLOOR_ONNX"], options, providers=["CPUExecutionProvider"])
 card = ModelCard.from_json(session.get_modelmeta().custom_metadata_map[ONNX_METADATA_KEY])
 input_name = session.get_inputs()[0].name
-
-
-def naive_input(data: bytes, card: ModelCard) -> np.ndarray:
-    """What a hand-written server does with an image: decode it whole, convert, stretch to size."""
-    try:
-        image = Image.open(io.BytesIO(data)).convert("L" if card.in_channels == 1 else "RGB")
-        array = np.asarray(image.resize((card.width, card.height), Image.Resampling.BILINEAR))
-    except Exception as err:
-        raise ImageError(str(err)) from None
-    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
 to_pixels = naive_input if os.environ.get("FLOOR_DECODE") == "naive" else image_bytes_to_input
