@@ -4,6 +4,7 @@ device, date and command. Run a script from the repository root as ``python -m b
 Scripts import the shared modules, never each other: ``images`` (the images they send),
 ``servers`` (a free port, a server started and waited for), ``load`` (wrk and the Python closed
 loop, and the server CPU they measure), ``engines`` (the engines a speed benchmark times),
-``turns`` (ways of asking one service, loaded in turn) and ``report`` (writing a section).
+``turns`` (ways of asking one service, loaded in turn), ``peers`` (what the servers the service is
+measured against share) and ``report`` (writing a section).
 ``benchmarks.gpu`` is the suite for a GPU machine's short lease.
 """
