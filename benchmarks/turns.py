@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.load import run_wrk
 from benchmarks.report import device
 from benchmarks.servers import REPO, free_port, process
-from serving.config import ServingConfig
+from model_store.store import SHIPPED_MODELS
 
 
 def get_args_parser(description: str, levels: tuple[int, ...] = (1, 32), images: int = 256) -> argparse.ArgumentParser:
@@ -51,8 +51,7 @@ def load_in_turn(
         register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", name]
         subprocess.run(register, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
     if more_models:
-        shipped = ServingConfig().models
-        env["SERVING_MODELS"] = ",".join([*shipped, *(f"{name}:latest" for name in more_models)])
+        env["SERVING_MODELS"] = ",".join(f"{name}:latest" for name in [*SHIPPED_MODELS, *more_models])
     servers = {"service": ([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"], env, "/readyz")}
     servers.update(more_servers or {})
     runs: dict[tuple[str, int], list[dict]] = {}

@@ -109,11 +109,11 @@ class Edge:
         await self.admit(scope, receive, send, path, self.classify)
 
     async def admit(self, scope, receive, send, route: str, answer: Callable) -> None:
-        """Read the body, then admit the request or refuse it; ``answer(scope, body, receive, send)``
-        answers an admitted one. ``route`` labels the metrics and the log."""
+        """Read the body, then admit the request or refuse it; ``answer(scope, received, receive, send)``
+        answers an admitted one (``received``: the :class:`~serving.requests.Received` request). ``route`` labels the metrics and the log."""
         start = time.perf_counter()
         try:
-            body = await self.read_body(scope, receive)
+            received = await self.read_body(scope, receive)
         except (SlowBody, LengthRequired, BodyTooLarge, ClientGone, Overloaded) as error:
             # The rest of the body is not wanted: close, rather than wait on the socket for it.
             return await self.refuse(send, error, [(b"connection", b"close")], route=route, start=start)
@@ -126,22 +126,22 @@ class Edge:
             self.in_flight += 1
             metrics.in_flight.inc()
             try:
-                await answer(scope, body, receive, send)
+                await answer(scope, received, receive, send)
             finally:
                 self.in_flight -= 1
                 metrics.in_flight.dec()
         finally:
-            self.body_bytes -= len(body)
+            self.body_bytes -= len(received.body)
 
-    async def classify(self, scope, body: bytes, receive, send) -> None:
+    async def classify(self, scope, received: Received, receive, send) -> None:
         if self.hot:
             handlers = self.handlers()
             route = scope["path"]
             handler = {CLASSIFY: handlers.classify, CLASSIFY_BATCH: handlers.classify_batch, EXPLAIN: handlers.explain}
-            status, answer = await respond(handlers, route, handler[route](Received.of(scope, body)))
+            status, answer = await respond(handlers, route, handler[route](received))
             await send_answer(send, status, answer)
         else:  # BentoML's layer (tracing or CORS) reads the body again: hand it over
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, _replay(received.body, receive), send)
 
     async def v2(self, scope, receive, send) -> None:
         """The Open Inference Protocol's routes (``serving.v2``): infer is admitted and answered
@@ -153,16 +153,16 @@ class Edge:
         handlers = self.handlers()
         if route.kind == "infer":
 
-            async def infer(scope, body: bytes, receive, send) -> None:
-                work = handlers.infer(route, body, dict(scope["headers"]))
+            async def infer(scope, received: Received, receive, send) -> None:
+                work = handlers.infer(route, received.body, received.headers)
                 status, answer = await respond(handlers, V2_INFER, work)
                 await send_answer(send, status, answer)
 
             return await self.admit(scope, receive, send, V2_INFER, infer)
         if route.kind in ("index", "load", "unload"):
 
-            async def change(scope, body: bytes, receive, send) -> None:
-                work = handlers.repository(route, body)
+            async def change(scope, received: Received, receive, send) -> None:
+                work = handlers.repository(route, received.body)
                 status, answer = await respond(handlers, V2_REPOSITORY, work, timeout_s=LOAD_TIMEOUT_S)
                 await send_answer(send, status, answer)
 
@@ -184,8 +184,8 @@ class Edge:
         # cannot be guessed from response times.
         return hmac.compare_digest(token, self.token) and scheme.lower() == b"bearer"
 
-    async def read_body(self, scope, receive) -> bytes:
-        """The whole body, or the error that stops it: no length on HTTP/1.0 (411), over the size
+    async def read_body(self, scope, receive) -> Received:
+        """The request with its whole body, or the error that stops it: no length on HTTP/1.0 (411), over the size
         limit (413), slower than ``min_body_rate`` after :data:`BODY_GRACE_S` or not in within
         ``timeout_s`` (408), over the memory budget for bodies (503), or the client gone (499)."""
         config = self.config
@@ -223,7 +223,7 @@ class Edge:
                     )
                 chunks.append(chunk)
                 if not message.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    return Received.of(scope, chunks[0] if len(chunks) == 1 else b"".join(chunks), headers)
         except BaseException:
             self.body_bytes -= seen
             raise

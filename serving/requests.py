@@ -43,10 +43,11 @@ class Received:
     query: dict[str, str]  # the last of a repeated parameter
 
     @classmethod
-    def of(cls, scope, body: bytes) -> Received:
-        # Decoded as Starlette decodes it: latin-1, then percent-decoding as UTF-8.
+    def of(cls, scope, body: bytes, headers: dict[bytes, bytes] | None = None) -> Received:
+        """``headers``: ``scope``'s as a dict, when the caller has made it already."""
+        # The query decoded as Starlette decodes it: latin-1, then percent-decoding as UTF-8.
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        return cls(body, dict(scope["headers"]), dict(query))
+        return cls(body, dict(scope["headers"]) if headers is None else headers, dict(query))
 
     def header(self, name: bytes) -> str:
         return self.headers.get(name, b"").decode("latin-1")
