@@ -3,6 +3,7 @@
 
     python -m benchmarks.photo_serving                         # c=1 and 8, 10 s, 3 rounds
     python -m benchmarks.photo_serving --write BENCHMARKS.md
+    python -m benchmarks.photo_serving --before /tmp/before    # and another checkout's service, in turn
 
 The shipped LeNet graph is served twice under two names, its card saying decode "scaled"
 (``lenet-scaled``) and "full" (``lenet-full``), so the two ways of decoding meet the same server,
@@ -12,6 +13,8 @@ curl -F sends them. Ways:
 
 - jpeg-12mp-scaled / jpeg-12mp-full: 4000x3000 JPEGs, quality 90;
 - jpeg-48mp-scaled: 8000x6000 JPEGs (a full decode refuses them: over the 40-megapixel limit);
+- heic-12mp-scaled: 4000x3000 HEICs, as an iPhone stores a photo (pillow-heif's default quality);
+  only 4 distinct ones, as x265 takes about 14 s to write each; no HEIC decoder can scale;
 - png-12mp-scaled: 4000x3000 PNGs without grain (a noisy one is 36 MB), which no method can decode
   at a smaller scale;
 - webp-1024-scaled: 1024x768 WebPs;
@@ -20,25 +23,31 @@ curl -F sends them. Ways:
   (``BASELINE_DECODE=naive``), in FastAPI's thread pool;
 - jpeg-12mp-floor: the 12 MP JPEGs to the bare Starlette floor (``benchmarks.starlette_floor``) on the
   same graph, decoding as a user would write it (``FLOOR_DECODE=naive``: ``Image.open(...).convert(...)
-  .resize(...)``, every pixel), one image per request on its event loop.
+  .resize(...)``, every pixel), one image per request on its event loop;
+- with ``--before CHECKOUT``, KIND-before for each kind of BEFORE_KINDS: the same photos to the
+  ``lenet-scaled`` model of that checkout's service (a git worktree of the commit before a change),
+  so a change is measured before and after in one run.
 
-Server CPU per request is read from /proc for the server's whole process tree (decoder processes
-included), so it is the photo's whole cost to the service.
+``--ways`` runs some of them. Server CPU per request is read from /proc for the server's whole
+process tree (decoder processes included), so it is the photo's whole cost to the service.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import turns
 from benchmarks.images import fashion_photos
 from benchmarks.load import write_bodies
 from benchmarks.peers import lenet_checkpoint
 from benchmarks.report import write_section
-from benchmarks.turns import get_args_parser, load_in_turn, ways_table
+from benchmarks.turns import Server, load_in_turn, ways_table
 from model_store.card import ONNX_METADATA_KEY, ModelCard
 from model_store.store import DEFAULT_MODEL_FILE
 
@@ -46,6 +55,7 @@ SECTION = "## Phone photos: what decoding at the model's scale saves the service
 PHOTOS = {  # way -> (frame, format, grain): grain that keeps each file under the 10 MB body limit
     "jpeg-12mp": ((4000, 3000), "JPEG", 8.0),
     "jpeg-48mp": ((8000, 6000), "JPEG", 3.0),
+    "heic-12mp": ((4000, 3000), "HEIF", 8.0),
     "png-12mp": ((4000, 3000), "PNG", 0.0),
     "webp-1024": ((1024, 768), "WEBP", 8.0),
 }
@@ -55,9 +65,12 @@ WAYS = (
     "jpeg-12mp-fastapi",
     "jpeg-12mp-floor",
     "jpeg-48mp-scaled",
+    "heic-12mp-scaled",
     "png-12mp-scaled",
     "webp-1024-scaled",
 )
+HEIC_PHOTOS = 4  # distinct HEICs at most: x265 takes about 14 s to write a 12 MP one
+BEFORE_KINDS = ("jpeg-12mp", "webp-1024", "png-12mp")  # asked of the --before checkout's service too
 PEERS = ("fastapi", "floor")  # servers besides the service, decoding as a user writes it
 UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--no-access-log", "--loop", "uvloop", "--http", "httptools"]
 
@@ -74,7 +87,23 @@ def with_decode(decode: str, out: Path) -> Path:
     return out
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = turns.get_args_parser(__doc__.splitlines()[0], levels=(1, 8), images=16)
+    parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS), help="the ways to run (default: all)")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="another checkout (a git worktree of the commit before a change): its service answers "
+        f"the ways {', '.join(kind + '-before' for kind in BEFORE_KINDS)}, in turn with this one's",
+    )
+    return parser
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.before is not None and not (args.before / "serving" / "service.py").is_file():
+        raise SystemExit(f"error: --before {args.before} is not a checkout of this project (no serving/service.py)")
+    wanted = [*args.ways, *(f"{kind}-before" for kind in BEFORE_KINDS if args.before)]
     with tempfile.TemporaryDirectory(prefix="photo-serving-") as folder:
         workdir = Path(folder)
         models = {
@@ -82,39 +111,73 @@ def main(args: argparse.Namespace) -> None:
         }
         sizes, ways = {}, {}
         for kind, (frame, fmt, grain) in PHOTOS.items():
-            photos = fashion_photos(args.images, frame, fmt, grain)
+            if not any(way.startswith(kind + "-") for way in wanted):
+                continue
+            count = min(args.images, HEIC_PHOTOS) if fmt == "HEIF" else args.images
+            photos = fashion_photos(count, frame, fmt, grain)
             sizes[kind] = sum(map(len, photos)) / len(photos)
             bodies = write_bodies(workdir / kind, photos, f"image/{fmt.lower()}")
-            for way in WAYS:
+            for way in wanted:
                 if way.startswith(kind + "-"):
                     how = way.rsplit("-", 1)[1]
-                    ways[way] = ("/classify", bodies, how) if how in PEERS else (f"/classify?model=lenet-{how}", bodies)
-        peers = {
-            "floor": (
-                "benchmarks.starlette_floor:app",
-                {"FLOOR_ONNX": str(DEFAULT_MODEL_FILE), "FLOOR_DECODE": "naive"},
-            ),
-            "fastapi": (
-                "benchmarks.fastapi_baseline:app",
-                {"BASELINE_CHECKPOINT": str(lenet_checkpoint(workdir / "lenet.pt")), "BASELINE_DECODE": "naive"},
-            ),
+                    path = (
+                        "/classify" if how in PEERS else f"/classify?model=lenet-{'scaled' if how == 'before' else how}"
+                    )
+                    ways[way] = (path, bodies, how) if how in (*PEERS, "before") else (path, bodies)
+        servers = {
+            name: Server([sys.executable, *UVICORN, app], env, "/healthz")
+            for name, (app, env) in peers(workdir).items()
+            if any(way.endswith("-" + name) for way in wanted)
         }
-        servers = {name: ([sys.executable, *UVICORN, app], env, "/healthz") for name, (app, env) in peers.items()}
-        runs = load_in_turn(workdir, {way: ways[way] for way in WAYS}, args, models, servers)
+        if args.before:
+            servers["before"] = before_service(args.before, models["lenet-scaled"], workdir)
+        runs = load_in_turn(workdir, {way: ways[way] for way in wanted}, args, models, servers)
     files = ", ".join(f"{kind} {size / 2**20:.2f} MB" for kind, size in sizes.items())
     about = (
         "One `bentoml serve` of the shipped models plus the shipped LeNet twice, its card saying decode "
         f'"scaled" and "full" (SERVING_LOG_REQUESTS=false); the hand-written FastAPI + PyTorch server (1 worker, '
         "its thread pool) and the bare floor, both decoding every pixel as a user writes it; "
-        f"{args.images} distinct photos per way, mean file size: "
+        f"{args.images} distinct photos per way ({min(args.images, HEIC_PHOTOS)} HEICs), mean file size: "
         f"{files}. wrk in a closed loop; each way in turn at each level in each round, the median round by "
         "requests/s shown; server CPU is the whole process tree's, decoder processes included."
     )
-    text = ways_table(runs, args, "photo_serving", about, WAYS, "jpeg-12mp-full", "12 MP JPEG, full decode")
+    if args.before:
+        about += f" KIND-before: the same photos to the service of the checkout at `{args.before}`, its lenet-scaled."
+    options = " ".join(
+        ([f"--ways {' '.join(args.ways)}"] if args.ways != list(WAYS) else [])
+        + ([f"--before {args.before}"] if args.before else [])
+    )
+    baseline = "jpeg-12mp-full" if "jpeg-12mp-full" in wanted else wanted[0]
+    text = ways_table(runs, args, "photo_serving", about, wanted, baseline, baseline, options)
     print(f"{SECTION}\n\n{text}")
     if args.write:
         write_section(args.write, "photo-serving", text, SECTION)
 
 
+def peers(workdir: Path) -> dict[str, tuple[str, dict[str, str]]]:
+    """The servers the service is measured against: name -> (app, environment)."""
+    return {
+        "floor": ("benchmarks.starlette_floor:app", {"FLOOR_ONNX": str(DEFAULT_MODEL_FILE), "FLOOR_DECODE": "naive"}),
+        "fastapi": (
+            "benchmarks.fastapi_baseline:app",
+            {"BASELINE_CHECKPOINT": str(lenet_checkpoint(workdir / "lenet.pt")), "BASELINE_DECODE": "naive"},
+        ),
+    }
+
+
+def before_service(checkout: Path, graph: Path, workdir: Path) -> Server:
+    """``checkout``'s service of ``graph`` as lenet-scaled, with a BentoML home of its own (a service
+    empties its home's Prometheus directory when it starts)."""
+    env = {
+        "BENTOML_HOME": str(workdir / "bentoml-before"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "SERVING_LOG_REQUESTS": "false",
+        "SERVING_MODELS": "lenet-scaled:latest",
+    }
+    register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", "lenet-scaled"]
+    subprocess.run(register, cwd=checkout, env={**os.environ, **env}, check=True, capture_output=True)
+    return Server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"], env, "/readyz", checkout)
+
+
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser(__doc__.splitlines()[0], levels=(1, 8), images=16).parse_args()))
+    sys.exit(main(get_args_parser().parse_args()))

@@ -14,11 +14,22 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from benchmarks.load import run_wrk
 from benchmarks.report import device
 from benchmarks.servers import REPO, free_port, process
 from model_store.store import SHIPPED_MODELS
+
+
+class Server(NamedTuple):
+    """A server besides the service: its command (without --port, which is added), environment,
+    readiness path, and the checkout it runs from."""
+
+    command: list[str]
+    env: dict[str, str]
+    ready: str
+    cwd: Path = REPO
 
 
 def get_args_parser(description: str, levels: tuple[int, ...] = (1, 32), images: int = 256) -> argparse.ArgumentParser:
@@ -37,10 +48,10 @@ def load_in_turn(
     ways: dict[str, tuple],
     args: argparse.Namespace,
     more_models: dict[str, Path] | None = None,
-    more_servers: dict[str, tuple[list[str], dict[str, str], str]] | None = None,
+    more_servers: dict[str, Server] | None = None,
 ) -> dict:
     """One `bentoml serve` of the shipped models (and ``more_models``, name: ONNX file), and
-    ``more_servers`` (name: command, environment, readiness path), loaded by wrk with each way (its
+    ``more_servers`` (name: :class:`Server`), loaded by wrk with each way (its
     path, its bodies, and the server it asks when not the service) in turn, at each of
     ``args.concurrency`` in each of ``args.rounds`` rounds: {(way, concurrency): [wrk result per
     round]}. A failed request stops it."""
@@ -52,17 +63,18 @@ def load_in_turn(
         subprocess.run(register, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
     if more_models:
         env["SERVING_MODELS"] = ",".join(f"{name}:latest" for name in [*SHIPPED_MODELS, *more_models])
-    servers = {"service": ([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"], env, "/readyz")}
+    servers = {"service": Server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"], env, "/readyz")}
     servers.update(more_servers or {})
     runs: dict[tuple[str, int], list[dict]] = {}
     with contextlib.ExitStack() as stack:
         running = {}  # name: (base URL, pid)
-        for name, (command, server_env, ready) in servers.items():
+        for name, server in servers.items():
             port = free_port()
             base = f"http://127.0.0.1:{port}"
+            command = [*server.command, "--port", str(port)]
             running[name] = (
                 base,
-                stack.enter_context(process(name, [*command, "--port", str(port)], server_env, base + ready, workdir)),
+                stack.enter_context(process(name, command, server.env, base + server.ready, workdir, server.cwd)),
             )
         targets = {
             way: (running[spec[2] if len(spec) > 2 else "service"], spec[0], spec[1]) for way, spec in ways.items()
@@ -80,12 +92,15 @@ def load_in_turn(
     return runs
 
 
-def ways_table(runs: dict, args, script: str, about: str, ways, baseline: str, baseline_label: str) -> str:
-    """The section: device, date and command, ``about``, and per level and way the median round by
-    requests/s, with its requests/s over ``baseline``'s median."""
+def ways_table(
+    runs: dict, args, script: str, about: str, ways, baseline: str, baseline_label: str, options: str = ""
+) -> str:
+    """The section: device, date and command (``options``: the script's own), ``about``, and per
+    level and way the median round by requests/s, with its requests/s over ``baseline``'s median."""
     lines = [
         f"Device: {device()}. Date: {datetime.date.today()}. Command: `python -m benchmarks.{script} "
-        f"--concurrency {' '.join(map(str, args.concurrency))} --seconds {args.seconds:g} --rounds {args.rounds}`.",
+        f"--concurrency {' '.join(map(str, args.concurrency))} --seconds {args.seconds:g} --rounds {args.rounds}"
+        f"{' ' + options if options else ''}`.",
         about,
         "",
         f"| way | concurrency | req/s | vs {baseline_label} | p50 ms | p99 ms | server CPU ms/req |",

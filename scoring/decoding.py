@@ -3,6 +3,7 @@ worker process of the local engine, or a Ray task, runs."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -14,15 +15,18 @@ import numpy as np
 
 from model_store import ImageError, ModelCard, image_bytes_to_input
 from model_store.engine import OnnxClassifier
+from model_store.preprocess import keep_freed_memory
 from scoring.sources import Entry, Source
 
 logger = logging.getLogger(__name__)
 
 _replicas: dict[str, OnnxClassifier] = {}  # this process's one-thread session of each model file
+_keep_freed_memory = functools.cache(keep_freed_memory)  # once per process, which decodes batch after batch
 
 
 def load_inputs(source: Source, entries: list[Entry], card: ModelCard) -> list[np.ndarray | str]:
     """Each entry's model input, or the reason it cannot be used; the store's reads overlap."""
+    _keep_freed_memory()
     if source.read_threads > 1 and len(entries) > 1:
         with ThreadPoolExecutor(min(source.read_threads, len(entries))) as pool:
             return list(pool.map(lambda entry: _load(source, entry, card), entries))

@@ -9,9 +9,10 @@ import base64
 import time
 
 import numpy as np
+from PIL import Image
 
 from model_store import ImageError, load_image, open_image, to_input
-from model_store.card import CAM_ARCHS
+from model_store.card import CAM_ARCHS, ModelCard
 from model_store.engine import answer
 from serving import metrics, v2
 from serving.config import ServingConfig
@@ -23,12 +24,14 @@ from serving.heatmap import overlay_png
 from serving.model_set import ModelSet, ServedModel
 from serving.requests import Received, Upload, parse_top_k, read_batch_request, read_classify_request
 
-# Images this small are decoded on the event loop: at 28x28 a decode costs ~0.07 ms, less than the
-# hop to a decoder process and back. The byte bound caps what reading the header can cost there;
-# the pixel bound what decoding can (a few KB of PNG can hold megapixels of one colour), and the
-# scan bound of model_store.preprocess what a progressive JPEG can.
-INLINE_MAX_BYTES = 16 * 1024
-INLINE_MAX_PIXELS = 128 * 128
+# Where an image is decoded, by what decoding it costs: on the event loop when that is less than the
+# hop to a decoder process and back (0.3 ms of CPU, and about 1.3 ms more per MB of body), else in a
+# decoder process (BENCHMARKS.md, "Where an image is decoded"). The cost is estimated from the header
+# as the bytes to read plus the pixels to decode (after a scaled decode), each 3 to 20 ns here: 32 Ki
+# of them cost at most ~0.5 ms, which also bounds how long one decode holds up the loop. A phone
+# photo (26 ms for a 12 MP JPEG) would hold every other request up that long and leave the other
+# cores idle. The scan bound of model_store.preprocess caps what a progressive JPEG can add.
+INLINE_MAX_WORK = 32 * 1024
 
 
 class Handlers:
@@ -162,18 +165,20 @@ class Handlers:
 
     async def decode(self, upload: Upload, model: ServedModel) -> np.ndarray:
         start = time.perf_counter()
-        card, max_pixels = model.engine.card, self.config.max_pixels
-        small = (
-            len(upload.data) <= INLINE_MAX_BYTES
-            and (image := open_image(upload.data, max_pixels, self.max_decode_bytes, card)).width * image.height
-            <= INLINE_MAX_PIXELS
-        )
-        if small:
+        card = model.engine.card
+        if (image := self.open_if_cheap(upload.data, card)) is not None:
             pixels = to_input(load_image(image), card)
         else:
             pixels = await self.decoders.decode(upload.data, card)
         metrics.decode_seconds.observe(time.perf_counter() - start)
         return pixels
+
+    def open_if_cheap(self, data: bytes, card: ModelCard) -> Image.Image | None:
+        """The image, opened, when decoding it costs less than the hop to a decoder (INLINE_MAX_WORK)."""
+        if len(data) > INLINE_MAX_WORK:  # the header is not even read here: the decoder reads it
+            return None
+        image = open_image(data, self.config.max_pixels, self.max_decode_bytes, card)
+        return image if len(data) + image.width * image.height <= INLINE_MAX_WORK else None
 
 
 async def _all(awaitables) -> list:
