@@ -24,6 +24,12 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def upscaled(image: np.ndarray, side: int, fmt: str = "JPEG") -> bytes:
+    """A test image as a camera would store a photo of it: upscaled (bicubic) to ``side`` square,
+    in ``fmt``; square, so that the garment fills the frame as in training."""
+    return encode(Image.fromarray(image).convert("RGB").resize((side, side), Image.Resampling.BICUBIC), fmt)
+
+
 def fashion_pngs(count: int) -> list[bytes]:
     return [encode(Image.fromarray(a), "PNG") for a in fashion_images(count)]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,9 +25,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from benchmarks.images import fashion_images
+from benchmarks.images import fashion_images, upscaled
 from benchmarks.report import device, write_section
 from model_store import image_bytes_to_input
 from model_store.engine import OnnxClassifier
@@ -48,14 +46,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def as_photo(image: np.ndarray, side: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).convert("RGB").resize((side, side), Image.Resampling.BICUBIC).save(
-        buffer, format="JPEG", quality=90
-    )
-    return buffer.getvalue()
-
-
 def score_chunk(indices: list[int], side: int) -> dict:
     """For images ``indices``: each model's answer each way, and the CPU seconds each way took."""
     engines = [OnnxClassifier(path, "cpu", threads=1) for path in MODELS]
@@ -63,7 +53,7 @@ def score_chunk(indices: list[int], side: int) -> dict:
     answers = {(m, way): [] for m in range(len(MODELS)) for way in METHODS}
     seconds = dict.fromkeys(METHODS, 0.0)
     for index in indices:
-        photo = as_photo(images[index], side)
+        photo = upscaled(images[index], side)
         for m, engine in enumerate(engines):
             for way in METHODS:
                 card = dataclasses.replace(engine.card, decode=way)
@@ -84,7 +74,7 @@ def measure(args: argparse.Namespace) -> dict:
         key: np.concatenate([p["answers"][key] for p in parts])[np.argsort(order)] for key in parts[0]["answers"]
     }
     seconds = {way: sum(p["seconds"][way] for p in parts) for way in METHODS}
-    return {"answers": answers, "seconds": seconds, "photo_bytes": len(as_photo(fashion_images(1)[0], args.side))}
+    return {"answers": answers, "seconds": seconds, "photo_bytes": len(upscaled(fashion_images(1)[0], args.side))}
 
 
 def report(result: dict, args: argparse.Namespace) -> str:

@@ -24,9 +24,9 @@ curl -F sends them. Ways:
 - jpeg-12mp-floor: the 12 MP JPEGs to the bare Starlette floor (``benchmarks.starlette_floor``) on the
   same graph, decoding as a user would write it (``FLOOR_DECODE=naive``: ``Image.open(...).convert(...)
   .resize(...)``, every pixel), one image per request on its event loop;
-- with ``--before CHECKOUT``, KIND-before for each kind of BEFORE_KINDS: the same photos to the
-  ``lenet-scaled`` model of that checkout's service (a git worktree of the commit before a change),
-  so a change is measured before and after in one run.
+- with ``--before CHECKOUT``, WAY-before for each way of the service: the same photos to the same
+  model of that checkout's service (a git worktree of the commit before a change), so a change is
+  measured before and after in one run.
 
 ``--ways`` runs some of them. Server CPU per request is read from /proc for the server's whole
 process tree (decoder processes included), so it is the photo's whole cost to the service.
@@ -70,7 +70,6 @@ WAYS = (
     "webp-1024-scaled",
 )
 HEIC_PHOTOS = 4  # distinct HEICs at most: x265 takes about 14 s to write a 12 MP one
-BEFORE_KINDS = ("jpeg-12mp", "webp-1024", "png-12mp")  # asked of the --before checkout's service too
 PEERS = ("fastapi", "floor")  # servers besides the service, decoding as a user writes it
 UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--no-access-log", "--loop", "uvloop", "--http", "httptools"]
 
@@ -95,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="another checkout (a git worktree of the commit before a change): its service answers "
-        f"the ways {', '.join(kind + '-before' for kind in BEFORE_KINDS)}, in turn with this one's",
+        "each way of the service as WAY-before, in turn with this one's",
     )
     return parser
 
@@ -103,7 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     if args.before is not None and not (args.before / "serving" / "service.py").is_file():
         raise SystemExit(f"error: --before {args.before} is not a checkout of this project (no serving/service.py)")
-    wanted = [*args.ways, *(f"{kind}-before" for kind in BEFORE_KINDS if args.before)]
+    twins = [f"{way}-before" for way in args.ways if args.before and way.rsplit("-", 1)[1] not in PEERS]
+    wanted = [*args.ways, *twins]
     with tempfile.TemporaryDirectory(prefix="photo-serving-") as folder:
         workdir = Path(folder)
         models = {
@@ -119,18 +119,14 @@ def main(args: argparse.Namespace) -> None:
             bodies = write_bodies(workdir / kind, photos, f"image/{fmt.lower()}")
             for way in wanted:
                 if way.startswith(kind + "-"):
-                    how = way.rsplit("-", 1)[1]
-                    path = (
-                        "/classify" if how in PEERS else f"/classify?model=lenet-{'scaled' if how == 'before' else how}"
-                    )
-                    ways[way] = (path, bodies, how) if how in (*PEERS, "before") else (path, bodies)
+                    ways[way] = way_of(way, bodies)
         servers = {
             name: Server([sys.executable, *UVICORN, app], env, "/healthz")
             for name, (app, env) in peers(workdir).items()
             if any(way.endswith("-" + name) for way in wanted)
         }
         if args.before:
-            servers["before"] = before_service(args.before, models["lenet-scaled"], workdir)
+            servers["before"] = before_service(args.before, models, workdir)
         runs = load_in_turn(workdir, {way: ways[way] for way in wanted}, args, models, servers)
     files = ", ".join(f"{kind} {size / 2**20:.2f} MB" for kind, size in sizes.items())
     about = (
@@ -142,7 +138,7 @@ def main(args: argparse.Namespace) -> None:
         "requests/s shown; server CPU is the whole process tree's, decoder processes included."
     )
     if args.before:
-        about += f" KIND-before: the same photos to the service of the checkout at `{args.before}`, its lenet-scaled."
+        about += f" WAY-before: the same photos and model, to the service of the checkout at `{args.before}`."
     options = " ".join(
         ([f"--ways {' '.join(args.ways)}"] if args.ways != list(WAYS) else [])
         + ([f"--before {args.before}"] if args.before else [])
@@ -152,6 +148,15 @@ def main(args: argparse.Namespace) -> None:
     print(f"{SECTION}\n\n{text}")
     if args.write:
         write_section(args.write, "photo-serving", text, SECTION)
+
+
+def way_of(way: str, bodies) -> tuple:
+    """What load_in_turn asks for ``way``: its path, its bodies, and the server when not the service."""
+    how = way.removesuffix("-before").rsplit("-", 1)[1]
+    if how in PEERS:
+        return ("/classify", bodies, how)
+    path = f"/classify?model=lenet-{how}"
+    return (path, bodies, "before") if way.endswith("-before") else (path, bodies)
 
 
 def peers(workdir: Path) -> dict[str, tuple[str, dict[str, str]]]:
@@ -165,17 +170,18 @@ def peers(workdir: Path) -> dict[str, tuple[str, dict[str, str]]]:
     }
 
 
-def before_service(checkout: Path, graph: Path, workdir: Path) -> Server:
-    """``checkout``'s service of ``graph`` as lenet-scaled, with a BentoML home of its own (a service
-    empties its home's Prometheus directory when it starts)."""
+def before_service(checkout: Path, models: dict[str, Path], workdir: Path) -> Server:
+    """``checkout``'s service of ``models`` (name: ONNX file), with a BentoML home of its own (a
+    service empties its home's Prometheus directory when it starts)."""
     env = {
         "BENTOML_HOME": str(workdir / "bentoml-before"),
         "BENTOML_DO_NOT_TRACK": "True",
         "SERVING_LOG_REQUESTS": "false",
-        "SERVING_MODELS": "lenet-scaled:latest",
+        "SERVING_MODELS": ",".join(f"{name}:latest" for name in models),
     }
-    register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", "lenet-scaled"]
-    subprocess.run(register, cwd=checkout, env={**os.environ, **env}, check=True, capture_output=True)
+    for name, graph in models.items():
+        register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", name]
+        subprocess.run(register, cwd=checkout, env={**os.environ, **env}, check=True, capture_output=True)
     return Server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"], env, "/readyz", checkout)
 
 
