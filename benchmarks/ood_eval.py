@@ -6,10 +6,8 @@ images that are not clothes.
         --write BENCHMARKS.md --figure docs/reliability.png
 
 Every image goes through ``model_store.to_input`` and ``model_store.engine.OnnxClassifier`` as the
-service's would. The out-of-distribution sets ship inside packages (nothing is downloaded):
-scikit-learn's 1,797 handwritten digits (8x8, 0..16, white on black like Fashion-MNIST); scikit-
-image's sample photographs, each whole and as random square crops; uniform noise; and blank images
-of every grey level. AUROC is that of the energy (the score the service uses) between the 10,000
+service's would. The images that are not clothes are ``benchmarks.ood_sets``' (digits,
+photographs, noise, blank images; from installed packages). AUROC is that of the energy (the score the service uses) between the 10,000
 test images and each set; "accepted" is the share of a set at or below the card's energy threshold,
 which accepted 95% of the validation images, and "answered sure" the share the service would
 answer with ``unsure: false`` (both thresholds).
@@ -27,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from benchmarks.ood_sets import auroc, fashion_test, not_clothes
 from benchmarks.report import write_section
 from export.calibrate import ECE_BINS, expected_calibration_error, nll
 from model_store import to_input
@@ -34,30 +33,6 @@ from model_store.calibration import scores
 from model_store.engine import OnnxClassifier
 
 SECTION, HEADING = "ood-eval", "## Calibration and unsure answers: the test set and images that are not clothes"
-# scikit-image's bundled photographs (its synthetic drawings, e.g. checkerboard or logo, left out)
-PHOTOS = (
-    "astronaut",
-    "brick",
-    "camera",
-    "cell",
-    "chelsea",
-    "clock",
-    "coffee",
-    "coins",
-    "grass",
-    "gravel",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "microaneurysms",
-    "moon",
-    "page",
-    "retina",
-    "rocket",
-    "text",
-)
-CROPS_PER_PHOTO = 49  # besides the whole photo
-NOISE_IMAGES = 1000
-FASHION_SIZE = (28, 28)  # noise and blank images are made at Fashion-MNIST's size; to_input resizes them
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,52 +44,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure", type=Path, default=None, help="write the reliability diagram PNG here")
     parser.add_argument("--seed", type=int, default=0, help="draws the crops and the noise (default: 0)")
     return parser
-
-
-def auroc(in_distribution: np.ndarray, out_of_distribution: np.ndarray) -> float:
-    """The chance that an out-of-distribution image scores higher than an in-distribution one (ties
-    count half): the area under the ROC curve of the score as a detector of the former."""
-    ranked = np.sort(in_distribution)
-    below = np.searchsorted(ranked, out_of_distribution, "left")
-    ties = np.searchsorted(ranked, out_of_distribution, "right") - below
-    return float(np.mean((below + 0.5 * ties) / len(ranked)))
-
-
-def fashion_test() -> tuple[list[Image.Image], np.ndarray]:
-    from training.fashion_mnist_files import load_fashion_mnist
-
-    images, labels = load_fashion_mnist("test")
-    return [Image.fromarray(image) for image in images], np.asarray(labels)
-
-
-def digits() -> list[Image.Image]:
-    from sklearn.datasets import load_digits
-
-    return [Image.fromarray(np.round(image * 255 / 16).astype(np.uint8)) for image in load_digits().images]
-
-
-def photos(rng: np.random.Generator) -> list[Image.Image]:
-    import skimage.data
-    from skimage.util import img_as_ubyte
-
-    images = []
-    for name in PHOTOS:
-        photo = Image.fromarray(img_as_ubyte(getattr(skimage.data, name)()))
-        images.append(photo)
-        short = min(photo.size)
-        for _ in range(CROPS_PER_PHOTO):
-            side = int(short * rng.uniform(0.15, 0.6))
-            left, top = rng.integers(0, photo.width - side + 1), rng.integers(0, photo.height - side + 1)
-            images.append(photo.crop((left, top, left + side, top + side)))
-    return images
-
-
-def noise(rng: np.random.Generator, size: tuple[int, int]) -> list[Image.Image]:
-    return [Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for _ in range(NOISE_IMAGES)]
-
-
-def blank(size: tuple[int, int]) -> list[Image.Image]:
-    return [Image.fromarray(np.full(size, level, np.uint8)) for level in range(256)]
 
 
 def logits_of(classifier: OnnxClassifier, images: list[Image.Image]) -> np.ndarray:
@@ -231,13 +160,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> str:
     rng = np.random.default_rng(args.seed)
-    handwritten = digits()
-    sets = {
-        f"scikit-learn digits ({len(handwritten):,})": handwritten,
-        f"scikit-image photographs ({len(PHOTOS)} x {1 + CROPS_PER_PHOTO} crops)": photos(rng),
-        f"uniform noise ({NOISE_IMAGES:,})": noise(rng, FASHION_SIZE),
-        "blank, every grey level (256)": blank(FASHION_SIZE),
-    }
+    sets = not_clothes(rng)
     test = fashion_test()
     results = [evaluate(path, sets, test) for path in args.onnx]
     if args.figure:
