@@ -5,6 +5,7 @@ Scripts import the shared modules, never each other: ``images`` (the images they
 ``servers`` (a free port, a server started and waited for), ``load`` (wrk and the Python closed
 loop, and the server CPU they measure), ``engines`` (the engines a speed benchmark times),
 ``turns`` (ways of asking one service, loaded in turn), ``peers`` (what the servers the service is
-measured against share) and ``report`` (writing a section).
+measured against share), ``parallel`` (test images as photos, scored in processes), ``ood_sets``
+(images that are not clothes, and AUROC) and ``report`` (writing a section).
 ``benchmarks.gpu`` is the suite for a GPU machine's short lease.
 """

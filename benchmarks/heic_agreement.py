@@ -16,15 +16,11 @@ decode took each way. Not 12 MP: x265 takes about 14 s to write one, 40 hours fo
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from datetime import date
-from pathlib import Path
-
-import numpy as np
 
 from benchmarks.images import fashion_images, upscaled
+from benchmarks.parallel import check_photo_args, over_test_images, photo_args
 from benchmarks.report import device, write_section
 from model_store import image_bytes_to_input
 from model_store.engine import OnnxClassifier
@@ -36,12 +32,7 @@ FORMATS = ("JPEG", "HEIF")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10_000, help="test images (default: all 10,000)")
-    parser.add_argument("--side", type=int, default=512, help="the photos' side in pixels (default: 512)")
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="(default: one per core)")
-    parser.add_argument("--write", type=Path, default=None, help="write the section into this markdown file")
-    return parser
+    return photo_args(__doc__.splitlines()[0], side=512)
 
 
 def score_chunk(indices: list[int], side: int) -> dict:
@@ -61,15 +52,11 @@ def score_chunk(indices: list[int], side: int) -> dict:
                 if m == 0:
                     seconds[fmt] += time.process_time() - start
                 answers[(m, fmt)].append(int(engine.logits(pixels[None]).argmax()))
-    return {"indices": indices, "answers": answers, "seconds": seconds, "sizes": sizes}
+    return {"answers": answers, "seconds": seconds, "sizes": sizes}
 
 
 def measure(args: argparse.Namespace) -> dict:
-    chunks = [c.tolist() for c in np.array_split(np.arange(args.images), args.processes * 4) if len(c)]
-    with ProcessPoolExecutor(args.processes) as pool:
-        parts = list(pool.map(score_chunk, chunks, [args.side] * len(chunks)))
-    order = np.argsort(np.concatenate([p["indices"] for p in parts]))
-    answers = {key: np.concatenate([p["answers"][key] for p in parts])[order] for key in parts[0]["answers"]}
+    parts, answers = over_test_images(score_chunk, args)
     total = {what: {fmt: sum(p[what][fmt] for p in parts) for fmt in FORMATS} for what in ("seconds", "sizes")}
     return {"answers": answers, **total}
 
@@ -105,8 +92,7 @@ def report(result: dict, args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.images < 1 or args.side < 28 or args.processes < 1:
-        raise SystemExit("error: --images and --processes must be at least 1, --side at least 28")
+    check_photo_args(args)
     text = report(measure(args), args)
     print(text)
     if args.write:

@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from datetime import date
-from pathlib import Path
-
-import numpy as np
 
 from benchmarks.images import fashion_images, upscaled
+from benchmarks.parallel import check_photo_args, over_test_images, photo_args
 from benchmarks.report import device, write_section
 from model_store import image_bytes_to_input
 from model_store.engine import OnnxClassifier
@@ -38,12 +34,7 @@ METHODS = ("full", "scaled")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10_000, help="test images (default: all 10,000)")
-    parser.add_argument("--side", type=int, default=2000, help="the photos' side in pixels (default: 2000)")
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="(default: one per core)")
-    parser.add_argument("--write", type=Path, default=None, help="write the section into this markdown file")
-    return parser
+    return photo_args(__doc__.splitlines()[0], side=2000)
 
 
 def score_chunk(indices: list[int], side: int) -> dict:
@@ -62,17 +53,11 @@ def score_chunk(indices: list[int], side: int) -> dict:
                 if m == 0:  # both cards ask for the same 1x28x28 input: time one
                     seconds[way] += time.process_time() - start
                 answers[(m, way)].append(int(engine.logits(pixels[None]).argmax()))
-    return {"indices": indices, "answers": answers, "seconds": seconds}
+    return {"answers": answers, "seconds": seconds}
 
 
 def measure(args: argparse.Namespace) -> dict:
-    chunks = np.array_split(np.arange(args.images), args.processes * 4)
-    with ProcessPoolExecutor(args.processes) as pool:
-        parts = list(pool.map(score_chunk, [c.tolist() for c in chunks if len(c)], [args.side] * len(chunks)))
-    order = np.concatenate([p["indices"] for p in parts])
-    answers = {
-        key: np.concatenate([p["answers"][key] for p in parts])[np.argsort(order)] for key in parts[0]["answers"]
-    }
+    parts, answers = over_test_images(score_chunk, args)
     seconds = {way: sum(p["seconds"][way] for p in parts) for way in METHODS}
     return {"answers": answers, "seconds": seconds, "photo_bytes": len(upscaled(fashion_images(1)[0], args.side))}
 
@@ -107,8 +92,7 @@ def report(result: dict, args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.images < 1 or args.side < 28 or args.processes < 1:
-        raise SystemExit("error: --images and --processes must be at least 1, --side at least 28")
+    check_photo_args(args)
     text = report(measure(args), args)
     print(text)
     if args.write:
