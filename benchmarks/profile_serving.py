@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_serving                          # the shipped model, c=32, 15 s
     python -m benchmarks.profile_serving --env SERVING_TRACING=true --concurrency 1
+    python -m benchmarks.profile_serving --photos --concurrency 1  # 12 MP JPEGs, not test PNGs
 
 Starts ``bentoml serve`` (one worker, a private BentoML home), loads it with wrk like
 benchmarks/serving_compare.py, and meanwhile samples the worker with py-spy. Prints the worker's
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.images import fashion_pngs
+from benchmarks.images import fashion_photos, fashion_pngs
 from benchmarks.load import TICKS, run_wrk, write_bodies
 from benchmarks.servers import process
 
@@ -59,6 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=15.0, help="load and sampling time (default: 15)")
     parser.add_argument("--env", nargs="*", default=[], help="SERVING_*=value settings for the service")
     parser.add_argument("--top", type=int, default=15, help="functions to list (default: 15)")
+    parser.add_argument("--photos", action="store_true", help="send 16 12 MP JPEGs (phone photos), not test PNGs")
     parser.add_argument(
         "--metrics-cost",
         action="store_true",
@@ -147,7 +149,8 @@ def main(args: argparse.Namespace) -> None:
             check=True,
             capture_output=True,
         )
-        bodies = write_bodies(workdir / "bodies", fashion_pngs(256), "image/png")
+        images, image_type = (fashion_photos(16), "image/jpeg") if args.photos else (fashion_pngs(256), "image/png")
+        bodies = write_bodies(workdir / "bodies", images, image_type)
         command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "3917"]
         with process("service", command, {**home, **env}, "http://127.0.0.1:3917/readyz", workdir) as pid:
             url = "http://127.0.0.1:3917/classify"

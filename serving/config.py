@@ -21,7 +21,7 @@ RENAMED = {"SERVING_DECODE_THREADS": "SERVING_DECODE_WORKERS"}
 # Start-up resident sizes, measured (RSS after warm-up): a service worker with BentoML, ONNX Runtime
 # and the shipped LeNet ~150 MB, counted double for a larger model's arena; a decoder process ~40 MB.
 WORKER_START_MB, DECODER_START_MB = 300, 40  # decodes moved from threads to processes
-DECODER_KEPT_MB = HEAP_PAD_BYTES // 2**20  # freed memory a decoder keeps for its next decode
+KEPT_MB = HEAP_PAD_BYTES // 2**20  # freed memory a worker and each decoder keep for the next image
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -117,8 +117,8 @@ class ServingConfig:
     def memory_bound_mb(self) -> int:
         """Peak memory of one service worker and its decoders (README, "Limits"): what clients can
         make it hold is bounded by the body budget and, per decoder, the decode limit."""
-        decoder = DECODER_START_MB + DECODER_KEPT_MB + self.max_decode_mb
-        return WORKER_START_MB + self.max_body_memory_mb + self.decode_workers * decoder
+        decoder = DECODER_START_MB + KEPT_MB + self.max_decode_mb
+        return WORKER_START_MB + KEPT_MB + self.max_body_memory_mb + self.decode_workers * decoder
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServingConfig:

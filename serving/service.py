@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 with bentoml.importing():
+    from model_store.preprocess import keep_freed_memory
     from serving import metrics, ui
     from serving.config import ServingConfig
     from serving.edge import CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS, UI, respond
@@ -64,6 +65,9 @@ async def received(ctx: bentoml.Context) -> Received:
 
 class Classifier:
     def __init__(self) -> None:
+        # A worker reads body after body: a 2 MB photo's was copied three times into fresh pages,
+        # 4.5 of the worker's 9.3 ms of CPU for it (BENCHMARKS.md, "Where an image is decoded").
+        keep_freed_memory()
         self.models = ModelSet.from_store(CONFIG)
         self.handlers = Handlers(self.models, CONFIG)
         for model in self.models.models:

@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
+from benchmarks.images import fashion_photos
 from tests.conftest import bentoml_serve, png_bytes, ready, wait_until
 from tests.hostile import crafted, encoded, stalled
 
@@ -207,3 +208,27 @@ def test_a_worker_killed_under_load_comes_back_ready_without_a_stale_in_flight_g
         lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in decoders),
         "the killed worker's decoders gone",
     )
+
+
+def test_a_service_worker_keeps_its_memory_from_one_body_to_the_next(hostile):
+    """A worker reads body after body. Giving freed memory back to the kernel after each made the next
+    fault every page of its copies in again: 4.5 of the 9.3 ms of worker CPU a 12 MP photo cost.
+    Counted in page faults, not time: five more photos fault in less than one copy of a photo."""
+    url, _ = hostile
+    worker, _ = decoders_of(url)
+    [photo] = fashion_photos(1)  # a 12 MP JPEG, about 2.2 MB
+
+    def classify() -> None:  # as curl -F sends it
+        files = {"image": ("photo.jpg", photo, "image/jpeg")}
+        assert httpx.post(f"{url}/classify", files=files, timeout=60).status_code == 200
+
+    classify()  # the first body grows the heap: its faults are due
+    faults = _minor_faults(worker)
+    for _ in range(5):
+        classify()
+    assert _minor_faults(worker) - faults < len(photo) // 4096
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[7])  # minflt, field 10 of proc(5)
