@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -126,7 +124,7 @@ def main(args: argparse.Namespace) -> None:
             if any(way.endswith("-" + name) for way in wanted)
         }
         if args.before:
-            servers["before"] = before_service(args.before, models, workdir)
+            servers["before"] = turns.service(workdir / "bentoml-before", models, args.before, shipped=False)
         runs = load_in_turn(workdir, {way: ways[way] for way in wanted}, args, models, servers)
     files = ", ".join(f"{kind} {size / 2**20:.2f} MB" for kind, size in sizes.items())
     about = (
@@ -168,21 +166,6 @@ def peers(workdir: Path) -> dict[str, tuple[str, dict[str, str]]]:
             {"BASELINE_CHECKPOINT": str(lenet_checkpoint(workdir / "lenet.pt")), "BASELINE_DECODE": "naive"},
         ),
     }
-
-
-def before_service(checkout: Path, models: dict[str, Path], workdir: Path) -> Server:
-    """``checkout``'s service of ``models`` (name: ONNX file), with a BentoML home of its own (a
-    service empties its home's Prometheus directory when it starts)."""
-    env = {
-        "BENTOML_HOME": str(workdir / "bentoml-before"),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "SERVING_LOG_REQUESTS": "false",
-        "SERVING_MODELS": ",".join(f"{name}:latest" for name in models),
-    }
-    for name, graph in models.items():
-        register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", name]
-        subprocess.run(register, cwd=checkout, env={**os.environ, **env}, check=True, capture_output=True)
-    return Server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"], env, "/readyz", checkout)
 
 
 if __name__ == "__main__":

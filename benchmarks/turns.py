@@ -32,6 +32,25 @@ class Server(NamedTuple):
     cwd: Path = REPO
 
 
+def service(home: Path, models: dict[str, Path], checkout: Path = REPO, shipped: bool = True) -> Server:
+    """`bentoml serve` run from ``checkout``, with request logs off and a BentoML home of its own (a
+    service empties its home's Prometheus directory when it starts), serving ``models`` (name: ONNX
+    file), beside the shipped models when ``shipped``."""
+    env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SERVING_LOG_REQUESTS": "false"}
+
+    def model_store(*command: str) -> None:
+        run = [sys.executable, "-m", "model_store", *command]
+        subprocess.run(run, cwd=checkout, env={**os.environ, **env}, check=True, capture_output=True)
+
+    if shipped:
+        model_store("register-default")
+    for name, graph in models.items():
+        model_store("register", str(graph), "--name", name)
+    if models:
+        env["SERVING_MODELS"] = ",".join(f"{name}:latest" for name in [*(SHIPPED_MODELS if shipped else ()), *models])
+    return Server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"], env, "/readyz", checkout)
+
+
 def get_args_parser(description: str, levels: tuple[int, ...] = (1, 32), images: int = 256) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     shown = " ".join(map(str, levels))
@@ -55,16 +74,7 @@ def load_in_turn(
     path, its bodies, and the server it asks when not the service) in turn, at each of
     ``args.concurrency`` in each of ``args.rounds`` rounds: {(way, concurrency): [wrk result per
     round]}. A failed request stops it."""
-    env = {"BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "SERVING_LOG_REQUESTS": "false"}
-    register = [sys.executable, "-m", "model_store", "register-default"]
-    subprocess.run(register, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
-    for name, graph in (more_models or {}).items():  # served beside the shipped ones
-        register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", name]
-        subprocess.run(register, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
-    if more_models:
-        env["SERVING_MODELS"] = ",".join(f"{name}:latest" for name in [*SHIPPED_MODELS, *more_models])
-    servers = {"service": Server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1"], env, "/readyz")}
-    servers.update(more_servers or {})
+    servers = {"service": service(workdir / "bentoml", more_models or {}), **(more_servers or {})}
     runs: dict[tuple[str, int], list[dict]] = {}
     with contextlib.ExitStack() as stack:
         running = {}  # name: (base URL, pid)
