@@ -109,9 +109,9 @@ def _as_image_error(what: str, image: Image.Image | None = None) -> Iterator[Non
 
 def keep_freed_memory() -> int:
     """For a process that handles image after image (a service worker, a decoder process, a scoring
-    worker): keep freed memory for the next image rather than give it back (see HEAP_PAD_BYTES). Returns how many bytes
-    the process may now hold beyond what it uses; 0 where the C library is not glibc (musl's mallopt
-    does nothing, macOS has none), which then stays as it was."""
+    worker): keep freed memory for the next image rather than give it back (see HEAP_PAD_BYTES).
+    Returns how many bytes the process may now hold beyond what it uses; 0 where the C library is
+    not glibc (musl's mallopt does nothing, macOS has none), which then stays as it was."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

@@ -109,8 +109,9 @@ class Edge:
         await self.admit(scope, receive, send, path, self.classify)
 
     async def admit(self, scope, receive, send, route: str, answer: Callable) -> None:
-        """Read the body, then admit the request or refuse it; ``answer(scope, received, receive, send)``
-        answers an admitted one (``received``: the :class:`~serving.requests.Received` request). ``route`` labels the metrics and the log."""
+        """Read the body, then admit the request or refuse it; ``answer(scope, received, receive,
+        send)`` answers an admitted one (``received``: the :class:`~serving.requests.Received`
+        request). ``route`` labels the metrics and the log."""
         start = time.perf_counter()
         try:
             received = await self.read_body(scope, receive)
@@ -185,9 +186,9 @@ class Edge:
         return hmac.compare_digest(token, self.token) and scheme.lower() == b"bearer"
 
     async def read_body(self, scope, receive) -> Received:
-        """The request with its whole body, or the error that stops it: no length on HTTP/1.0 (411), over the size
-        limit (413), slower than ``min_body_rate`` after :data:`BODY_GRACE_S` or not in within
-        ``timeout_s`` (408), over the memory budget for bodies (503), or the client gone (499)."""
+        """The request with its whole body, or the error that stops it: no length on HTTP/1.0 (411),
+        over the size limit (413), slower than ``min_body_rate`` after :data:`BODY_GRACE_S` or not in
+        within ``timeout_s`` (408), over the memory budget for bodies (503), or the client gone (499)."""
         config = self.config
         headers = dict(scope["headers"])  # the last of a repeated header; both bounds below hold anyway
         declared = headers.get(b"content-length", b"")
