@@ -7,9 +7,11 @@ images that are not clothes.
 
 Every image goes through ``model_store.to_input`` and ``model_store.engine.OnnxClassifier`` as the
 service's would. The images that are not clothes are ``benchmarks.ood_sets``' (digits,
-photographs, noise, blank images; from installed packages). AUROC is that of the energy (the score the service uses) between the 10,000
-test images and each set; "accepted" is the share of a set at or below the card's energy threshold,
-which accepted 95% of the validation images, and "answered sure" the share the service would
+photographs, noise, blank images; from installed packages). AUROC is that of a score between the
+10,000 test images and each set: the score the service uses (the OOD head's kNN distance where the
+card has a ``knn_threshold``, ``export.ood_head``; else the energy), the energy, the largest logit
+and the largest probability. "accepted" is the share of a set the card's out-of-distribution rule
+accepts (it accepted 95% of held-out images), and "answered sure" the share the service would
 answer with ``unsure: false`` (both thresholds).
 """
 
@@ -30,7 +32,7 @@ from benchmarks.report import write_section
 from export.calibrate import ECE_BINS, expected_calibration_error, nll
 from model_store import to_input
 from model_store.calibration import scores
-from model_store.engine import OnnxClassifier
+from model_store.engine import OnnxClassifier, Outcomes
 
 SECTION, HEADING = "ood-eval", "## Calibration and unsure answers: the test set and images that are not clothes"
 
@@ -46,9 +48,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def logits_of(classifier: OnnxClassifier, images: list[Image.Image]) -> np.ndarray:
+def outputs_of(classifier: OnnxClassifier, images: list[Image.Image]) -> tuple[np.ndarray, Outcomes]:
+    """(logits, outcomes) of ``images``, each decoded and resized as the service does."""
     pixels = np.stack([to_input(image, classifier.card) for image in images])
-    return np.concatenate([classifier.logits(pixels[i : i + 512]) for i in range(0, len(pixels), 512)])
+    parts = [classifier.run(pixels[i : i + 512], classifier.outputs) for i in range(0, len(pixels), 512)]
+    logits, *ood = (np.concatenate([part[j] for part in parts]) for j in range(len(classifier.outputs)))
+    return logits, classifier._outcomes([logits, *ood])
+
+
+def served_score(outcomes: Outcomes) -> np.ndarray:
+    """The score the card's out-of-distribution rule compares: the kNN distance, else the energy."""
+    return outcomes.energies if outcomes.distances is None else outcomes.distances
 
 
 def reliability_diagram(results: list[dict], labels: np.ndarray, path: Path) -> None:
@@ -94,9 +104,9 @@ def evaluate(path: Path, sets: dict[str, list[Image.Image]], test: tuple[list[Im
     if calibration is None:
         raise SystemExit(f"error: {path} has no calibration; export it from a run trained with --hold-out")
     images, labels = test
-    logits = logits_of(classifier, images)
-    raw, (calibrated, energy) = scores(logits)[0], scores(logits, calibration.temperature)
-    accepted = calibration.accepted(calibrated, energy)
+    logits, outcomes = outputs_of(classifier, images)
+    raw, calibrated, energy = scores(logits)[0], outcomes.probabilities, outcomes.energies
+    accepted = calibration.accepted(calibrated, energy, outcomes.distances)
     correct = calibrated.argmax(axis=1) == labels
     result = {
         "name": f"{card.arch} {', '.join(f'{k}={v}' for k, v in card.arch_args.items()) or '(builder defaults)'}",
@@ -108,17 +118,20 @@ def evaluate(path: Path, sets: dict[str, list[Image.Image]], test: tuple[list[Im
         "nll": (nll(logits, labels), nll(logits, labels, calibration.temperature)),
         "sure": accepted.mean(),
         "sure_accuracy": correct[accepted].mean() if accepted.any() else float("nan"),
+        "score": "kNN distance" if classifier.has_ood else "energy",
+        "flagged": np.mean(calibration.out_of_distribution(energy, outcomes.distances)),
         "sets": {},
     }
     for name, ood_images in sets.items():
-        ood_logits = logits_of(classifier, ood_images)
-        probabilities, ood_energy = scores(ood_logits, calibration.temperature)
+        ood_logits, ood = outputs_of(classifier, ood_images)
         result["sets"][name] = {
-            "energy": auroc(energy, ood_energy),
+            "images": len(ood_images),
+            "served": auroc(served_score(outcomes), served_score(ood)),
+            "energy": auroc(energy, ood.energies),
             "max_logit": auroc(-logits.max(axis=1), -ood_logits.max(axis=1)),
-            "max_probability": auroc(-calibrated.max(axis=1), -probabilities.max(axis=1)),
-            "accepted": np.mean(ood_energy <= calibration.energy_threshold),
-            "sure": np.mean(calibration.accepted(probabilities, ood_energy)),
+            "max_probability": auroc(-calibrated.max(axis=1), -ood.probabilities.max(axis=1)),
+            "accepted": np.mean(~calibration.out_of_distribution(ood.energies, ood.distances)),
+            "sure": np.mean(calibration.accepted(ood.probabilities, ood.energies, ood.distances)),
         }
     return result
 
@@ -131,8 +144,8 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
         + (f" --figure {args.figure}`." if args.figure else "`."),
         "",
         "| model | test accuracy | test ECE | test NLL | temperature | answered sure | accuracy of those "
-        "| confidence threshold | energy threshold |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| confidence threshold | out-of-distribution rule | test images flagged by it |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         calibration = r["card"].calibration
@@ -141,21 +154,30 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
             f"| {r['name']} | {r['accuracy']:.4f} | {r['ece'][0]:.4f} → {r['ece'][1]:.4f} "
             f"| {r['nll'][0]:.4f} → {r['nll'][1]:.4f} | {calibration.temperature:.3f} | {r['sure']:.3f} "
             f"| {r['sure_accuracy']:.4f} | {'unreachable' if threshold is None else f'{threshold:.4f}'} "
-            f"| {calibration.energy_threshold:.3f} |"
+            f"| {rule(calibration)} | {r['flagged']:.3f} |"
         )
     lines += [
         "",
-        "| model | images that are not clothes | AUROC energy (served) | AUROC max logit | AUROC max probability "
-        "| accepted at the energy threshold | answered sure |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | images that are not clothes | served score | AUROC served | AUROC energy | AUROC max logit "
+        "| AUROC max probability | accepted by the OOD rule | answered sure |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for name, s in r["sets"].items():
             lines.append(
-                f"| {r['name']} | {name} | {s['energy']:.4f} | {s['max_logit']:.4f} | {s['max_probability']:.4f} "
-                f"| {s['accepted']:.3f} | {s['sure']:.3f} |"
+                f"| {r['name']} | {name} | {r['score']} | {s['served']:.4f} | {s['energy']:.4f} | {s['max_logit']:.4f} "
+                f"| {s['max_probability']:.4f} | {s['accepted']:.3f} | {s['sure']:.3f} |"
             )
+        count = sum(s["images"] for s in r["sets"].values())
+        unsure = sum(s["images"] * (1 - s["sure"]) for s in r["sets"].values()) / count
+        lines.append(f"| {r['name']} | **all {count:,}: answered unsure** | | | | | | | **{unsure:.3f}** |")
     return "\n".join(lines)
+
+
+def rule(calibration) -> str:
+    if calibration.knn_threshold is not None:
+        return f"kNN distance > {calibration.knn_threshold:.3f}"
+    return f"energy > {calibration.energy_threshold:.3f}"
 
 
 def main(args: argparse.Namespace) -> str:

@@ -7,7 +7,9 @@ calibrates on images of the training split, never on the images it is verified o
 When the run held images out of training (``python -m training train --hold-out``, the default),
 the graph's logits on them set the card's calibration (``export.calibrate``): the temperature that
 serving divides logits by, and the thresholds of its ``unsure`` answers. NLL and ECE before and
-after, on those images and on the test split, go into the card's ``metrics["calibration"]``.
+after, on those images and on the test split, go into the card's ``metrics["calibration"]``. They
+also make the graph's out-of-distribution head and the drift reference beside the card
+(``export.ood_head``; ``--no-ood-head`` leaves both out).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ try:
     import numpy as np
     import torch
 
-    from export import calibrate
+    from export import calibrate, ood_head
     from export.onnx_export import (
         DEFAULT_OPSET,
         ExportError,
@@ -108,6 +110,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="calibration: share of validation images the out-of-distribution threshold accepts (default: 0.95)",
     )
     parser.add_argument(
+        "--no-ood-head",
+        action="store_true",
+        help="leave out the out-of-distribution head, which carries features of held-out images in the graph, "
+        "and the drift reference; out_of_distribution is then judged by the energy (default: off)",
+    )
+    parser.add_argument(
         "--data-dir", type=Path, default=None, help="where the training data is now (default: as trained)"
     )
     return parser
@@ -176,8 +184,14 @@ def main(args: argparse.Namespace) -> ModelCard:
         {**card.to_dict(), "export": export_record(args, precision, folded, parity, quantization)}
     )
     card = calibrated(card, model, serialize(proto), parts, args)
+    reference = None
+    if card.calibration is not None and not args.no_ood_head:
+        held_out, test = (stack_items(split, range(len(split)))[0] for split in (parts.validation, parts.test))
+        fitted = ood_head.fit(with_card(proto, card), card, held_out, test)
+        if fitted is not None:
+            proto, card, reference = fitted
     with atomic_output(args.output) as f:
-        f.write(serialize(with_card(proto, card)))
+        f.write(serialize(ood_head.with_reference(proto, card, reference)))
     print(f"ok: wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
     return card
 

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from model_store import drift
 from model_store.calibration import Calibration, scores
 from model_store.card import ONNX_METADATA_KEY, ModelCard
 from model_store.errors import UsageError
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 GPU_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 CAM_OUTPUT = "cam"  # export.cam.CAM_OUTPUT_NAME; serving does not import export
+# The out-of-distribution head export.ood_head adds: each image's distance to its k-th nearest
+# held-out image in feature space [N], and those penultimate features [N, D] for drift.
+OOD_OUTPUT, FEATURES_OUTPUT = "ood_distance", "features"
 
 
 # Heuristic cuDNN algorithm search: exhaustive search re-runs for every new batch shape, which the
@@ -93,6 +97,17 @@ def card_in(session: ort.InferenceSession, name: str) -> ModelCard:
         raise UsageError(f"{name}: {err}") from None
 
 
+def drift_reference_in(session: ort.InferenceSession, name: str) -> drift.DriftReference | None:
+    """The drift reference export wrote beside the card, or None for a graph exported without one."""
+    props = session.get_modelmeta().custom_metadata_map
+    if drift.ONNX_METADATA_KEY not in props:
+        return None
+    try:
+        return drift.DriftReference.from_json(props[drift.ONNX_METADATA_KEY])
+    except ValueError as err:
+        raise UsageError(f"{name}: {err}") from None
+
+
 def one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -101,7 +116,27 @@ class Scored(NamedTuple):
     """One image's outcome: what ``answer`` turns into its part of a response."""
 
     probabilities: np.ndarray  # [classes], calibrated
-    energy: float  # -logsumexp(logits / temperature): the out-of-distribution score, higher is less familiar
+    energy: float  # -logsumexp(logits / temperature): higher is less familiar
+    distance: float | None = None  # to the k-th nearest held-out image's features; None: no OOD head
+
+
+class Outcomes(NamedTuple):
+    """A batch's outcomes as arrays: :class:`Scored` per row, and the features drift compares."""
+
+    probabilities: np.ndarray  # [N, classes], calibrated
+    energies: np.ndarray  # [N]
+    distances: np.ndarray | None = None  # [N]; None: the graph has no OOD head
+    features: np.ndarray | None = None  # [N, D] penultimate features; None: likewise
+
+    @classmethod
+    def empty(cls, classes: int, has_ood: bool) -> Outcomes:
+        """No rows: what a batch of images that all failed to decode scores."""
+        distances, features = (np.empty(0, np.float32), np.empty((0, 0), np.float32)) if has_ood else (None, None)
+        return cls(np.empty((0, classes), np.float32), np.empty(0, np.float32), distances, features)
+
+    def rows(self) -> list[Scored]:
+        distances = [None] * len(self.energies) if self.distances is None else self.distances.tolist()
+        return [Scored(p, e, d) for p, e, d in zip(self.probabilities, self.energies.tolist(), distances)]
 
 
 class OnnxClassifier:
@@ -132,10 +167,22 @@ class OnnxClassifier:
         mean, std = (np.array(v, np.float32).reshape(1, -1, 1, 1) for v in (self.card.mean, self.card.std))
         self._scale, self._shift = 1.0 / (255.0 * std), -mean / std
         self.output_name = self.session.get_outputs()[0].name
+        outputs = {o.name for o in self.session.get_outputs()}
         # Export records a class-activation map output in the card (``--cam``); older graphs have none.
         self.has_cam = bool(self.card.export.get("cam"))
-        if self.has_cam and CAM_OUTPUT not in {o.name for o in self.session.get_outputs()}:
+        if self.has_cam and CAM_OUTPUT not in outputs:
             raise UsageError(f"{self.name}: its card says it has a {CAM_OUTPUT!r} output, the graph has none")
+        # A card with a kNN threshold judges out-of-distribution by the graph's distance output
+        # (export.ood_head); older cards by the energy of the logits alone.
+        calibration = self.card.calibration
+        self.has_ood = calibration is not None and calibration.knn_threshold is not None
+        if self.has_ood and not {OOD_OUTPUT, FEATURES_OUTPUT} <= outputs:
+            raise UsageError(
+                f"{self.name}: its card has a knn_threshold, so the graph needs the outputs {OOD_OUTPUT!r} and "
+                f"{FEATURES_OUTPUT!r}; it has {sorted(outputs)}"
+            )
+        self.outputs = [self.output_name, *((OOD_OUTPUT, FEATURES_OUTPUT) if self.has_ood else ())]
+        self.drift_reference = drift_reference_in(self.session, self.name) if self.has_ood else None
         self.temperature = self.card.calibration.temperature if self.card.calibration else 1.0
         self.provider = self.session.get_providers()[0]
         self.provider_error = None
@@ -189,44 +236,60 @@ class OnnxClassifier:
                 f"(finite: {bool(np.isfinite(logits).all())}); the card's {card.num_classes} classes need "
                 f"finite scores of shape [1, {card.num_classes}]"
             )
+        reference = self.drift_reference
+        if reference is not None:
+            features = self.run(zeros, [FEATURES_OUTPUT])[0]
+            if reference.classes != card.num_classes or features.shape != (1, reference.features):
+                raise UsageError(
+                    f"{name}: its drift reference is for {reference.classes} classes and {reference.features} "
+                    f"features; the card has {card.num_classes} classes and the graph gives features of shape "
+                    f"{list(features.shape)}"
+                )
         return card
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Calibrated probabilities [N, classes]."""
-        return self.probabilities_and_energies(pixels)[0]
+        return self.outcomes(pixels).probabilities
 
     def score(self, pixels: np.ndarray) -> list[Scored]:
-        """Calibrated probabilities and the energy of each image: the batcher's unit of work."""
-        probabilities, energies = self.probabilities_and_energies(pixels)
-        return [Scored(p, e) for p, e in zip(probabilities, energies.tolist())]
+        """Each image's :class:`Scored`: the batcher's unit of work."""
+        return self.outcomes(pixels).rows()
 
-    def probabilities_and_energies(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`score` as two arrays, calibrated probabilities [N, classes] and energies [N]: the
-        batch scorer's unit of work, with no Python object per image."""
-        return scores(self.logits(pixels), self.temperature)
+    def outcomes(self, pixels: np.ndarray) -> Outcomes:
+        """:meth:`score` as arrays: the batch scorer's unit of work, with no Python object per
+        image, and the service's drift window's (``serving.monitor``)."""
+        return self._outcomes(self.run(pixels, self.outputs))
+
+    def _outcomes(self, outputs: list[np.ndarray]) -> Outcomes:
+        probabilities, energies = scores(outputs[0], self.temperature)
+        return Outcomes(probabilities, energies, *outputs[1:3]) if self.has_ood else Outcomes(probabilities, energies)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """The graph's float32 logits [N, classes], before any calibration."""
+        return self.run(pixels, [self.output_name])[0]
+
+    def run(self, pixels: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The graph's outputs ``names`` for uint8 ``pixels`` (normalized first for a float-input
+        graph). By name: a graph with a class-activation map would otherwise compute and copy it too."""
         feed = self._feed(pixels)
         if self.provider == GPU_PROVIDER:
-            # I/O binding: one host->device copy of the batch and the logits allocated on the device,
+            # I/O binding: one host->device copy of the batch and the outputs allocated on the device,
             # instead of ORT staging both through its own CPU buffers on every call.
             binding = self.session.io_binding()
             binding.bind_cpu_input(self.input_name, feed)
-            binding.bind_output(self.output_name, "cuda")
+            for name in names:
+                binding.bind_output(name, "cuda")
             self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()[0]
-        # By name: a graph with a class-activation map would otherwise compute and copy it too.
-        return self.session.run([self.output_name], {self.input_name: feed})[0]
+            return binding.copy_outputs_to_cpu()
+        return self.session.run(names, {self.input_name: feed})
 
     def explain(self, pixels: np.ndarray) -> tuple[list[Scored], np.ndarray]:
         """Each image's :class:`Scored` and the class-activation map of its top class, float32
         [N, H, W] in logit units; only for a graph exported with ``--cam`` (see ``has_cam``)."""
         if not self.has_cam:
             raise ValueError(f"model {self.card.arch!r} was exported without a class-activation map")
-        logits, cam = self.session.run([self.output_name, CAM_OUTPUT], {self.input_name: self._feed(pixels)})
-        probabilities, energies = scores(logits, self.temperature)
-        return [Scored(p, e) for p, e in zip(probabilities, energies.tolist())], cam
+        logits, cam, *ood = self.run(pixels, [self.output_name, CAM_OUTPUT, *self.outputs[1:]])
+        return self._outcomes([logits, *ood]).rows(), cam
 
     def _feed(self, pixels: np.ndarray) -> np.ndarray:
         expected = (self.card.in_channels, self.card.height, self.card.width)
@@ -257,19 +320,17 @@ def unsure(row: Scored, calibration: Calibration | None) -> dict:
     says so: ``unsure`` is None (JSON null), never a guessed false."""
     if calibration is None:
         return {"unsure": None, "unsure_reason": None}
-    reason = calibration.unsure_reason(float(row.probabilities.max()), row.energy)
+    reason = calibration.unsure_reason(float(row.probabilities.max()), row.energy, row.distance)
     return {"unsure": reason is not None, "unsure_reason": reason}
 
 
-def unsure_reasons(
-    probabilities: np.ndarray, energies: np.ndarray, calibration: Calibration | None
-) -> np.ndarray | None:
+def unsure_reasons(outcomes: Outcomes, calibration: Calibration | None) -> np.ndarray | None:
     """:func:`unsure` for a whole batch, as the batch scorer writes it: each row's ``unsure_reason``
     (object [N], None where the model is sure), or None for a model without calibration, whose
     every ``unsure`` is null."""
     if calibration is None:
         return None
-    return calibration.unsure_reasons(probabilities.max(axis=1), energies)
+    return calibration.unsure_reasons(outcomes.probabilities.max(axis=1), outcomes.energies, outcomes.distances)
 
 
 def answer(row: Scored, card: ModelCard, k: int) -> dict:

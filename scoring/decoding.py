@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from model_store import ImageError, ModelCard, image_bytes_to_input
-from model_store.engine import OnnxClassifier
+from model_store.engine import OnnxClassifier, Outcomes
 from model_store.preprocess import keep_freed_memory
 from scoring.sources import Entry, Source
 
@@ -54,10 +54,9 @@ def load_batch(source: Source, entries: list[Entry], card: ModelCard) -> tuple[n
     return (np.stack(good) if good else None), [x if isinstance(x, str) else None for x in loaded]
 
 
-def score_batch(
-    source: Source, entries: list[Entry], card: ModelCard, model: str
-) -> tuple[tuple[np.ndarray, np.ndarray] | None, list]:
-    """:func:`load_batch`, then the batch's probabilities and energies from this process's own
+def score_batch(source: Source, entries: list[Entry], card: ModelCard, model: str) -> tuple[Outcomes | None, list]:
+    """:func:`load_batch`, then the batch's outcomes (without the features, which the scorer does
+    not write and the pipe need not carry) from this process's own
     one-thread ONNX Runtime session of ``model`` (instead of the inputs): a worker per core, each
     running its own batches start to end, keeps every core busy without two thread pools fighting
     over them."""
@@ -66,7 +65,7 @@ def score_batch(
         return None, errors
     if model not in _replicas:
         _replicas[model] = OnnxClassifier(model, "cpu", threads=1)
-    return _replicas[model].probabilities_and_energies(inputs), errors
+    return _replicas[model].outcomes(inputs)._replace(features=None), errors
 
 
 def exit_with_scorer(scorer: int) -> None:

@@ -25,11 +25,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from model_store.engine import GPU_PROVIDER, OnnxClassifier, unsure_reasons
+from model_store.engine import GPU_PROVIDER, OnnxClassifier, Outcomes, unsure_reasons
 from scoring.decoding import exit_with_scorer, load_batch, score_batch
 from scoring.parts import part_name, write_part
 from scoring.results import result_table
@@ -122,14 +121,14 @@ def _finish(
     item: tuple[list[str], Future], classifier: OnnxClassifier, writer: PartWriter, k: int, progress, rows, failed
 ) -> tuple[int, int]:
     names, future = item
-    done, errors = future.result()  # inputs, or a worker's (probabilities, energies)
+    done, errors = future.result()  # inputs, or a worker's outcomes
     card = classifier.card
     if done is None:
-        probabilities, energies = np.empty((0, card.num_classes), np.float32), np.empty(0, np.float32)
+        outcomes = Outcomes.empty(card.num_classes, classifier.has_ood)
     else:
-        probabilities, energies = done if isinstance(done, tuple) else classifier.probabilities_and_energies(done)
-    reasons = unsure_reasons(probabilities, energies, card.calibration)
-    writer.add(result_table(names, errors, probabilities, reasons, card.class_names, k))
+        outcomes = done if isinstance(done, Outcomes) else classifier.outcomes(done)
+    reasons = unsure_reasons(outcomes, card.calibration)
+    writer.add(result_table(names, errors, outcomes.probabilities, reasons, card.class_names, k))
     progress.update(len(names))
     return rows + len(names), failed + sum(error is not None for error in errors)
 

@@ -38,7 +38,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from model_store import ModelCard
-from model_store.engine import GPU_PROVIDER, OnnxClassifier, unsure_reasons
+from model_store.engine import GPU_PROVIDER, OnnxClassifier, Outcomes, unsure_reasons
 from model_store.errors import UsageError
 from scoring.decoding import load_batch
 from scoring.parts import part_name, write_part
@@ -157,14 +157,12 @@ class _Classify:
         ok = np.array([error is None for error in errors], dtype=bool)
         card = self.classifier.card
         if ok.any():
-            probabilities, energies = self.classifier.probabilities_and_energies(
-                np.ascontiguousarray(batch["pixels"][ok])
-            )
+            outcomes = self.classifier.outcomes(np.ascontiguousarray(batch["pixels"][ok]))
         else:
-            probabilities, energies = np.empty((0, card.num_classes), np.float32), np.empty(0, np.float32)
-        reasons = unsure_reasons(probabilities, energies, card.calibration)
+            outcomes = Outcomes.empty(card.num_classes, self.classifier.has_ood)
+        reasons = unsure_reasons(outcomes, card.calibration)
         names = [_text(name) for name in batch["name"]]
-        return result_table(names, errors, probabilities, reasons, card.class_names, self.top_k)
+        return result_table(names, errors, outcomes.probabilities, reasons, card.class_names, self.top_k)
 
 
 class _PartsDatasink(Datasink):

@@ -2,6 +2,7 @@
 carries the result, the export that fits it on held-out images, and the engine that applies it."""
 
 import asyncio
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from export.calibrate import confidence_threshold, energy_threshold, expected_calibration_error, fit, fit_temperature
 from model_store import ModelCard
 from model_store.calibration import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Calibration, scores
-from model_store.engine import OnnxClassifier, Scored, answer, unsure, unsure_reasons
+from model_store.engine import OnnxClassifier, Outcomes, Scored, answer, unsure, unsure_reasons
 from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
 from serving.config import ServingConfig
 from serving.edge import Edge
@@ -81,22 +82,37 @@ def test_unsure_says_out_of_distribution_first_then_low_confidence():
     assert not unreachable.accepted(probabilities, energies).any()
 
 
-@pytest.mark.parametrize("calibration", [CALIBRATION, Calibration(1.0, -3.0, 0.95, 0.99, 600)])
+@pytest.mark.parametrize(
+    "calibration",
+    [CALIBRATION, Calibration(1.0, -3.0, 0.95, 0.99, 600), dataclasses.replace(CALIBRATION, knn_threshold=2.0)],
+)
 def test_a_batch_gets_the_reasons_each_row_gets_alone(calibration):
     # float32 rows on both sides of each threshold and at it: the batch rule compares them as the
     # scalar one does, in float64, not against thresholds rounded to float32
     energies = np.array([-3.0, -2.9999999, -3.0000001, -5.0, 0.0, -3.0, -5.0], np.float32)
     confidences = np.array([0.9, 0.9, 0.8999999, 0.9000001, 0.5, 1.0, 0.89], np.float32)
-    grid_energies, grid_confidences = (a.ravel() for a in np.meshgrid(energies, confidences))
+    distances = np.array([2.0, 1.9999999, 2.0000001, 0.5, 9.0], np.float32)  # the kNN rule's, likewise
+    grids = np.meshgrid(energies, confidences, distances)
+    grid_energies, grid_confidences, grid_distances = (a.ravel() for a in grids)
     probabilities = np.stack([grid_confidences, 1 - grid_confidences], axis=1)
-    expected = [calibration.unsure_reason(float(c), float(e)) for c, e in zip(grid_confidences, grid_energies)]
-    assert calibration.unsure_reasons(grid_confidences, grid_energies).tolist() == expected
+    expected = [
+        calibration.unsure_reason(float(c), float(e), float(d))
+        for c, e, d in zip(grid_confidences, grid_energies, grid_distances)
+    ]
+    assert calibration.unsure_reasons(grid_confidences, grid_energies, grid_distances).tolist() == expected
     assert {None, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION} >= set(expected) and OUT_OF_DISTRIBUTION in expected
-    reasons = unsure_reasons(probabilities, grid_energies, calibration)
-    rows = [Scored(p, float(e)) for p, e in zip(probabilities, grid_energies)]
+    # one rule decides out_of_distribution: the distance where the card has a kNN threshold, else the energy
+    judged_by = grid_distances.astype(float) > 2.0 if calibration.knn_threshold else grid_energies.astype(float) > -3.0
+    assert [reason == OUT_OF_DISTRIBUTION for reason in expected] == judged_by.tolist()
+    outcomes = Outcomes(probabilities, grid_energies, grid_distances)
+    reasons = unsure_reasons(outcomes, calibration)
+    rows = outcomes.rows()
     assert [{"unsure": r is not None, "unsure_reason": r} for r in reasons] == [unsure(r, calibration) for r in rows]
-    assert unsure_reasons(probabilities, grid_energies, None) is None  # no calibration: every row null
-    assert unsure_reasons(probabilities[:0], grid_energies[:0], calibration).tolist() == []
+    assert unsure_reasons(outcomes, None) is None  # no calibration: every row null
+    assert unsure_reasons(Outcomes.empty(2, has_ood=True), calibration).tolist() == []
+    if calibration.knn_threshold is not None:  # a distance the rule needs and was not given is a bug, not a guess
+        with pytest.raises(ValueError, match="OOD distance"):
+            calibration.unsure_reason(0.95, -5.0)
 
 
 def test_the_card_carries_the_calibration_and_cards_without_one_still_load():
@@ -119,6 +135,8 @@ def test_the_card_carries_the_calibration_and_cards_without_one_still_load():
         ({"confidence_threshold": 1.5}, "confidence_threshold must be in"),
         ({"id_acceptance": 0.0}, r"id_acceptance must be in \(0, 1\]"),
         ({"validation_images": 0}, "validation_images must be a positive integer"),
+        ({"knn_threshold": -1.0}, "knn_threshold must be a number >= 0 or null"),
+        ({"knn_threshold": float("inf")}, "knn_threshold must be a number >= 0 or null"),
         ({"colour": "red"}, "expected the fields"),
     ],
 )
@@ -164,7 +182,7 @@ def test_the_engine_applies_the_temperature_and_answers_unsure(exported, fashion
     )
     answers = [answer(row, classifier.card, 3) for row in rows]
     for row, got in zip(rows, answers):
-        reason = classifier.card.calibration.unsure_reason(float(row.probabilities.max()), row.energy)
+        reason = classifier.card.calibration.unsure_reason(float(row.probabilities.max()), row.energy, row.distance)
         assert got["unsure"] is (reason is not None) and got["unsure_reason"] == reason
         assert len(got["top_k"]) == 3 and got["label"] == got["top_k"][0]["label"]  # the answer is there either way
 
@@ -222,13 +240,16 @@ def test_the_ood_benchmark_measures_every_set_and_draws_the_diagram(exported, fa
         for line in text.splitlines()
         if line.startswith("| lenet_bn")
     ]
-    assert len(rows) == 1 + 4  # the test set's row, then digits, photographs, noise and blank images
-    assert [row[1].split(" (")[0] for row in rows[1:]] == [
+    # the test set's row, then digits, photographs, noise and blank images, then all of them
+    assert len(rows) == 1 + 4 + 1
+    assert [row[1].split(" (")[0] for row in rows[1:5]] == [
         "scikit-learn digits",
         "scikit-image photographs",
         "uniform noise",
         "blank, every grey level",
     ]
-    assert all(0 <= float(row[i]) <= 1 for row in rows[1:] for i in range(2, 7))
+    assert all(row[2] == "kNN distance" for row in rows[1:5])  # the export's OOD head is what the rule uses
+    assert all(0 <= float(row[i]) <= 1 for row in rows[1:5] for i in range(3, 9))
+    assert rows[5][1] == "**all 3,953: answered unsure**" and 0 <= float(rows[5][-1].strip("*")) <= 1
     assert "<!-- ood-eval:start -->" in document.read_text()
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size < 100_000
