@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 # Every route path of the service, defined once.
 CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS = "/classify", "/classify_batch", "/explain", "/models"
+MONITOR = "/monitor"  # each model's drift figures (serving.monitor)
 HOT_ROUTES = (CLASSIFY, CLASSIFY_BATCH, EXPLAIN)
 V2_PREFIX = "/v2"  # the Open Inference Protocol's routes (serving/v2.py), answered here
 V2_INFER = "/v2/models/{model}/infer"  # their infer route's label in metrics and logs: no client string in it
@@ -67,7 +68,7 @@ UI = "/ui"  # the browser page, serving/ui.html
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/", UI})
 OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
 # Every path the service answers: its own routes, BentoML's schema, and the open ones.
-ROUTES = OPEN_PATHS | {CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS, "/schema.json"}
+ROUTES = OPEN_PATHS | {CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS, MONITOR, "/schema.json"}
 RETRY_AFTER_S = 1
 BODY_GRACE_S = 2.0  # a body may start slowly (TCP slow start, a phone waking its radio); then it must keep the rate
 

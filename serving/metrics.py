@@ -54,6 +54,20 @@ rejected = bentoml.metrics.Counter(
     documentation="requests or images refused, by reason",
     labelnames=["reason"],
 )
+# Drift (serving.monitor): per model and statistic (model_store.drift.STATISTICS, a fixed set), the
+# figure of the model's window of recent answers and the level an in-distribution window stays under.
+drift = bentoml.metrics.Gauge(
+    name="classify_drift",
+    documentation="how far the model's last answers are from its held-out ones, per statistic",
+    labelnames=["model", "statistic"],
+    multiprocess_mode="livemax",  # the worker whose window is furthest
+)
+drift_level = bentoml.metrics.Gauge(
+    name="classify_drift_level",
+    documentation="the level of classify_drift that in-distribution windows stay under, fitted at export",
+    labelnames=["model", "statistic"],
+    multiprocess_mode="livemax",
+)
 in_flight = bentoml.metrics.Gauge(
     name="classify_in_flight",
     documentation="classify requests being served now",

@@ -25,6 +25,7 @@ from serving.batching import MicroBatcher
 from serving.config import ServingConfig
 from serving.errors import ModelUnavailable, RequestError, UnknownModel
 from serving.logs import log_event
+from serving.monitor import Monitor
 
 # A requested name is echoed in the 404 and its log line only this far: it comes from the client.
 ECHO_MAX_CHARS = 64
@@ -37,6 +38,7 @@ class ServedModel:
     version: str
     engine: OnnxClassifier
     batcher: MicroBatcher
+    monitor: Monitor  # its drift window, fed by the batcher's batches
 
     @property
     def tag(self) -> str:
@@ -106,8 +108,9 @@ class ModelSet:
         engine = OnnxClassifier(path, self.config.device, self.config.engine_threads)
         engine.check()  # the graph agrees with its card: classes, input shape and type, a test run
         wait_s = self.config.batch_wait_ms / 1000
-        batcher = MicroBatcher(engine.score, self.config.max_batch_size, wait_s, _observer(name))
-        return ServedModel(name, version, engine, batcher)
+        monitor = Monitor(name, engine)
+        batcher = MicroBatcher(monitor.score, self.config.max_batch_size, wait_s, _observer(name))
+        return ServedModel(name, version, engine, batcher, monitor)
 
     @classmethod
     def from_store(cls, config: ServingConfig) -> ModelSet:
@@ -284,6 +287,10 @@ class ModelSet:
             "models": [m.describe(m.name == self.default_name) for m in self.models],
             "failed": [f.describe() for f in self.failed],
         }
+
+    def monitored(self) -> dict:
+        """``GET /monitor``: every served model's drift figures, fresh, with their levels."""
+        return {"models": [m.monitor.describe(m.tag) for m in self.models]}
 
 
 def _shown(requested: str) -> str:

@@ -108,6 +108,28 @@ class ModelsAnswer(BaseModel):
     )
 
 
+class ModelDrift(BaseModel):
+    model: str = Field(description="the model's tag")
+    monitored: bool = Field(description="false for a graph exported without a drift reference; `reason` says so")
+    reason: str | None = None
+    window: int | None = Field(None, description="answers per window: the figures compare this many recent ones")
+    images_seen: int | None = Field(None, description="answers this worker has given with this model")
+    figures: dict[str, float] | None = Field(
+        None,
+        description="per statistic, the window's figure (null until the window is full): out_of_distribution_share, "
+        "low_confidence_share, class_psi, feature_frechet, mean_ood_distance",
+    )
+    levels: dict[str, float] | None = Field(None, description="per statistic, what in-distribution windows stay under")
+    alerts: list[str] = Field(default_factory=list, description="the statistics above their level now")
+    history: list[dict[str, float]] = Field(
+        default_factory=list, description="recent figures, oldest first, each with its unix `time` and `images` seen"
+    )
+
+
+class MonitorAnswer(BaseModel):
+    models: list[ModelDrift]
+
+
 class _JsonAnswer(IODescriptor):
     """A BentoML output spec: the handler's dict as JSON (status set through ``ctx.response``),
     documented in the OpenAPI document by ``answer``."""

@@ -4,6 +4,7 @@
     POST /classify_batch   several images -> one answer each, in order
     POST /explain          one image -> /classify's answer and its class-activation map as a PNG
     GET  /models           the models served, their cards, the default
+    GET  /monitor          each model's drift: its recent answers against its held-out ones
     GET  /ui               a page for people: pick an image and a model, see the top-k and the card
 
 Every request passes ``serving.edge`` first (auth, admission), which also answers the classify
@@ -27,7 +28,7 @@ with bentoml.importing():
     from model_store.preprocess import keep_freed_memory
     from serving import metrics, ui
     from serving.config import ServingConfig
-    from serving.edge import CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS, UI, respond
+    from serving.edge import CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS, MONITOR, UI, respond
     from serving.handlers import Handlers
     from serving.logs import log_event
     from serving.model_set import ModelSet
@@ -39,6 +40,7 @@ with bentoml.importing():
         ClassifyOutput,
         ExplainOutput,
         ModelsAnswer,
+        MonitorAnswer,
     )
     from serving.server import lean_service
 
@@ -131,6 +133,14 @@ class Classifier:
         """Every model this service answers with: its card, provider, precision, and which one is the default;
         and each configured model that failed its checks, with the reason."""
         return self.models.describe()
+
+    @models_app.get(MONITOR, response_model=MonitorAnswer)
+    def monitor(self) -> dict:
+        """Each served model's drift over its last answers (its window, e.g. 1,000 images, in this worker): the
+        share answered unsure by reason, the predicted classes' stability index, the Fréchet distance of the
+        features and the mean OOD distance, each with the level in-distribution windows stay under, the
+        statistics above their level, and a history of recent figures."""
+        return self.models.monitored()
 
 
 # At class scope, so that `bentoml build` packages every model the service is configured with.
