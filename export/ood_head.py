@@ -62,6 +62,26 @@ def feature_tensor(proto: onnx.ModelProto) -> str | None:
     return node.input[0] if node is not None and node.op_type == "Gemm" else None
 
 
+def without_head(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` without the outputs, nodes and constants :func:`with_head` adds: the
+    graph as export made it before (a head is always fitted anew, never stacked on an old one)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    ours = {FEATURES_OUTPUT, OOD_OUTPUT}
+
+    def added(name: str) -> bool:
+        return name in ours or name.startswith("ood_")
+
+    kept_nodes = [node for node in graph.node if not any(added(name) for name in node.output)]
+    kept_outputs = [output for output in graph.output if output.name not in ours]
+    kept_constants = [init for init in graph.initializer if not added(init.name)]
+    for field, kept in ((graph.node, kept_nodes), (graph.output, kept_outputs), (graph.initializer, kept_constants)):
+        del field[:]
+        field.extend(kept)
+    return out
+
+
 def with_outputs(proto: onnx.ModelProto, features: str) -> onnx.ModelProto:
     """A copy of ``proto`` whose tensor ``features`` is also the float32 output "features" [N, D]."""
     out = onnx.ModelProto()
@@ -116,6 +136,7 @@ def fit(
     the head's figures, and the drift reference: all fitted on the uint8 ``held_out`` images, the
     run's validation split, and the head's share of ``test`` images accepted measured. None, said
     why on stdout, when the graph or the split cannot have one."""
+    proto = without_head(proto)
     features = feature_tensor(proto)
     if card.calibration is None or features is None or len(held_out) < MIN_HELD_OUT:
         why = (

@@ -216,7 +216,7 @@ class Window:
         count = len(classes)
         if count > size:  # only the last window's worth can stay
             classes, reasons, distances, features = (a[-size:] for a in (classes, reasons, distances, features))
-        at = self.seen % size
+        at = (self.seen + count - len(classes)) % size  # where the first answer kept goes
         first = min(len(classes), size - at)
         for store, new in zip(
             (self.classes, self.reasons, self.distances, self.features), (classes, reasons, distances, features)

@@ -19,7 +19,7 @@ from model_store.store import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
 from serving import edge as edge_module
 from serving import logs
 from serving.config import ServingConfig, available_cpus
-from serving.edge import CLASSIFY, CLASSIFY_BATCH, OPEN_PATHS, Edge
+from serving.edge import CLASSIFY, CLASSIFY_BATCH, MONITOR, OPEN_PATHS, Edge
 from serving.errors import HTTP_ERRORS, http_status
 from serving.handlers import Handlers
 from serving.model_set import ModelSet
@@ -89,6 +89,7 @@ def test_answers_are_the_engines_through_both_routes(images, fashion_test):
         CLASSIFY,
         CLASSIFY_BATCH,
         "/models",
+        MONITOR,
         "/schema.json",
         "/v2/models/x/infer",
         "/a/route/added/later",
