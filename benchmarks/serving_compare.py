@@ -219,6 +219,8 @@ def service_env(target: str, subject: Subject, workdir: Path, checkout: Path) ->
     """
     home = workdir / f"bentoml-{target}-{subject.key}"
     graph = subject.int8 if target == "service-int8" else subject.onnx
+    if checkout != REPO and graph.is_relative_to(REPO):  # the checkout's own graph: a change may have remade it
+        graph = checkout / graph.relative_to(REPO)
     register = [sys.executable, "-m", "model_store", "register", str(graph), "--name", f"bench-{subject.key}"]
     subprocess.run(
         register, cwd=checkout, env={**os.environ, "BENTOML_HOME": str(home)}, check=True, capture_output=True

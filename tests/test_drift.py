@@ -6,6 +6,7 @@ and a real `bentoml serve` reports it all on /monitor and /metrics."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -222,3 +223,17 @@ def test_the_service_watches_its_inputs_and_says_when_they_drift(bentoml_home, t
         assert {"out_of_distribution_share", "mean_ood_distance"} <= set(shifted["alerts"])
         assert drift_metrics(url)[("classify_drift", "mean_ood_distance")] > levels["mean_ood_distance"]
         assert shifted["history"] and shifted["history"][0]["images"] >= calm["window"]
+
+
+def test_the_example_alert_rule_compares_the_gauges_the_service_exports():
+    import yaml
+
+    from serving import metrics
+
+    rules = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "prometheus-rules.yaml").read_text())
+    (rule,) = rules["groups"][0]["rules"]
+    expr = " ".join(rule["expr"].split())
+    drift, level = (gauge._name for gauge in (metrics.drift, metrics.drift_level))
+    assert expr == f"max by (model, statistic) ({drift}) > on (model, statistic) max by (model, statistic) ({level})"
+    assert set(metrics.drift._labelnames) == set(metrics.drift_level._labelnames) == {"model", "statistic"}
+    assert rule["alert"] and rule["for"] and rule["labels"]["severity"]
