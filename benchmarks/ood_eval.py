@@ -45,6 +45,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--write", type=Path, default=None, help="replace the section between its markers in this file")
     parser.add_argument("--figure", type=Path, default=None, help="write the reliability diagram PNG here")
     parser.add_argument("--seed", type=int, default=0, help="draws the crops and the noise (default: 0)")
+    parser.add_argument(
+        "--section",
+        default=SECTION,
+        help=f"the markers to write between, so that a run can sit beside an earlier one (default: {SECTION})",
+    )
     return parser
 
 
@@ -138,6 +143,8 @@ def evaluate(path: Path, sets: dict[str, list[Image.Image]], test: tuple[list[Im
 
 def report(results: list[dict], args: argparse.Namespace) -> str:
     command = f"python -m benchmarks.ood_eval --onnx {' '.join(map(str, args.onnx))} --write BENCHMARKS.md"
+    if args.section != SECTION:
+        command += f" --section '{args.section}'"
     lines = [
         f"Device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), ONNX Runtime "
         f"{ort.__version__}; {time.strftime('%Y-%m-%d')}. Command: `{command}"
@@ -190,7 +197,8 @@ def main(args: argparse.Namespace) -> str:
     text = report(results, args)
     print(text)
     if args.write:
-        write_section(args.write, SECTION, text, HEADING)
+        heading = HEADING if args.section == SECTION else f"## Calibration and unsure answers: {args.section}"
+        write_section(args.write, args.section, text, heading)
     return text
 
 
