@@ -20,27 +20,19 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 
 from benchmarks.ood_sets import digits, fashion_test, noise, photos
 from benchmarks.report import device, write_section
-from model_store import to_input
-from model_store.drift import STATISTICS, Window, reason_codes
-from model_store.engine import OnnxClassifier, Outcomes
+from benchmarks.streams import CORRUPTIONS, FOOTWEAR, answers, replay
+from model_store.drift import STATISTICS, Window
+from model_store.engine import OnnxClassifier
 from model_store.store import DEFAULT_MODEL_FILE, EXPLAINER_MODEL_FILE
 
 SECTION, HEADING = "drift-streams", "## Drift: in-distribution streams against shifted ones"
 GOAL_IMAGES = 1000  # a shift must raise an alert within this many images of it
-
-# Clothes as a broken camera or upstream resize would send them: each a function of one test image.
-CORRUPTIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
-    "clothes, blurred (Gaussian, radius 1.5)": lambda image: image.filter(ImageFilter.GaussianBlur(1.5)),
-    "clothes, contrast halved": lambda image: ImageEnhance.Contrast(image).enhance(0.5),
-    "clothes, rotated 90 degrees": lambda image: image.transpose(Image.Transpose.ROTATE_90),
-}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,9 +49,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FOOTWEAR = (5, 7, 9)  # Sandal, Sneaker, Ankle boot: clothes still, but a shop that now sells shoes only
-
-
 def shifted_sets(rng: np.random.Generator, test: list[Image.Image], labels: np.ndarray) -> dict[str, list[Image.Image]]:
     """Each kind of image a stream can shift to, by the name the table shows."""
     sets = {"digits (scikit-learn)": digits(), "photographs (scikit-image crops)": photos(rng)}
@@ -68,30 +57,6 @@ def shifted_sets(rng: np.random.Generator, test: list[Image.Image], labels: np.n
         sets[name] = [corrupt(image) for image in test[:2000]]
     sets["clothes, footwear only (test images)"] = [test[i] for i in np.flatnonzero(np.isin(labels, FOOTWEAR))]
     return sets
-
-
-def answers(engine: OnnxClassifier, images: list[Image.Image]) -> tuple[np.ndarray, ...]:
-    """What a window stores of each image's answer: (classes, reason codes, distances, features)."""
-    pixels = np.stack([to_input(image, engine.card) for image in images])
-    parts = [engine.outcomes(pixels[i : i + 512]) for i in range(0, len(pixels), 512)]
-    outcomes = Outcomes(*(np.concatenate([getattr(p, field) for p in parts]) for field in Outcomes._fields))
-    reasons = engine.card.calibration.unsure_reasons(
-        outcomes.probabilities.max(axis=1), outcomes.energies, outcomes.distances
-    )
-    return outcomes.probabilities.argmax(axis=1), reason_codes(reasons), outcomes.distances, outcomes.features
-
-
-def replay(window: Window, stream: list[tuple[tuple[np.ndarray, ...], np.ndarray]], every: int) -> list:
-    """Feed ``stream`` (answer arrays, the rows of them in order) to the window ``every`` images at a
-    time; after each step, (images fed so far, the statistics above their level, the figures)."""
-    looks = []
-    for parts, rows in stream:
-        for start in range(0, len(rows), every):
-            chosen = rows[start : start + every]
-            window.add(*(part[chosen] for part in parts))
-            figures = window.figures()
-            looks.append((window.seen, window.alerts(figures), figures))
-    return looks
 
 
 def evaluate(path: Path, test: list[Image.Image], sets: dict[str, list[Image.Image]], args) -> dict:

@@ -167,8 +167,8 @@ def fit(
     reference = DriftReference(
         window=DEFAULT_WINDOW,
         class_shares=tuple(shares.tolist()),
-        feature_mean=tuple(gaussian.mean.tolist()),
-        feature_cov=tuple(map(tuple, gaussian.cov.tolist())),
+        feature_mean=_rounded(gaussian.mean),
+        feature_cov=tuple(map(_rounded, gaussian.cov)),
         levels=fit_levels(shares, gaussian, answers, DEFAULT_WINDOW, seed),
         images=len(banked),
         level_images=len(rest),
@@ -209,6 +209,11 @@ def with_reference(proto: onnx.ModelProto, card: ModelCard, reference: DriftRefe
 def _batched(engine: OnnxClassifier, pixels: np.ndarray, names: list[str], size: int = 512) -> list[np.ndarray]:
     parts = [engine.run(pixels[i : i + size], names) for i in range(0, len(pixels), size)]
     return [np.concatenate([part[j] for part in parts]) for j in range(len(names))]
+
+
+def _rounded(values: np.ndarray) -> tuple[float, ...]:
+    """7 significant digits, float32's: the full repr of float64 made the LeNet's reference 150 KB of JSON."""
+    return tuple(float(f"{value:.7g}") for value in values.tolist())
 
 
 def _no_nulls(record: dict) -> dict:

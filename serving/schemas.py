@@ -121,7 +121,7 @@ class ModelDrift(BaseModel):
     )
     levels: dict[str, float] | None = Field(None, description="per statistic, what in-distribution windows stay under")
     alerts: list[str] = Field(default_factory=list, description="the statistics above their level now")
-    history: list[dict[str, float]] = Field(
+    history: list[dict[str, int | float]] = Field(
         default_factory=list, description="recent figures, oldest first, each with its unix `time` and `images` seen"
     )
 

@@ -15,8 +15,8 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from benchmarks.drift_streams import CORRUPTIONS, answers, replay
 from benchmarks.ood_sets import digits
+from benchmarks.streams import CORRUPTIONS, answers, replay
 from export.onnx_export import with_card
 from export.ood_head import feature_tensor, without_head
 from model_store.drift import (

@@ -19,7 +19,8 @@ from tests.conftest import bentoml_serve, png_bytes, run_cli
 from tests.test_model_checks import RGB, with_card, with_external_data
 
 # What the README promises of each shipped model: its test accuracy at least, and its file size at most.
-PROMISED = {"fashion-lenet": (0.90, 1 * 2**20), "fashion-resnet20": (0.93, 5 * 2**20)}
+# Each holds its OOD head's bank, 3,000 held-out feature vectors (1.0 MB for the LeNet's 84 features).
+PROMISED = {"fashion-lenet": (0.90, 2 * 2**20), "fashion-resnet20": (0.93, 5 * 2**20)}
 
 
 def test_register_is_idempotent_and_list_and_show_report_the_card(tmp_path, exported):

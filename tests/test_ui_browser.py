@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, bentoml_serve, png_bytes
+from tests.conftest import REPO, bentoml_serve, png_bytes, run_cli
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 TOKEN = "ui-test-token"
@@ -188,6 +188,7 @@ def test_with_auth_on_the_page_asks_for_the_token_keeps_it_and_draws_a_models_ma
         submit(TOKEN)
         wait_for(browser, lambda d: not d.find_element(By.ID, "token").is_displayed(), "the token accepted")
         assert browser.execute_script("return sessionStorage.getItem('classic-cnns-token')") == TOKEN
+        wait_for(browser, lambda d: "filling the window" in text(d, "drift"), "GET /monitor, with the token too")
         upload(browser, image)
         wait_for(browser, lambda d: text(d, "label"), "a prediction")
         assert text(browser, "label") == expected["label"]
@@ -203,3 +204,68 @@ def test_with_auth_on_the_page_asks_for_the_token_keeps_it_and_draws_a_models_ma
         open_page(browser, url)  # a reload in the same tab: the token is still there
         wait_for(browser, lambda d: "fashion-lenet" in text(d, "model"), "the models, without asking again")
         assert not browser.find_element(By.ID, "token").is_displayed()
+
+
+STATISTICS = [  # GET /monitor's statistics, as the page names them
+    "unsure: out of distribution",
+    "unsure: low confidence",
+    "predicted classes (PSI)",
+    "features (Fréchet distance)",
+    "mean OOD distance",
+]
+
+
+@pytest.mark.processes
+def test_the_drift_section_fills_each_window_then_charts_every_statistic(
+    browser, bentoml_home, uncalibrated, fashion_test, tmp_path_factory
+):
+    from selenium.webdriver.common.by import By
+
+    # A server of its own, so that no other test's answers are in the default model's window; beside it
+    # a graph without calibration, hence without a drift reference: listed, not monitored.
+    folder = tmp_path_factory.mktemp("serve-drift")
+    home = {"BENTOML_HOME": str(bentoml_home)}
+    result = run_cli("-m", "model_store", "register", str(uncalibrated), "--name", "plain-lenet", env=home)
+    assert result.returncode == 0, result.stderr
+    env = {"SERVING_MODELS": "fashion-lenet:latest,plain-lenet:latest"}
+    with bentoml_serve(bentoml_home, folder / "serve.log", env) as url:
+
+        def parts() -> dict:  # each model's part, by its tag
+            found = browser.find_elements(By.CSS_SELECTOR, "#drift .drift-model")
+            return {part.find_element(By.TAG_NAME, "h3").text: part for part in found}
+
+        monitored = {m["model"]: m for m in httpx.get(f"{url}/monitor", timeout=60).json()["models"]}
+        lenet = next(tag for tag in monitored if tag.startswith("fashion-lenet:"))
+        plain = next(tag for tag in monitored if tag.startswith("plain-lenet:"))
+        assert monitored[lenet]["figures"] is None and not monitored[plain]["monitored"]
+
+        browser.get_log("browser")  # drop what earlier pages logged
+        open_page(browser, url)
+        wait_for(browser, lambda d: len(parts()) == len(monitored), "a part of the Drift section per model")
+        assert "0 images seen; filling the window: 0 of 1,000 answers" in parts()[lenet].text
+        assert parts()[lenet].find_elements(By.CSS_SELECTOR, ".statistic") == []
+        assert f"not monitored: {monitored[plain]['reason']}" in parts()[plain].text
+
+        # A full window of real test images, in batches as large as the service takes.
+        images = fashion_test[0][:1000]
+        for start in range(0, len(images), 64):
+            batch = images[start : start + 64]
+            files = [("images", (f"{start + i}.png", png_bytes(image), "image/png")) for i, image in enumerate(batch)]
+            answer = httpx.post(f"{url}/classify_batch", files=files, data={"model": "fashion-lenet"}, timeout=60)
+            assert answer.status_code == 200, answer.text
+        full = next(m for m in httpx.get(f"{url}/monitor", timeout=60).json()["models"] if m["model"] == lenet)
+        assert full["images_seen"] == 1000 and full["figures"] is not None and full["alerts"] == []
+
+        open_page(browser, url)
+        wait_for(browser, lambda d: lenet in parts(), "the Drift section again")
+        part = parts()[lenet]
+        assert "1,000 images seen; figures over the last 1,000 answers" in part.text
+        rows = part.find_elements(By.CSS_SELECTOR, ".statistic")
+        assert [row.text.split("\n")[0] for row in rows] == STATISTICS
+        for row in rows:
+            chart = row.find_element(By.CSS_SELECTOR, "svg.spark")
+            assert chart.get_attribute("width") == "160" and chart.find_elements(By.CSS_SELECTOR, "polyline, line")
+            assert "level " in row.text and "above level" not in row.text and "alert" not in row.get_attribute("class")
+        assert part.find_elements(By.CSS_SELECTOR, ".above") == []
+        assert "not monitored" in parts()[plain].text  # still listed beside the full window
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
