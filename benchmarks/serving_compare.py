@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -234,6 +234,14 @@ def service_env(target: str, subject: Subject, workdir: Path, checkout: Path) ->
     return {**env, **variant.get(target, {})}
 
 
+def _version(package: str) -> str:
+    """Its installed version; a peer left out of this run may not be installed (the bench extra)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def _litserve_batches(stats: Path) -> tuple[float, float]:
     import json
 
@@ -348,7 +356,7 @@ def goals(rows: list[dict]) -> list[str]:
 
 def report(rows: list[dict], subjects: list[Subject], args: argparse.Namespace) -> str:
     packages = ", ".join(
-        f"{p} {version(p)}" for p in ("onnxruntime", "bentoml", "litserve", "fastapi", "uvicorn", "torch")
+        f"{p} {_version(p)}" for p in ("onnxruntime", "bentoml", "litserve", "fastapi", "uvicorn", "torch")
     )
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("[")[0].strip()
     lines = [

@@ -95,9 +95,11 @@ def with_head(proto: onnx.ModelProto, features: str, bank: np.ndarray, k: int = 
     """A copy of ``proto`` with the outputs "features" and "ood_distance" [N]: the Euclidean distance
     of each image's features to its k-th nearest row of ``bank`` [M, D].
 
-    ``|f - b|^2 = |f|^2 - 2 f.b + |b|^2``: one MatMul against the bank, the bank's norms a constant,
-    then TopK of the k smallest and the largest of those. float32 throughout; the distance of
-    near neighbours loses a little to cancellation, far below what separates clothes from noise."""
+    ``|f - b|^2 = |b|^2 - 2 f.b + |f|^2``: one MatMul against the bank with its norms added (ORT fuses
+    the two into one Gemm), TopK of the k smallest, the largest of those, and only then ``|f|^2``, the
+    same for every row of the bank: one add per image, not one per image and bank row. float32
+    throughout; near neighbours lose a little to cancellation, far below what separates clothes
+    from noise."""
     if not 1 <= k <= len(bank):
         raise ValueError(f"k must be between 1 and the bank's {len(bank)} rows, got {k}")
     bank = np.asarray(bank, np.float32)
@@ -114,12 +116,12 @@ def with_head(proto: onnx.ModelProto, features: str, bank: np.ndarray, k: int = 
     f = FEATURES_OUTPUT
     graph.node.extend(
         [
-            helper.make_node("ReduceSumSquare", [f, "ood_axis"], ["ood_norms"], keepdims=1),
             helper.make_node("MatMul", [f, "ood_bank_times_minus_2"], ["ood_cross"]),
-            helper.make_node("Add", ["ood_cross", "ood_norms"], ["ood_partial"]),
-            helper.make_node("Add", ["ood_partial", "ood_bank_norms"], ["ood_squared"]),
-            helper.make_node("TopK", ["ood_squared", "ood_k"], ["ood_nearest", "ood_nearest_index"], largest=0),
-            helper.make_node("ReduceMax", ["ood_nearest", "ood_axis"], ["ood_kth"], keepdims=0),
+            helper.make_node("Add", ["ood_cross", "ood_bank_norms"], ["ood_partial"]),
+            helper.make_node("TopK", ["ood_partial", "ood_k"], ["ood_nearest", "ood_nearest_index"], largest=0),
+            helper.make_node("ReduceMax", ["ood_nearest", "ood_axis"], ["ood_kth_partial"], keepdims=0),
+            helper.make_node("ReduceSumSquare", [f, "ood_axis"], ["ood_norms"], keepdims=0),
+            helper.make_node("Add", ["ood_kth_partial", "ood_norms"], ["ood_kth"]),
             helper.make_node("Relu", ["ood_kth"], ["ood_kth_clipped"]),  # cancellation can dip below 0
             helper.make_node("Sqrt", ["ood_kth_clipped"], [OOD_OUTPUT]),
         ]
