@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from model_store import to_input
-from model_store.drift import Window, reason_codes
+from model_store.drift import Window
 from model_store.engine import OnnxClassifier, Outcomes
 
 # Clothes as a broken camera or upstream resize would send them: each a function of one test image.
@@ -26,10 +26,10 @@ def answers(engine: OnnxClassifier, images: list[Image.Image]) -> tuple[np.ndarr
     pixels = np.stack([to_input(image, engine.card) for image in images])
     parts = [engine.outcomes(pixels[i : i + 512]) for i in range(0, len(pixels), 512)]
     outcomes = Outcomes(*(np.concatenate([getattr(p, field) for p in parts]) for field in Outcomes._fields))
-    reasons = engine.card.calibration.unsure_reasons(
+    codes = engine.card.calibration.reason_codes(
         outcomes.probabilities.max(axis=1), outcomes.energies, outcomes.distances
     )
-    return outcomes.probabilities.argmax(axis=1), reason_codes(reasons), outcomes.distances, outcomes.features
+    return outcomes.probabilities.argmax(axis=1), codes, outcomes.distances, outcomes.features
 
 
 def replay(window: Window, stream: list[tuple[tuple[np.ndarray, ...], np.ndarray]], every: int) -> list:

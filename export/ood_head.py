@@ -39,7 +39,7 @@ from export.onnx_export import serialize, with_card
 from model_store import ModelCard
 from model_store.calibration import scores
 from model_store.cli import run
-from model_store.drift import DEFAULT_WINDOW, DriftReference, fit_levels, fit_reference, reason_codes
+from model_store.drift import DEFAULT_WINDOW, DriftReference, fit_levels, fit_reference
 from model_store.drift import ONNX_METADATA_KEY as DRIFT_METADATA_KEY
 from model_store.engine import FEATURES_OUTPUT, OOD_OUTPUT, OnnxClassifier
 from model_store.errors import UsageError
@@ -163,9 +163,9 @@ def fit(
         card.calibration, knn_threshold=float(np.quantile(distances, card.calibration.id_acceptance, method="higher"))
     )
     probabilities, energies = scores(logits, calibration.temperature)
-    reasons = calibration.unsure_reasons(probabilities.max(axis=1), energies, distances)
+    codes = calibration.reason_codes(probabilities.max(axis=1), energies, distances)
     shares, gaussian = fit_reference(bank_logits.argmax(axis=1), bank, card.num_classes)
-    answers = (probabilities.argmax(axis=1), reason_codes(reasons), distances, rest_features)
+    answers = (probabilities.argmax(axis=1), codes, distances, rest_features)
     reference = DriftReference(
         window=DEFAULT_WINDOW,
         class_shares=tuple(shares.tolist()),

@@ -34,6 +34,9 @@ from model_store.errors import UsageError
 
 LOW_CONFIDENCE, OUT_OF_DISTRIBUTION = "low_confidence", "out_of_distribution"
 UNSURE_REASONS = (OUT_OF_DISTRIBUTION, LOW_CONFIDENCE)
+# A batch's reasons as int8 codes (:meth:`Calibration.reason_codes`): 0 sure, then UNSURE_REASONS' order.
+SURE_CODE = 0
+REASON_OF_CODE = np.array([None, *UNSURE_REASONS], object)
 
 
 @dataclass(frozen=True)
@@ -97,16 +100,19 @@ class Calibration:
     ) -> np.ndarray:
         """:meth:`unsure_reason` of every row at once, for the batch scorer: object [N] of reasons and
         None. The same comparisons in the same order, so a row gets the reason it would get alone."""
+        return REASON_OF_CODE[self.reason_codes(confidences, energies, distances)]
+
+    def reason_codes(
+        self, confidences: np.ndarray, energies: np.ndarray, distances: np.ndarray | None = None
+    ) -> np.ndarray:
+        """:meth:`unsure_reasons` as int8 codes [N] (REASON_OF_CODE): what a drift window stores."""
         # in float64, as the Python floats of the scalar rule: NumPy would compare float32 arrays with
         # the thresholds rounded to float32, and a row at a threshold could get another answer
         out_of_distribution = self.out_of_distribution(energies, distances)
         low = ~out_of_distribution
         if self.confidence_threshold is not None:
             low &= np.asarray(confidences, np.float64) < self.confidence_threshold
-        reasons = np.full(len(energies), None, object)
-        reasons[low] = LOW_CONFIDENCE
-        reasons[out_of_distribution] = OUT_OF_DISTRIBUTION
-        return reasons
+        return out_of_distribution.astype(np.int8) + 2 * low.astype(np.int8)
 
     def out_of_distribution(self, energies: np.ndarray, distances: np.ndarray | None = None) -> np.ndarray:
         """bool [N]: which rows the out-of-distribution rule flags (in float64, see unsure_reasons)."""

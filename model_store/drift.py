@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from model_store.calibration import REASON_OF_CODE, UNSURE_REASONS
 from model_store.errors import UsageError
 
 ONNX_METADATA_KEY = "drift_reference"  # beside the card's "model_card": 30-70 KB of statistics it need not carry
@@ -38,9 +39,8 @@ STATISTICS = (
     "feature_frechet",
     "mean_ood_distance",
 )
-# Reason codes as a window stores them: 0 sure, then model_store.calibration.UNSURE_REASONS' order.
-SURE, OUT_OF_DISTRIBUTION, LOW_CONFIDENCE = 0, 1, 2
-REASON_CODES = {None: SURE, "out_of_distribution": OUT_OF_DISTRIBUTION, "low_confidence": LOW_CONFIDENCE}
+# Reason codes as a window stores them: Calibration.reason_codes'.
+OUT_OF_DISTRIBUTION, LOW_CONFIDENCE = (list(REASON_OF_CODE).index(r) for r in UNSURE_REASONS)
 DEFAULT_WINDOW = 1000
 LEVEL_WINDOWS = 1000  # in-distribution windows a level is fitted on
 # A level is the mean of a log-normal fitted to those windows plus 6 of its standard deviations.
@@ -145,7 +145,7 @@ def statistics(
     features: np.ndarray,
 ) -> dict[str, float]:
     """Every statistic of STATISTICS for one window of answers: predicted ``classes`` [N], reason
-    codes [N] (REASON_CODES), OOD ``distances`` [N] and penultimate ``features`` [N, D]."""
+    codes [N] (``Calibration.reason_codes``), OOD ``distances`` [N] and penultimate ``features`` [N, D]."""
     features = np.asarray(features, np.float64)
     return {
         "out_of_distribution_share": float(np.mean(reasons == OUT_OF_DISTRIBUTION)),
@@ -248,15 +248,6 @@ class Window:
         if figures is None:
             return []
         return [name for name in STATISTICS if figures[name] > self.reference.levels[name]]
-
-
-def reason_codes(reasons: np.ndarray) -> np.ndarray:
-    """int8 codes of an object array of unsure reasons (None: sure), as a window stores them."""
-    codes = np.zeros(len(reasons), np.int8)
-    for reason, code in REASON_CODES.items():
-        if code:
-            codes[reasons == reason] = code
-    return codes
 
 
 def _is_finite(value: Any) -> bool:

@@ -20,8 +20,8 @@ from collections import deque
 
 import numpy as np
 
-from model_store.drift import STATISTICS, Window, reason_codes
-from model_store.engine import OnnxClassifier, Scored
+from model_store.drift import STATISTICS, Window
+from model_store.engine import OnnxClassifier, Outcomes, Scored
 from serving import metrics
 
 # The figures cost about 2 ms (a covariance of the window's features and one 84 x 84 eigen-
@@ -42,6 +42,12 @@ class Monitor:
         self.figures: dict[str, float] | None = None
         self.history: deque[dict] = deque(maxlen=HISTORY_POINTS)
         self._refreshed = self._recorded = -float("inf")
+        # The batch path only keeps each batch's outcomes (arrays it made anyway); the window takes
+        # them in at the next refresh, where their reasons cost one vectorized pass for all of them.
+        # At most a window's worth waits: older ones would fall out of the window unseen anyway.
+        self._pending: deque[Outcomes] = deque()
+        self._pending_rows = 0
+        self.seen = 0  # answers given, counted here: pending ones may never reach the window
         self._lock = threading.Lock()  # the batch thread adds while a GET /monitor reads
         self._gauges = {s: metrics.drift.labels(model=name, statistic=s) for s in STATISTICS} if self.window else {}
         if reference is not None:
@@ -52,16 +58,26 @@ class Monitor:
         """Each image's :class:`Scored`, its answer added to the window."""
         outcomes = self.engine.outcomes(pixels)
         if self.window is not None:
-            reasons = self.engine.card.calibration.unsure_reasons(
-                outcomes.probabilities.max(axis=1), outcomes.energies, outcomes.distances
-            )
             with self._lock:
-                self.window.add(
-                    outcomes.probabilities.argmax(axis=1), reason_codes(reasons), outcomes.distances, outcomes.features
-                )
+                self._pending.append(outcomes)
+                self._pending_rows += len(outcomes.energies)
+                self.seen += len(outcomes.energies)
+                while self._pending_rows - len(self._pending[0].energies) >= self.window.reference.window:
+                    self._pending_rows -= len(self._pending.popleft().energies)
             if self.clock() - self._refreshed >= REFRESH_S:
                 self.refresh()
         return outcomes.rows()
+
+    def _take_in(self) -> None:
+        """Move the pending outcomes into the window (under the lock)."""
+        if not self._pending:
+            return
+        batch = Outcomes(*(np.concatenate([getattr(o, name) for o in self._pending]) for name in Outcomes._fields))
+        self._pending.clear()
+        self._pending_rows = 0
+        confidences = batch.probabilities.max(axis=1)
+        codes = self.engine.card.calibration.reason_codes(confidences, batch.energies, batch.distances)
+        self.window.add(batch.probabilities.argmax(axis=1), codes, batch.distances, batch.features)
 
     def refresh(self) -> dict[str, float] | None:
         """Recompute the figures, set the gauges and, at most every HISTORY_EVERY_S, keep a point."""
@@ -70,16 +86,17 @@ class Monitor:
         now = self.clock()
         self._refreshed = now
         with self._lock:  # a copy, so that the arithmetic runs outside the lock
+            self._take_in()
             if not self.window.full:
                 return None
-            snapshot = self.window.copy()
+            snapshot, seen = self.window.copy(), self.seen
         figures = snapshot.figures()
         self.figures = figures
         for statistic, gauge in self._gauges.items():
             gauge.set(figures[statistic])
         if now - self._recorded >= HISTORY_EVERY_S:
             self._recorded = now
-            self.history.append({"time": round(time.time(), 1), "images": snapshot.seen, **figures})
+            self.history.append({"time": round(time.time(), 1), "images": seen, **figures})
         return figures
 
     def describe(self, tag: str) -> dict:
@@ -97,7 +114,7 @@ class Monitor:
             "model": tag,
             "monitored": True,
             "window": reference.window,
-            "images_seen": self.window.seen,
+            "images_seen": self.seen,
             "figures": figures,  # null until the window is full
             "levels": reference.levels,
             "alerts": self.window.alerts(figures),
