@@ -41,8 +41,9 @@ def lenet() -> OnnxClassifier:
 
 def test_the_graph_measures_the_distance_to_the_kth_nearest_of_its_bank(lenet, fashion_test):
     proto = onnx.load(DEFAULT_MODEL_FILE)
-    weights = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
-    bank = -weights["ood_bank_times_minus_2"].T.astype(np.float64) / 2  # [M, D], as export stored it
+    weights = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in proto.graph.initializer}
+    bank = -weights["ood_bank_times_minus_2"].T / 2  # [M, d]: the bank as export stored it, projected
+    axes, shift = weights["ood_axes"], weights["ood_shift"]  # [D, d], [d]
     k = int(weights["ood_k"][0])
     noise = np.random.default_rng(0).integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
     pixels = np.concatenate([fashion_test[0][:192, None], noise])
@@ -50,10 +51,14 @@ def test_the_graph_measures_the_distance_to_the_kth_nearest_of_its_bank(lenet, f
     # the features are what the last Gemm makes the logits of
     gemm = next(node for node in proto.graph.node if node.op_type == "Gemm" and node.output[0] == "logits")
     assert gemm.input[0] == feature_tensor(proto)
-    weight, bias = (weights[name].astype(np.float64) for name in gemm.input[1:])
+    weight, bias = (weights[name] for name in gemm.input[1:])
     transposed = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
     assert np.allclose(features @ (weight.T if transposed else weight) + bias, logits, atol=1e-4)
-    brute = np.sqrt(((features[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(axis=2))
+    # measured on 32 orthonormal axes (the bank's principal ones), every image alike
+    assert axes.shape == (84, 32) == (features.shape[1], lenet.card.export["ood"]["dims"])
+    assert np.allclose(axes.T @ axes, np.eye(32), atol=1e-5)
+    projected = features.astype(np.float64) @ axes + shift
+    brute = np.sqrt(((projected[:, None, :] - bank[None]) ** 2).sum(axis=2))
     expected = np.sort(brute, axis=1)[:, k - 1]
     assert k == 10 and len(bank) == lenet.card.export["ood"]["bank_images"] == 3000
     assert np.allclose(distances, expected, rtol=1e-3, atol=1e-3)
