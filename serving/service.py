@@ -23,6 +23,7 @@ import threading
 import bentoml
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from threadpoolctl import threadpool_limits
 
 with bentoml.importing():
     from model_store.preprocess import keep_freed_memory
@@ -70,6 +71,10 @@ class Classifier:
         # A worker reads body after body: a 2 MB photo's was copied three times into fresh pages,
         # 4.5 of the worker's 9.3 ms of CPU for it (BENCHMARKS.md, "Where an image is decoded").
         keep_freed_memory()
+        # numpy's OpenBLAS keeps a thread per core spinning for about 0.1 s after each call: the drift
+        # window's covariance, once a second, kept one busy, 0.05 ms of CPU per request at concurrency
+        # 32 (BENCHMARKS.md, "issue 26 before/after"). The service's parallelism is its requests.
+        threadpool_limits(1, user_api="blas")
         self.models = ModelSet.from_store(CONFIG)
         self.handlers = Handlers(self.models, CONFIG)
         for model in self.models.models:
