@@ -72,8 +72,12 @@ class FailedModel:
 
 
 # A batch that runs in less than this runs on the event loop: a hop to a thread and back costs
-# more CPU (~0.3 ms measured on 2 vCPUs, LeNet at concurrency 1) and two wake-ups of latency.
-INLINE_BUDGET_S = 0.0001
+# more CPU (~0.3 ms measured on 2 vCPUs, LeNet at concurrency 1) and two wake-ups of latency. It
+# was 0.1 ms until the LeNet's graph grew its OOD head and its batch of one took 0.085 to 0.13 ms
+# on a slower machine: the hop then cost 0.32 ms of CPU per request at concurrency 1, and p99 went
+# from 1.4 to 3.4 ms (BENCHMARKS.md, "issue 26 before/after"). Below the hop's own cost, running
+# on the loop is cheaper; 0.2 ms keeps the loop's longest stall for it well under a millisecond.
+INLINE_BUDGET_S = 0.0002
 
 
 class ModelSet:
