@@ -127,10 +127,15 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"model card: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"model card: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(json_object(text, "model card"))
+
+
+def json_object(text: str, what: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; a UsageError naming ``what`` when it is not one."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{what}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from model_store.calibration import REASON_OF_CODE, UNSURE_REASONS
+from model_store.card import json_object
 from model_store.errors import UsageError
 
 ONNX_METADATA_KEY = "drift_reference"  # beside the card's "model_card": 30-70 KB of statistics it need not carry
@@ -99,14 +100,10 @@ class DriftReference:
 
     @classmethod
     def from_json(cls, text: str) -> DriftReference:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"drift reference: not valid JSON ({err})") from None
+        data = json_object(text, "drift reference")
         known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) != known:
-            got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise UsageError(f"drift reference: expected the fields {sorted(known)}, got {got}")
+        if set(data) != known:
+            raise UsageError(f"drift reference: expected the fields {sorted(known)}, got {sorted(data)}")
         return cls(**data)
 
 
