@@ -10,8 +10,9 @@ An answer is unsure for one of two reasons, checked in this order:
 
 - ``out_of_distribution``: the image's penultimate features are further from those of held-out
   images than a threshold that accepted 95% of the held-out images not in the bank (``knn_threshold``:
-  the distance to the k-th nearest of them, Sun et al., "Out-of-Distribution Detection with Deep
-  Nearest Neighbors", 2022, without their normalising; ``export.ood_head`` says why). A card
+  the distance to the k-th nearest of them on the bank's first principal axes, Sun et al.,
+  "Out-of-Distribution Detection with Deep Nearest Neighbors", 2022, without their normalising;
+  ``export.ood_head`` says why). A card
   exported before that has no ``knn_threshold`` and uses the energy, ``-logsumexp(logits /
   temperature)`` (Liu et al., "Energy-based Out-of-distribution Detection", 2020), above a
   threshold that accepted 95% of the validation images. Export fits both; only one decides.
