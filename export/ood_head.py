@@ -205,9 +205,10 @@ def fit(
         "threshold_images": len(rest),
         "test_flagged": float(np.mean(test_distances > calibration.knn_threshold)) if len(test) else None,
     }
-    card = ModelCard.from_dict(
-        {**card.to_dict(), "calibration": calibration, "export": {**card.export, "ood": _no_nulls(record)}}
-    )
+    network = card.export.get("output", "logits float32 [N, classes]").split(f", {FEATURES_OUTPUT} ")[0]  # a refit's
+    outputs = f"{network}, {FEATURES_OUTPUT} float32 [N, D], {OOD_OUTPUT} float32 [N]"
+    export = {**card.export, "output": outputs, "ood": _no_nulls(record)}
+    card = ModelCard.from_dict({**card.to_dict(), "calibration": calibration, "export": export})
     print(
         f"OOD head: {len(banked)} held-out feature vectors of {bank.shape[1]} in the graph; distance threshold "
         f"{calibration.knn_threshold:.3f} accepts {card.calibration.id_acceptance:.0%} of {len(rest)} others"
