@@ -56,9 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def outputs_of(classifier: OnnxClassifier, images: list[Image.Image]) -> tuple[np.ndarray, Outcomes]:
     """(logits, outcomes) of ``images``, each decoded and resized as the service does."""
     pixels = np.stack([to_input(image, classifier.card) for image in images])
-    parts = [classifier.run(pixels[i : i + 512], classifier.outputs) for i in range(0, len(pixels), 512)]
-    logits, *ood = (np.concatenate([part[j] for part in parts]) for j in range(len(classifier.outputs)))
-    return logits, classifier._outcomes([logits, *ood])
+    outputs = classifier.run(pixels, classifier.outputs, batch_size=512)
+    return outputs[0], classifier.outcomes_of(outputs)
 
 
 def served_score(outcomes: Outcomes) -> np.ndarray:

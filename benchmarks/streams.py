@@ -10,7 +10,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from model_store import to_input
 from model_store.drift import Window
-from model_store.engine import OnnxClassifier, Outcomes
+from model_store.engine import OnnxClassifier
 
 # Clothes as a broken camera or upstream resize would send them: each a function of one test image.
 CORRUPTIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
@@ -24,8 +24,7 @@ FOOTWEAR = (5, 7, 9)  # Sandal, Sneaker, Ankle boot: clothes still, but a shop t
 def answers(engine: OnnxClassifier, images: list[Image.Image]) -> tuple[np.ndarray, ...]:
     """What a window stores of each image's answer: (classes, reason codes, distances, features)."""
     pixels = np.stack([to_input(image, engine.card) for image in images])
-    parts = [engine.outcomes(pixels[i : i + 512]) for i in range(0, len(pixels), 512)]
-    outcomes = Outcomes(*(np.concatenate([getattr(p, field) for p in parts]) for field in Outcomes._fields))
+    outcomes = engine.outcomes(pixels, batch_size=512)
     codes = engine.card.calibration.reason_codes(
         outcomes.probabilities.max(axis=1), outcomes.energies, outcomes.distances
     )

@@ -52,6 +52,7 @@ K = 10  # the neighbour measured to; benchmarks/feature_ood.py measured k = 10
 DIMS = 32
 MAX_BANK = 5000  # held-out feature vectors the graph carries at most: memory and one MatMul per image
 MIN_HELD_OUT = 4 * K  # fewer held-out images: no head (a bank of 2k, and 2k to set a threshold on)
+BATCH = 512  # images per ONNX Runtime call while fitting
 PASS_THROUGH = ("Cast", "Identity", "DequantizeLinear", "QuantizeLinear")  # between the last Gemm and the logits
 
 
@@ -173,11 +174,11 @@ def fit(
     banked = order[: min(len(order) // 2, MAX_BANK)]
     rest = order[len(order) // 2 :]
     plain = OnnxClassifier(serialize(with_outputs(proto, features)), device="cpu")
-    bank_logits, bank = _batched(plain, held_out[banked], [plain.output_name, FEATURES_OUTPUT])
+    bank_logits, bank = plain.run(held_out[banked], [plain.output_name, FEATURES_OUTPUT], BATCH)
     headed = with_head(proto, features, bank)
     engine = OnnxClassifier(serialize(with_card(headed, card)), device="cpu")
     names = [engine.output_name, OOD_OUTPUT, FEATURES_OUTPUT]
-    logits, distances, rest_features = _batched(engine, held_out[rest], names)
+    logits, distances, rest_features = engine.run(held_out[rest], names, BATCH)
     calibration = dataclasses.replace(
         card.calibration, knn_threshold=float(np.quantile(distances, card.calibration.id_acceptance, method="higher"))
     )
@@ -194,7 +195,7 @@ def fit(
         images=len(banked),
         level_images=len(rest),
     )
-    test_distances = _batched(engine, test, [OOD_OUTPUT])[0] if len(test) else np.zeros(0)
+    test_distances = engine.run(test, [OOD_OUTPUT], BATCH)[0] if len(test) else np.zeros(0)
     record = {
         "score": f"euclidean distance of the penultimate features to the {K}th nearest of the bank, "
         f"on the bank's first {min(DIMS, bank.shape[1])} principal axes",
@@ -228,11 +229,6 @@ def with_reference(proto: onnx.ModelProto, card: ModelCard, reference: DriftRefe
     if reference is not None:
         out.metadata_props.add(key=DRIFT_METADATA_KEY, value=reference.to_json())
     return out
-
-
-def _batched(engine: OnnxClassifier, pixels: np.ndarray, names: list[str], size: int = 512) -> list[np.ndarray]:
-    parts = [engine.run(pixels[i : i + size], names) for i in range(0, len(pixels), size)]
-    return [np.concatenate([part[j] for part in parts]) for j in range(len(names))]
 
 
 def _rounded(values: np.ndarray) -> tuple[float, ...]:

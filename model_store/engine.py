@@ -255,12 +255,13 @@ class OnnxClassifier:
         """Each image's :class:`Scored`: the batcher's unit of work."""
         return self.outcomes(pixels).rows()
 
-    def outcomes(self, pixels: np.ndarray) -> Outcomes:
+    def outcomes(self, pixels: np.ndarray, batch_size: int | None = None) -> Outcomes:
         """:meth:`score` as arrays: the batch scorer's unit of work, with no Python object per
-        image, and the service's drift window's (``serving.monitor``)."""
-        return self._outcomes(self.run(pixels, self.outputs))
+        image, and the service's drift window's (``serving.monitor``). ``batch_size``: as :meth:`run`."""
+        return self.outcomes_of(self.run(pixels, self.outputs, batch_size))
 
-    def _outcomes(self, outputs: list[np.ndarray]) -> Outcomes:
+    def outcomes_of(self, outputs: list[np.ndarray]) -> Outcomes:
+        """The :class:`Outcomes` of the graph's outputs ``self.outputs`` (logits first)."""
         probabilities, energies = scores(outputs[0], self.temperature)
         return Outcomes(probabilities, energies, *outputs[1:3]) if self.has_ood else Outcomes(probabilities, energies)
 
@@ -268,9 +269,14 @@ class OnnxClassifier:
         """The graph's float32 logits [N, classes], before any calibration."""
         return self.run(pixels, [self.output_name])[0]
 
-    def run(self, pixels: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    def run(self, pixels: np.ndarray, names: list[str], batch_size: int | None = None) -> list[np.ndarray]:
         """The graph's outputs ``names`` for uint8 ``pixels`` (normalized first for a float-input
-        graph). By name: a graph with a class-activation map would otherwise compute and copy it too."""
+        graph). By name: a graph with a class-activation map would otherwise compute and copy it too.
+        With ``batch_size``, run that many images at a time and concatenated: a whole dataset's
+        activations at once would not fit."""
+        if batch_size is not None and len(pixels) > batch_size:
+            parts = [self.run(pixels[i : i + batch_size], names) for i in range(0, len(pixels), batch_size)]
+            return [np.concatenate([part[j] for part in parts]) for j in range(len(names))]
         feed = self._feed(pixels)
         if self.provider == GPU_PROVIDER:
             # I/O binding: one host->device copy of the batch and the outputs allocated on the device,
@@ -289,7 +295,7 @@ class OnnxClassifier:
         if not self.has_cam:
             raise ValueError(f"model {self.card.arch!r} was exported without a class-activation map")
         logits, cam, *ood = self.run(pixels, [self.output_name, CAM_OUTPUT, *self.outputs[1:]])
-        return self._outcomes([logits, *ood]).rows(), cam
+        return self.outcomes_of([logits, *ood]).rows(), cam
 
     def _feed(self, pixels: np.ndarray) -> np.ndarray:
         expected = (self.card.in_channels, self.card.height, self.card.width)
