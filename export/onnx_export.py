@@ -147,12 +147,18 @@ def batchnorm_to_affine(proto: onnx.ModelProto) -> int:
 
 def with_card(proto: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
     """A copy of ``proto`` carrying the card as JSON in metadata_props."""
+    return with_metadata(proto, ONNX_METADATA_KEY, card.to_json())
+
+
+def with_metadata(proto: onnx.ModelProto, key: str, value: str | None) -> onnx.ModelProto:
+    """A copy of ``proto`` whose metadata_props hold ``value`` under ``key``, once (None: not at all)."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    kept = [p for p in out.metadata_props if p.key != ONNX_METADATA_KEY]
+    kept = [p for p in out.metadata_props if p.key != key]
     del out.metadata_props[:]
     out.metadata_props.extend(kept)
-    out.metadata_props.add(key=ONNX_METADATA_KEY, value=card.to_json())
+    if value is not None:
+        out.metadata_props.add(key=key, value=value)
     return out
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.onnx_export import serialize, with_card
+from export.onnx_export import serialize, with_card, with_metadata
 from model_store import ModelCard
 from model_store.calibration import scores
 from model_store.cli import run
@@ -222,13 +222,7 @@ def fit(
 
 def with_reference(proto: onnx.ModelProto, card: ModelCard, reference: DriftReference | None) -> onnx.ModelProto:
     """``proto`` carrying ``card`` and, beside it, the drift reference (none: no such key)."""
-    out = with_card(proto, card)
-    kept = [p for p in out.metadata_props if p.key != DRIFT_METADATA_KEY]
-    del out.metadata_props[:]
-    out.metadata_props.extend(kept)
-    if reference is not None:
-        out.metadata_props.add(key=DRIFT_METADATA_KEY, value=reference.to_json())
-    return out
+    return with_metadata(with_card(proto, card), DRIFT_METADATA_KEY, reference and reference.to_json())
 
 
 def _rounded(values: np.ndarray) -> tuple[float, ...]:

@@ -17,10 +17,8 @@ from PIL import Image
 
 from benchmarks.ood_sets import digits
 from benchmarks.streams import CORRUPTIONS, answers, replay
-from export.onnx_export import with_card
-from export.ood_head import feature_tensor, without_head
+from export.ood_head import feature_tensor, with_reference, without_head
 from model_store.drift import (
-    ONNX_METADATA_KEY,
     STATISTICS,
     DriftReference,
     Gaussian,
@@ -145,10 +143,7 @@ def energy_only(tmp_path_factory) -> str:
     """The shipped graph as export wrote it before the OOD head: no kNN threshold, no drift reference."""
     card = read_onnx_card(DEFAULT_MODEL_FILE)
     old = dataclasses.replace(card, calibration=dataclasses.replace(card.calibration, knn_threshold=None))
-    proto = with_card(without_head(onnx.load(DEFAULT_MODEL_FILE)), old)
-    kept = [p for p in proto.metadata_props if p.key != ONNX_METADATA_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
+    proto = with_reference(without_head(onnx.load(DEFAULT_MODEL_FILE)), old, None)
     path = tmp_path_factory.mktemp("energy-only") / "lenet.onnx"
     onnx.save(proto, path)
     return str(path)
