@@ -183,11 +183,17 @@ def main(args: argparse.Namespace) -> ModelCard:
     card = ModelCard.from_dict(
         {**card.to_dict(), "export": export_record(args, precision, folded, parity, quantization)}
     )
-    card = calibrated(card, model, serialize(proto), parts, args)
+    # The held-out and test images, stacked once for the calibration and the OOD head.
+    held = None
+    if parts.validation is not None:
+        held = {
+            name: stack_items(split, range(len(split)))
+            for name, split in (("validation", parts.validation), ("test", parts.test))
+        }
+    card = calibrated(card, model, serialize(proto), held, args)
     reference = None
     if card.calibration is not None and not args.no_ood_head:
-        held_out, test = (stack_items(split, range(len(split)))[0] for split in (parts.validation, parts.test))
-        fitted = ood_head.fit(with_card(proto, card), card, held_out, test)
+        fitted = ood_head.fit(with_card(proto, card), card, held["validation"][0], held["test"][0])
         if fitted is not None:
             proto, card, reference = fitted
     with atomic_output(args.output) as f:
@@ -215,20 +221,17 @@ def export_record(args: argparse.Namespace, precision: str, folded: dict, parity
     return export_info
 
 
-def calibrated(card: ModelCard, model, graph: bytes, parts, args: argparse.Namespace) -> ModelCard:
+def calibrated(card: ModelCard, model, graph: bytes, held: dict | None, args: argparse.Namespace) -> ModelCard:
     """``card`` with the calibration fitted on the graph's logits of the run's validation split, and
     its figures on that split and the test split in ``metrics["calibration"]``; unchanged, and
-    said, when the run held no images out."""
-    if parts.validation is None:
+    said, when the run held no images out. ``held``: each split's (pixels, labels), by name."""
+    if held is None:
         print(
             "not calibrated: this checkpoint's run held no validation images out of training (it predates "
             '--hold-out, or ran with --no-hold-out); the graph\'s answers will say "unsure": null'
         )
         return card
-    logits = {}
-    for name, split in (("validation", parts.validation), ("test", parts.test)):
-        pixels, labels = stack_items(split, range(len(split)))
-        logits[name] = graph_logits(model, graph, pixels), labels
+    logits = {name: (graph_logits(model, graph, pixels), labels) for name, (pixels, labels) in held.items()}
     calibration = calibrate.fit(*logits["validation"], args.target_accuracy, args.id_acceptance)
     figures = {name: calibrate.measure(*pair, calibration) for name, pair in logits.items()}
     threshold = calibration.confidence_threshold
