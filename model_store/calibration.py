@@ -36,7 +36,6 @@ from model_store.errors import UsageError
 LOW_CONFIDENCE, OUT_OF_DISTRIBUTION = "low_confidence", "out_of_distribution"
 UNSURE_REASONS = (OUT_OF_DISTRIBUTION, LOW_CONFIDENCE)
 # A batch's reasons as int8 codes (:meth:`Calibration.reason_codes`): 0 sure, then UNSURE_REASONS' order.
-SURE_CODE = 0
 REASON_OF_CODE = np.array([None, *UNSURE_REASONS], object)
 
 

@@ -36,10 +36,9 @@ class Monitor:
     batcher's unit of work."""
 
     def __init__(self, name: str, engine: OnnxClassifier, clock=time.monotonic):
-        self.name, self.engine, self.clock = name, engine, clock
+        self.engine, self.clock = engine, clock
         reference = engine.drift_reference
         self.window = Window(reference) if reference is not None else None
-        self.figures: dict[str, float] | None = None
         self.history: deque[dict] = deque(maxlen=HISTORY_POINTS)
         self._refreshed = self._recorded = -float("inf")
         # The batch path only keeps each batch's outcomes (arrays it made anyway); the window takes
@@ -91,7 +90,6 @@ class Monitor:
                 return None
             snapshot, seen = self.window.copy(), self.seen
         figures = snapshot.figures()
-        self.figures = figures
         for statistic, gauge in self._gauges.items():
             gauge.set(figures[statistic])
         if now - self._recorded >= HISTORY_EVERY_S:
