@@ -32,10 +32,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-from export.onnx_export import serialize, with_card, with_metadata
 from model_store import ModelCard
 from model_store.calibration import scores
 from model_store.cli import run
@@ -44,6 +41,16 @@ from model_store.drift import ONNX_METADATA_KEY as DRIFT_METADATA_KEY
 from model_store.engine import FEATURES_OUTPUT, OOD_OUTPUT, OnnxClassifier
 from model_store.errors import UsageError
 from model_store.files import atomic_output
+from training.extras import exit_if_missing_extra
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.onnx_export import serialize, with_card, with_metadata
+except ModuleNotFoundError as err:  # a serving install, without torch or onnx: say how to get them
+    exit_if_missing_extra(err, "python -m export.ood_head")
+    raise
 
 K = 10  # the neighbour measured to; benchmarks/feature_ood.py measured k = 10
 # The distance is measured in the bank's first principal components, at most this many: the MatMul
@@ -251,8 +258,8 @@ def main(args: argparse.Namespace) -> ModelCard:
     from training.data import splits, stack_items  # the retrofit only: export passes the images in
     from training.dataspec import DataSpec
 
+    card = OnnxClassifier(args.onnx, device="cpu").card  # a UsageError for a file that is no graph
     proto = onnx.load(args.onnx)
-    card = OnnxClassifier(args.onnx, device="cpu").card
     calibration = card.calibration
     if calibration is None:
         raise UsageError(f"{args.onnx} is not calibrated: export it from a run trained with --hold-out")

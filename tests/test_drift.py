@@ -237,3 +237,16 @@ def test_the_example_alert_rule_compares_the_gauges_the_service_exports():
     assert expr == f"max by (model, statistic) ({drift}) > on (model, statistic) max by (model, statistic) ({level})"
     assert set(metrics.drift._labelnames) == set(metrics.drift_level._labelnames) == {"model", "statistic"}
     assert rule["alert"] and rule["for"] and rule["labels"]["severity"]
+
+
+@pytest.mark.parametrize(
+    "onnx_arg, message",
+    [("missing.onnx", "does not exist"), ("README.md", "is not a loadable ONNX model")],
+)
+def test_the_retrofit_refuses_a_file_that_is_no_graph_in_one_line(tmp_path, onnx_arg, message):
+    from tests.conftest import run_cli
+
+    path = Path(__file__).parents[1] / onnx_arg if onnx_arg == "README.md" else tmp_path / onnx_arg
+    result = run_cli("-m", "export.ood_head", "--onnx", str(path), "--output", str(tmp_path / "out.onnx"))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
