@@ -43,6 +43,7 @@ STATISTICS = (
 # Reason codes as a window stores them: Calibration.reason_codes'.
 OUT_OF_DISTRIBUTION, LOW_CONFIDENCE = (list(REASON_OF_CODE).index(r) for r in UNSURE_REASONS)
 DEFAULT_WINDOW = 1000
+MAX_WINDOW = 100_000  # answers: 34 MB of buffers for the LeNet's 84 features, the most a graph may ask for
 LEVEL_WINDOWS = 1000  # in-distribution windows a level is fitted on
 # A level is the mean of a log-normal fitted to those windows plus 6 of its standard deviations.
 # "What 99% of windows stay under" would alert on an undisturbed stream most of the time: the
@@ -70,11 +71,11 @@ class DriftReference:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"drift reference: {name} must be a positive integer, got {value!r}")
-        shares = np.asarray(self.class_shares, np.float64)
-        mean = np.asarray(self.feature_mean, np.float64)
-        cov = np.asarray(self.feature_cov, np.float64)
-        if shares.ndim != 1 or len(shares) < 2 or not np.isfinite(shares).all() or abs(shares.sum() - 1) > 1e-6:
-            raise UsageError("drift reference: class_shares must be finite shares of at least 2 classes summing to 1")
+        if self.window > MAX_WINDOW:  # the service allocates the window's buffers from it
+            raise UsageError(f"drift reference: window must be at most {MAX_WINDOW:,}, got {self.window:,}")
+        shares, mean, cov = (_floats(self, name) for name in ("class_shares", "feature_mean", "feature_cov"))
+        if shares.ndim != 1 or len(shares) < 2 or not (shares > 0).all() or abs(shares.sum() - 1) > 1e-6:
+            raise UsageError("drift reference: class_shares must be positive shares of at least 2 classes summing to 1")
         if (
             mean.ndim != 1
             or cov.shape != (len(mean), len(mean))
@@ -84,7 +85,12 @@ class DriftReference:
                 f"drift reference: feature_mean [D] and feature_cov [D, D] must be finite, got shapes "
                 f"{list(mean.shape)} and {list(cov.shape)}"
             )
-        if sorted(self.levels) != sorted(STATISTICS) or not all(_is_finite(v) for v in self.levels.values()):
+        levels = self.levels
+        if (
+            not isinstance(levels, dict)
+            or sorted(levels) != sorted(STATISTICS)
+            or not all(map(_is_finite, levels.values()))
+        ):
             raise UsageError(f"drift reference: levels must give a finite number for each of {list(STATISTICS)}")
 
     @property
@@ -245,6 +251,13 @@ class Window:
         if figures is None:
             return []
         return [name for name in STATISTICS if figures[name] > self.reference.levels[name]]
+
+
+def _floats(reference: DriftReference, name: str) -> np.ndarray:
+    try:
+        return np.asarray(getattr(reference, name), np.float64)
+    except (TypeError, ValueError):  # not numbers, or ragged
+        raise UsageError(f"drift reference: {name} must be numbers in a regular array") from None
 
 
 def _is_finite(value: Any) -> bool:

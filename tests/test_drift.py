@@ -107,7 +107,12 @@ def test_a_drift_reference_from_a_graph_is_checked():
     assert sorted(reference.levels) == sorted(STATISTICS) and reference.images + reference.level_images == 6000
     for change, message in [
         ({"window": 0}, "window must be a positive integer"),
-        ({"class_shares": [0.5, 0.6]}, "class_shares must be finite shares"),
+        ({"window": 10**9}, "window must be at most 100,000"),
+        ({"class_shares": [0.5, 0.6]}, "class_shares must be positive shares"),
+        ({"class_shares": [1.0, 0.0]}, "class_shares must be positive shares"),
+        ({"feature_mean": {"a": 1}}, "feature_mean must be numbers in a regular array"),
+        ({"feature_cov": [[1.0], [1.0, 2.0]]}, "feature_cov must be numbers in a regular array"),
+        ({"levels": ["class_psi"]}, "levels must give a finite number for each of"),
         ({"feature_cov": [[1.0]]}, r"feature_mean \[D\] and feature_cov \[D, D\]"),
         ({"levels": {"class_psi": 1.0}}, "levels must give a finite number for each of"),
     ]:
