@@ -273,9 +273,13 @@ def check_parity(parity: dict, precision: str) -> None:
             f"(bounds: at least {INT8_MIN_TOP1}, at most {INT8_MAX_ACCURACY_DROP}); "
             f"try more --calibration-images, or export without --int8"
         )
-    if precision == "float32" and (agreement < 1.0 or parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF):
+    # float32: the logits alone. Within the bound, two engines can pick different classes only for an
+    # image whose top two logits are closer than twice it, a tie that another CPU's kernels may break
+    # either way; requiring every top-1 to agree failed exports on such rounding, not on a wrong graph.
+    if precision == "float32" and parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF:
         raise ExportError(
-            f"ONNX Runtime disagrees with PyTorch beyond the bounds (top-1 1.0, |diff| <= {MAX_ABS_LOGIT_DIFF})"
+            f"ONNX Runtime disagrees with PyTorch beyond the bound: max |logit diff| "
+            f"{parity['max_abs_logit_diff']:.2e} > {MAX_ABS_LOGIT_DIFF}"
         )
 
 

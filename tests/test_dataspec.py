@@ -112,7 +112,7 @@ def test_a_checkpoint_from_before_the_spec_still_exports(checkpoint, tmp_path):
         export_args().parse_args(["--checkpoint", str(tmp_path / "old.pt"), "--output", str(tmp_path / "m.onnx")])
     )
     assert card.dataset == "fashion-mnist" and card.export["parity"]["images"] == 1000
-    assert card.export["parity"]["top1_agreement"] == 1.0
+    assert card.export["parity"]["max_abs_logit_diff"] <= 1e-4
     assert card.calibration is None and "calibration" not in card.metrics  # it held nothing out to calibrate on
 
 

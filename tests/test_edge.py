@@ -24,6 +24,7 @@ from serving.errors import HTTP_ERRORS, http_status
 from serving.handlers import Handlers
 from serving.model_set import ModelSet
 from tests.conftest import png_bytes
+from tests.tolerance import PROB_ATOL, clear_top1
 
 TOKEN = "t0ken"
 
@@ -75,11 +76,13 @@ def test_answers_are_the_engines_through_both_routes(images, fashion_test):
         return singles, batch
 
     singles, batch = asyncio.run(main())
-    for answer, probabilities, result in zip(singles, expected, batch.json()["results"]):
-        assert answer.status_code == 200 and answer.json()["index"] == int(probabilities.argmax())
-        assert answer.json()["probability"] == pytest.approx(float(probabilities.max()), abs=1e-6)
+    # one at a time and in a batch, against predict on all 16: float32 outputs, not the same bits
+    for answer, probabilities, result, clear in zip(singles, expected, batch.json()["results"], clear_top1(expected)):
+        assert answer.status_code == 200
+        assert answer.json()["index"] == int(probabilities.argmax()) or not clear
+        assert answer.json()["probability"] == pytest.approx(float(probabilities.max()), abs=PROB_ATOL)
         assert [r["probability"] for r in result["top_k"]] == pytest.approx(
-            sorted(probabilities, reverse=True), abs=1e-6
+            sorted(probabilities, reverse=True), abs=PROB_ATOL
         )
 
 

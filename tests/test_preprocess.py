@@ -10,6 +10,7 @@ from PIL import Image
 
 from model_store import ImageError, ModelCard, decode_image, image_bytes_to_input, to_input
 from tests.conftest import png_bytes
+from tests.tolerance import clear_top1
 
 GRAY = ModelCard(arch="lenet", class_names=("a", "b"), in_channels=1, height=28, width=28, mean=(0.5,), std=(0.5,))
 
@@ -114,5 +115,8 @@ def test_pytorch_and_onnx_give_the_same_logits_on_served_inputs(fashion_test, ch
     images, _ = fashion_test
     served = np.stack([image_bytes_to_input(png_bytes(images[i]), card) for i in range(256)])
     got = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]).run(None, {"pixels": served})[0]
+    # PyTorch's kernels against ONNX Runtime's: logits within the export's own bound, and the same
+    # class for every image whose top two logits are further apart than that (tests/tolerance.py)
     assert np.abs(got - expected).max() <= 1e-4
-    assert (got.argmax(1) == expected.argmax(1)).all()
+    clear = clear_top1(expected, tolerance=1e-4)
+    assert clear.mean() > 0.95 and (got.argmax(1) == expected.argmax(1))[clear].all()

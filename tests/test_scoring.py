@@ -21,6 +21,7 @@ from scoring.parts import MANIFEST, OutputFolder
 from scoring.results import CSV_COLUMNS, result_table
 from scoring.sources import FolderSource
 from tests.conftest import REPO, png_bytes, run_cli
+from tests.tolerance import clear_top1, unsure_clear
 
 ONNX = "model_store/default/fashion-lenet.onnx"
 
@@ -131,8 +132,13 @@ def test_a_calibrated_model_s_rows_say_unsure_as_classify_answers_in_parquet_and
     (folder / "broken.png").write_bytes(images[0][:40])
     # /classify's answer for each image: the service's preprocessing, engine and answer
     pixels = np.stack([image_bytes_to_input(data, classifier.card) for data in images])
-    expected = {f"{i:03d}.png": answer(row, classifier.card, 3) for i, row in enumerate(classifier.score(pixels))}
+    outcomes = classifier.outcomes(pixels)
+    expected = {f"{i:03d}.png": answer(row, classifier.card, 3) for i, row in enumerate(outcomes.rows())}
     assert {got["unsure"] for got in expected.values()} == {True, False}  # both answers are checked
+    # the scorer runs batches of 32: compared where neither the label nor unsure is a float tie
+    clear = unsure_clear(outcomes, classifier.card.calibration) & clear_top1(outcomes.probabilities)
+    ties = {name for name, is_clear in zip(expected, clear) if not is_clear}
+    assert len(ties) <= len(expected) // 20
 
     flags = ("--onnx", str(exported), "--batch-size", "32", "--part-rows", "64")
     score_here(folder, tmp_path / "parquet", *flags)  # in this process
@@ -142,6 +148,8 @@ def test_a_calibrated_model_s_rows_say_unsure_as_classify_answers_in_parquet_and
     by_csv = csv_rows(tmp_path / "csv")
     assert set(rows) == set(by_csv) == {*expected, "broken.png"}
     for name, want in expected.items():
+        if name in ties:
+            continue
         in_parquet = rows[name]["label"], rows[name]["unsure"], rows[name]["unsure_reason"]
         assert in_parquet == (want["label"], want["unsure"], want["unsure_reason"]), name
         in_csv = by_csv[name]["unsure"], by_csv[name]["unsure_reason"]

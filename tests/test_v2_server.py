@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from model_store.store import DEFAULT_MODEL_FILE
 from tests.conftest import bentoml_serve, png_bytes, run_cli, wait_until
+from tests.tolerance import PROB_ATOL, assert_ranked_as
 
 
 def triton_client(url: str) -> triton.InferenceServerClient:
@@ -56,11 +57,12 @@ def test_tritonclient_pixels_answer_as_classify_does(server, fashion_test, binar
     ).as_numpy("probabilities")
     assert probabilities.shape == (6, 10) and top.shape == (6, 2)
     for image, row, strings in zip(fashion_test[0][:6], probabilities, top):
-        answer = classify(server, png_bytes(image), top_k="2")
-        assert int(row.argmax()) == answer["index"]
-        assert float(row.max()) == pytest.approx(answer["probability"], abs=1e-6)
-        score, index, label = strings[0].decode().split(":", 2)
-        assert (int(index), label, float(score)) == (answer["index"], answer["label"], answer["probability"])
+        # one image at a time against six in a batch: float32 outputs of two runs, not the same bits
+        answer = classify(server, png_bytes(image), top_k="10")
+        assert np.allclose(
+            row[[r["index"] for r in answer["top_k"]]], [r["probability"] for r in answer["top_k"]], atol=PROB_ATOL
+        )
+        assert_ranked_as(list(strings), answer["top_k"])
 
 
 def test_tritonclient_encoded_images_with_a_version_and_class_count(server, fashion_test):
@@ -78,9 +80,7 @@ def test_tritonclient_encoded_images_with_a_version_and_class_count(server, fash
     )
     assert result.get_response()["model_version"] == version and result.get_response()["id"] == "r1"
     for image, strings in zip(images, result.as_numpy("probabilities")):
-        answer = classify(server, image, model="test-lenet", top_k="3")
-        expected = [f"{r['probability']!r}:{r['index']}:{r['label']}" for r in answer["top_k"]]
-        assert [s.decode() for s in strings] == expected
+        assert_ranked_as(list(strings), classify(server, image, model="test-lenet", top_k="10")["top_k"])
 
 
 @pytest.mark.parametrize(
