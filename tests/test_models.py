@@ -12,6 +12,9 @@ from training.models import build_model, default_size, get_model, list_models
 from training.summary import layer_table, smallest_input
 
 MODELS = list_models()
+# VGG at an eighth of its convolutions' width (a builder argument the course uses): the same graph,
+# without the half gigabyte of weights that made each VGG's step, summary and export take seconds.
+ARCH_ARGS = {name: {"width_divisor": 8} for name in MODELS if name.startswith("vgg")}
 
 
 @functools.cache
@@ -33,9 +36,9 @@ def test_forward_at_the_default_size(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_rgb_input_and_gradients_reach_every_parameter(name):
+    size = small_size(name)  # first: the first call builds a model, which draws from the generator
     torch.manual_seed(0)
-    size = small_size(name)
-    model = get_model(name, in_channels=3, num_classes=4).train()
+    model = get_model(name, in_channels=3, num_classes=4, **ARCH_ARGS.get(name, {})).train()
     nn.CrossEntropyLoss()(model(torch.randn(2, 3, size, size)), torch.tensor([0, 3])).backward()
     missing = [
         n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()
@@ -47,10 +50,11 @@ def test_rgb_input_and_gradients_reach_every_parameter(name):
 def test_a_few_steps_on_synthetic_data_reduce_the_loss(name):
     from training.synthetic import SyntheticShapes
 
+    size = small_size(name)  # first: the first call builds a model, which draws from the generator
     torch.manual_seed(0)
-    size = small_size(name)
     card = ModelCard(
         arch=name,
+        arch_args=ARCH_ARGS.get(name, {}),
         class_names=[f"c{i}" for i in range(4)],
         in_channels=1,
         height=size,
@@ -61,24 +65,37 @@ def test_a_few_steps_on_synthetic_data_reduce_the_loss(name):
     data = SyntheticShapes(16, card, seed=0)
     pixels, labels = torch.stack([data[i][0] for i in range(16)]), torch.tensor([data[i][1] for i in range(16)])
     model = build_model(card).train()
-    # Plain SGD: an optimizer step over VGG's 130M parameters is the costly part of this test.
+    # Plain SGD: an optimizer step over the parameters of VGG's fully connected head is the costly part.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    losses = []
+
+    def objective() -> float:
+        """The batch's loss as training sees it (BatchNorm on the batch), without dropout's noise, which
+        moved a VGG's loss more than five small steps do and made the comparison a coin toss."""
+        dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+        for m in dropouts:
+            m.eval()
+        with torch.no_grad():
+            loss = nn.functional.cross_entropy(model(pixels), labels).item()
+        for m in dropouts:
+            m.train()
+        return loss
+
+    before = objective()
     for _ in range(5):
         loss = nn.functional.cross_entropy(model(pixels), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert max(losses[-2:]) < losses[0], losses  # the last two, so one lucky step is not enough
+    assert objective() < before
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_summary_walks_every_block_to_the_logits(name):
-    rows = layer_table(get_model(name, 1, 10), small_size(name), 1)
+    model = get_model(name, 1, 10, **ARCH_ARGS.get(name, {}))
+    rows = layer_table(model, small_size(name), 1)
     assert rows[-1]["shape"][-1] == 10 or rows[-1]["shape"] == (1, 10)
     assert all(row["shape"] is not None for row in rows)
-    assert sum(row["params"] for row in rows) == sum(p.numel() for p in get_model(name, 1, 10).parameters())
+    assert sum(row["params"] for row in rows) == sum(p.numel() for p in model.parameters())
     assert sum(row["macs"] for row in rows) > 0
 
 
