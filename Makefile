@@ -1,11 +1,12 @@
 # Two commands: `make serve` (the shipped models on :3000) and `make test` (the whole suite); the rest are tools.
+# `make check` is the fast tier for every change: ruff and the tests that train, serve and start nothing.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 3000
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test test-stress test-images image image-gpu data browser containers default-model explainer-model gpu-suite gpu-parts clean
+.PHONY: serve test check test-stress test-images image image-gpu data browser containers default-model explainer-model gpu-suite gpu-parts clean
 
 serve: $(VENV)/.serving
 	$(BIN)/python -m model_store register-default
@@ -16,11 +17,19 @@ test: $(VENV)/.full data browser containers
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-# The suite pinned to one core, beside a CPU hog, and as is; then the tests that start, kill or time
-# processes 3 more times in each mode (tests/stress.py). A check that no test depends on the
-# machine's speed, for people rather than CI: over an hour on 2 cores.
-test-stress: $(VENV)/.full data browser
-	$(BIN)/python tests/stress.py
+# The fast tier (tests/conftest.py says which tests are heavy, and why): about 2 minutes on 2 cores.
+check: $(VENV)/.full data
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -m "not heavy"
+
+# The suite pinned to one core, beside a CPU hog, and as is, then the tests that start, kill or time
+# processes 3 more times in each of those; and as another CPU would run it: each other BLAS kernel
+# this CPU can run, ONNX Runtime with 1 and 2 threads, PyTorch's baseline x86 kernels
+# (tests/stress.py). A check that no test depends on the machine's speed or its CPU's rounding,
+# for people rather than CI: several hours on 2 cores; MODES=blas,ort-threads-1 picks some.
+test-stress: $(VENV)/.full data browser containers
+	$(BIN)/python tests/stress.py $(if $(MODES),--modes $(MODES))
 
 # The container images (deploy/image.py): the bento of the models SERVING_MODELS names (default: the
 # shipped two) on a Debian base made from Debian packages, or on BASE_IMAGE (e.g. python:3.11-slim)

@@ -20,6 +20,42 @@ from PIL import Image
 from benchmarks.servers import answers, free_port, start, stop
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The two tiers. `make check` runs the tests marked neither heavy nor processes (`-m "not heavy"`):
+# no training run, no export, no real server or other process, no container, no browser; under two
+# minutes on 2 cores, for every change. `make test` runs every test. A test's tier is decided here,
+# from what it asks for, never marked by hand: a new test that trains, serves, builds an image or
+# opens a browser asks for a fixture below, and lands in the heavy tier without a thought.
+HEAVY_FIXTURES = {
+    "checkpoint": "trains a model",
+    "exported": "trains and exports a model",
+    "bentoml_home": "starts a real `bentoml serve` (every server is made from this store)",
+    "engine": "builds and runs container images",
+    "browser": "drives Chromium",
+    "ray_local": "starts a Ray instance",
+}
+# Modules whose every test builds, trains or exports networks in PyTorch (the model zoo, training
+# and export themselves), or runs their command-line tools, each a process that imports torch.
+HEAVY_MODULES = {
+    "test_models": "builds and trains every registered network",
+    "test_export_models": "exports every registered network",
+    "test_training": "trains",
+    "test_training_recipes": "trains",
+    "test_cam": "trains and exports networks with a class-activation map",
+    "test_gpu_suite": "runs the GPU suite's smoke run",
+    "test_console_scripts": "starts each command-line tool",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        reasons = [why for name, why in HEAVY_FIXTURES.items() if name in item.fixturenames]
+        if module := HEAVY_MODULES.get(item.module.__name__.rsplit(".", 1)[-1]):
+            reasons.append(module)
+        if item.get_closest_marker("processes"):  # it starts, kills or times other processes
+            reasons.append("starts other processes")
+        if reasons:
+            item.add_marker(pytest.mark.heavy(*reasons))
 # Training's input cache (training/tensors.py): one per test session, so no run depends on another's.
 os.environ.setdefault("CLASSIC_CNNS_CACHE", tempfile.mkdtemp(prefix="classic-cnns-cache-"))
 
@@ -76,10 +112,16 @@ def checkpoint(tmp_path_factory, fashion_test) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, checkpoint) -> Path:
-    from export.__main__ import get_args_parser, main
+    """The checkpoint exported as `python -m export` exports it (its entry point, in this process);
+    what it printed is kept beside the graph, in export.log, for the tests of that output."""
+    from export.__main__ import cli
 
     path = tmp_path_factory.mktemp("export") / "lenet_bn.onnx"
-    main(get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(path)]))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli(["--checkpoint", str(checkpoint), "--output", str(path)])
+    (path.parent / "export.log").write_text(printed.getvalue())
+    assert code == 0, printed.getvalue()
     return path
 
 
