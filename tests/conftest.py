@@ -56,6 +56,8 @@ def pytest_collection_modifyitems(config, items) -> None:
             reasons.append("starts other processes")
         if reasons:
             item.add_marker(pytest.mark.heavy(*reasons))
+
+
 # Training's input cache (training/tensors.py): one per test session, so no run depends on another's.
 os.environ.setdefault("CLASSIC_CNNS_CACHE", tempfile.mkdtemp(prefix="classic-cnns-cache-"))
 
