@@ -110,9 +110,8 @@ def test_a_checkpoint_for_another_architecture_fails_with_the_documented_message
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_int8_export_is_quantized_keeps_its_accuracy_and_serves(checkpoint, tmp_path, fashion_test):
-    main(get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "fp32.onnx")]))
-    models = {}
+def test_int8_export_is_quantized_keeps_its_accuracy_and_serves(checkpoint, exported, tmp_path, fashion_test):
+    models = {}  # against the session's fp32 export of the same checkpoint
     for variant, flags in (("int8", ["--int8"]), ("int8-float", ["--int8", "--float-input"])):
         path = tmp_path / f"{variant}.onnx"
         card = main(get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(path), *flags]))
@@ -130,11 +129,11 @@ def test_int8_export_is_quantized_keeps_its_accuracy_and_serves(checkpoint, tmp_
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
     assert "QLinearConv" in {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
-    assert network_bytes(tmp_path / "int8.onnx") < 0.5 * network_bytes(tmp_path / "fp32.onnx")
+    assert network_bytes(tmp_path / "int8.onnx") < 0.5 * network_bytes(exported)
 
     from model_store import image_bytes_to_input
 
-    reference = OnnxClassifier(tmp_path / "fp32.onnx", device="cpu")
+    reference = OnnxClassifier(exported, device="cpu")
     images, labels = fashion_test[0][:300], fashion_test[1][:300]
     pixels = np.stack([image_bytes_to_input(png_bytes(image), reference.card) for image in images])
     expected = reference.predict(pixels).argmax(1)
