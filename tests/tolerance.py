@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-# A float64 fit (mean, covariance, eigenvalues, a quantile) of the same inputs: BLAS kernels round
-# each sum differently, which moves the result by some units in the last place of float64 (2e-16),
-# amplified by the fit's conditioning; 1e-9 leaves six orders of magnitude of room.
+# A float64 fit (mean, covariance, eigenvalues) of the same inputs, summed in another order or by
+# another BLAS kernel: some units in the last place of float64 (2e-16), amplified by the fit's
+# conditioning; 1e-9 leaves six orders of magnitude of room. A fit of float32 network outputs made
+# on another CPU differs as its inputs do: compare it with NET_RTOL.
 FIT_RTOL = 1e-9
 # float32 network outputs (logits, features, distances) on another CPU's kernels, or through another
 # batch size: each layer's sums round at 6e-8 relative, and a few layers compound that to about
