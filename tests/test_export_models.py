@@ -1,7 +1,12 @@
 """Every registered model exports to a verified graph; the fp16 and float-input variants too."""
 
+import contextlib
+import io
+import multiprocessing
 from collections import Counter
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -42,22 +47,35 @@ def synthetic_checkpoint(name: str, path) -> None:
     save_checkpoint(path, model.eval(), card, args={"dataset": "synthetic", "synthetic_size": 64, "seed": 0})
 
 
+def export_synthetic(name: str, folder: str) -> str:
+    """``name``'s synthetic checkpoint exported as `python -m export` exports it, in a process of
+    the pool below; its card as JSON."""
+    torch.set_num_threads(1)  # two of these share 2 cores
+    synthetic_checkpoint(name, Path(folder) / "model.pt")
+    flags = ["--checkpoint", f"{folder}/model.pt", "--output", f"{folder}/model.onnx", "--verify-batch-size", "32"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(get_args_parser().parse_args(flags)).to_json()
+
+
+@pytest.fixture(scope="module")
+def every_export(tmp_path_factory) -> Iterator[dict[str, tuple[Path, Future]]]:
+    """Every registered model exported, two at a time in processes of their own: the exporter is
+    single-threaded Python, and the thirteen exports, one after another, were two minutes here."""
+    root = tmp_path_factory.mktemp("every-export")
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        exports = {}
+        for name in list_models():
+            (root / name).mkdir()
+            exports[name] = (root / name, pool.submit(export_synthetic, name, str(root / name)))
+        yield exports
+        pool.shutdown(cancel_futures=True)
+
+
 @pytest.mark.parametrize("name", list_models())
-def test_every_model_exports_without_batchnorm_or_dropout_and_matches_pytorch(name, tmp_path):
-    synthetic_checkpoint(name, tmp_path / "model.pt")
-    card = main(
-        get_args_parser().parse_args(
-            [
-                "--checkpoint",
-                str(tmp_path / "model.pt"),
-                "--output",
-                str(tmp_path / "model.onnx"),
-                "--verify-batch-size",
-                "32",
-            ]
-        )
-    )
-    graph = onnx.load(str(tmp_path / "model.onnx"))
+def test_every_model_exports_without_batchnorm_or_dropout_and_matches_pytorch(name, every_export):
+    folder, card_json = every_export[name][0], every_export[name][1].result()
+    card = ModelCard.from_json(card_json)
+    graph = onnx.load(str(folder / "model.onnx"))
     ops = Counter(node.op_type for node in graph.graph.node)
     assert ops["BatchNormalization"] == 0 and ops["Dropout"] == 0
     onnx.checker.check_model(graph, full_check=True)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from model_store import ModelCard
-from tests.conftest import run_cli
+from training.__main__ import cli
 from training.models import build_model, default_size, get_model, list_models
 from training.summary import layer_table, smallest_input
 
@@ -99,15 +99,16 @@ def test_summary_walks_every_block_to_the_logits(name):
     assert sum(row["macs"] for row in rows) > 0
 
 
-def test_summary_reports_a_too_small_input_and_the_models_list():
-    result = run_cli("-m", "training", "summary", "--model", "alexnet", "--size", "64")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: a 64x64 input is too small for this network: it fails at 12 (MaxPool2d)")
-    listing = run_cli("-m", "training", "models")
-    assert listing.returncode == 0
+def test_summary_reports_a_too_small_input_and_the_models_list(capsys):
+    # The entry point in this process: test_console_scripts runs each tool as a process of its own.
+    assert cli(["summary", "--model", "alexnet", "--size", "64"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: a 64x64 input is too small for this network: it fails at 12 (MaxPool2d)")
+    assert cli(["models"]) == 0
+    listing = capsys.readouterr().out
     for name in MODELS:
-        assert name in listing.stdout
-    assert "11,175,370" in listing.stdout  # resnet18 for one channel and ten classes
+        assert name in listing
+    assert "11,175,370" in listing  # resnet18 for one channel and ten classes
 
 
 def test_lenet_macs_match_the_hand_count():
