@@ -3,6 +3,7 @@
     python tests/stress.py                  # every mode, the clock modes' process tests 3 more times
     python tests/stress.py --modes pinned --repeat 5 -- -k scoring   # one mode; pytest arguments after --
     python tests/stress.py --modes blas,ort-threads-1                 # "blas": each BLAS kernel this CPU runs
+    python tests/stress.py --modes blas-Sandybridge                   # one of them
 
 A test that waits for a fixed time, or asserts that something happens within one, passes on the
 machine it was written on and fails on a faster, slower or busier one. The clock modes change the
@@ -130,6 +131,11 @@ def resolve(names: list[str]) -> list[Mode]:
             modes.append(Mode(name, clock=True))
         elif name == "blas":
             modes += blas_modes()
+        elif name.startswith("blas-"):  # one of them, as the blas mode names it (e.g. blas-Sandybridge)
+            found = [mode for mode in blas_modes() if mode.name == name]
+            if not found:
+                raise SystemExit(f"error: {name} is not a blas mode this CPU runs (said above)")
+            modes += found
         elif name in ORT_THREADS:
             hook = str(REPO / "tests" / "ort_threads")
             pythonpath = os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")]))
