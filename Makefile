@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test check test-stress test-images image image-gpu data browser containers default-model explainer-model gpu-suite gpu-parts clean
+.PHONY: serve test check test-stress test-images image image-gpu data browser containers promtool default-model explainer-model gpu-suite gpu-parts clean
 
 serve: $(VENV)/.serving
 	$(BIN)/python -m model_store register-default
 	$(BIN)/bentoml serve --port $(PORT)
 
-test: $(VENV)/.full data browser containers
+test: $(VENV)/.full data browser containers promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -28,7 +28,7 @@ check: $(VENV)/.full data
 # this CPU can run, ONNX Runtime with 1 and 2 threads, PyTorch's baseline x86 kernels
 # (tests/stress.py). A check that no test depends on the machine's speed or its CPU's rounding,
 # for people rather than CI: several hours on 2 cores; MODES=blas,ort-threads-1 picks some.
-test-stress: $(VENV)/.full data browser containers
+test-stress: $(VENV)/.full data browser containers promtool
 	$(BIN)/python tests/stress.py $(if $(MODES),--modes $(MODES))
 
 # The container images (deploy/image.py): the bento of the models SERVING_MODELS names (default: the
@@ -121,6 +121,13 @@ containers:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap >/dev/null; \
 	else echo "note: no container engine; run 'sudo apt-get install podman runc mmdebstrap' (or start docker)"; fi
+
+# Prometheus's promtool, which runs deploy/prometheus-rules.yaml in tests/test_drift.py, the same way.
+promtool:
+	@if command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "note: promtool is missing; run 'sudo apt-get install prometheus'"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -33,12 +33,13 @@ def answers(engine: OnnxClassifier, images: list[Image.Image]) -> tuple[np.ndarr
 
 def replay(window: Window, stream: list[tuple[tuple[np.ndarray, ...], np.ndarray]], every: int) -> list:
     """Feed ``stream`` (answer arrays, the rows of them in order) to the window ``every`` images at a
-    time; after each step, (images fed so far, the statistics above their level, the figures)."""
+    time; after each step, (images fed so far, the statistics above their level, the
+    :class:`~model_store.drift.Reading`, None while the window holds too few answers)."""
     looks = []
     for parts, rows in stream:
         for start in range(0, len(rows), every):
             chosen = rows[start : start + every]
             window.add(*(part[chosen] for part in parts))
-            figures = window.figures()
-            looks.append((window.seen, window.alerts(figures), figures))
+            reading = window.read()
+            looks.append((window.seen, reading.alerts if reading else [], reading))
     return looks

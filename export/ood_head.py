@@ -36,7 +36,7 @@ import numpy as np
 from model_store import ModelCard
 from model_store.calibration import scores
 from model_store.cli import run
-from model_store.drift import DEFAULT_WINDOW, DriftReference, fit_levels, fit_reference
+from model_store.drift import DEFAULT_WINDOW, Clamp, DriftReference, fit_all_levels, fit_reference
 from model_store.drift import ONNX_METADATA_KEY as DRIFT_METADATA_KEY
 from model_store.engine import FEATURES_OUTPUT, OOD_OUTPUT, OnnxClassifier
 from model_store.errors import UsageError
@@ -193,14 +193,16 @@ def fit(
     codes = calibration.reason_codes(probabilities.max(axis=1), energies, distances)
     shares, gaussian = fit_reference(bank_logits.argmax(axis=1), bank, card.num_classes)
     answers = (probabilities.argmax(axis=1), codes, distances, rest_features)
+    levels, early_levels, clamps = fit_all_levels(shares, gaussian, answers, DEFAULT_WINDOW, seed)
     reference = DriftReference(
         window=DEFAULT_WINDOW,
         class_shares=tuple(shares.tolist()),
         feature_mean=_rounded(gaussian.mean),
         feature_cov=tuple(map(_rounded, gaussian.cov)),
-        levels=fit_levels(shares, gaussian, answers, DEFAULT_WINDOW, seed),
+        levels=levels,
         images=len(banked),
         level_images=len(rest),
+        early_levels=early_levels,
     )
     test_distances = engine.run(test, [OOD_OUTPUT], BATCH)[0] if len(test) else np.zeros(0)
     record = {
@@ -221,10 +223,30 @@ def fit(
         f"OOD head: {len(banked)} held-out feature vectors of {bank.shape[1]} in the graph; distance threshold "
         f"{calibration.knn_threshold:.3f} accepts {card.calibration.id_acceptance:.0%} of {len(rest)} others"
         + (f", flags {record['test_flagged']:.1%} of {len(test)} test images" if len(test) else "")
-        + "; drift levels: "
+        + f"; drift levels, for a window of {reference.window:,} answers: "
         + ", ".join(f"{name} {level:.4g}" for name, level in reference.levels.items())
     )
+    warn_about_levels(reference, clamps)
     return headed, card, reference
+
+
+def warn_about_levels(reference: DriftReference, clamps: list[Clamp]) -> None:
+    """Say when the drift levels rest on too few held-out images to mean much, and which share's
+    level was clamped under 1 (a level no window could exceed)."""
+    if reference.level_images < reference.window:
+        # Each window is drawn from the level images: from fewer than it holds, it is mostly repeats,
+        # and the levels measure that resample more than any real traffic.
+        print(
+            f"warning: the drift levels were fitted on {reference.level_images:,} held-out images, fewer than the "
+            f"{reference.window:,} answers of a window: they say little about real traffic. Hold out at least "
+            f"{2 * reference.window:,} images (half of them go to the OOD bank), e.g. with a larger --val-ratio"
+        )
+    for clamp in clamps:
+        print(
+            f"warning: {clamp.statistic}'s drift level for a window of {clamp.answers:,} answers came out at "
+            f"{clamp.fitted:.4g}, which no share can exceed; clamped to {clamp.level:.4g}: it alerts only when every "
+            "answer of the window is unsure"
+        )
 
 
 def with_reference(proto: onnx.ModelProto, card: ModelCard, reference: DriftReference | None) -> onnx.ModelProto:

@@ -14,7 +14,11 @@ answers and compares the two (``serving.monitor``). The statistics, each higher 
 
 A statistic's level is fitted at export on windows drawn from held-out images that the reference
 itself was not fitted on, so an in-distribution window stays under it and an alert rule needs no
-tuning (:func:`fit_levels` says how high). Torch-free: serving imports it.
+tuning (:func:`fit_levels` says how high). A window is judged before it is full: from
+:data:`EARLY_ANSWERS`'s first count of answers, against the levels fitted for windows of that many
+(a statistic of 100 answers spreads wider than one of 1,000, and the Fréchet distance and the PSI
+sit higher), so a stream that is wrong from its first image alerts within a few hundred of them.
+Torch-free: serving imports it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ OUT_OF_DISTRIBUTION, LOW_CONFIDENCE = (list(REASON_OF_CODE).index(r) for r in UN
 DEFAULT_WINDOW = 1000
 MAX_WINDOW = 100_000  # answers: 34 MB of buffers for the LeNet's 84 features, the most a graph may ask for
 LEVEL_WINDOWS = 1000  # in-distribution windows a level is fitted on
+# Partial windows are judged at these counts of answers, each against levels fitted for windows of
+# that size; between two counts, against the smaller one's levels, which are the higher (a window's
+# statistics spread less and their bias shrinks as it grows). Two counts cost export about 5 s more.
+EARLY_ANSWERS = (100, 300)
+SHARES = ("out_of_distribution_share", "low_confidence_share")  # at most 1 by definition
 # A level is the mean of a log-normal fitted to those windows plus 6 of its standard deviations.
 # "What 99% of windows stay under" would alert on an undisturbed stream most of the time: the
 # service looks at its sliding window every second, hundreds of nearly independent windows a
@@ -52,6 +61,11 @@ LEVEL_WINDOWS = 1000  # in-distribution windows a level is fitted on
 # raised 24 alerts (BENCHMARKS.md, "Drift"); a real shift moves a figure by tens of deviations, so
 # the margin costs an alert little time.
 LEVEL_Z = 6.0
+# A share is a count of answers out of the window's, and its level the count whose binomial tail
+# is the normal's beyond LEVEL_Z deviations (1e-9). The log-normal fits a count badly where it is
+# small: on windows of 100 answers, most of them with 0 to 5 out of distribution, it put the level
+# at 0.88 for the LeNet and at 1.1 for the ResNet-20, a share no window could exceed.
+LEVEL_TAIL = 0.5 * math.erfc(LEVEL_Z / math.sqrt(2))
 PSI_PSEUDOCOUNT = 0.5  # per class, so that a class the window never predicted is finite, not infinite
 
 
@@ -64,6 +78,9 @@ class DriftReference:
     levels: dict[str, float]  # per statistic of STATISTICS: an in-distribution window stays under it
     images: int  # held-out images the shares, mean and covariance were fitted on
     level_images: int  # other held-out images, never in the reference, the levels' windows were drawn from
+    # Levels for a window that holds fewer answers than ``window``, by that count (a decimal string:
+    # JSON's keys are); {} in a graph exported before them, whose window is judged only once full.
+    early_levels: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # It comes back from a graph's metadata, which anyone can edit: check what the monitor relies on.
@@ -85,13 +102,21 @@ class DriftReference:
                 f"drift reference: feature_mean [D] and feature_cov [D, D] must be finite, got shapes "
                 f"{list(mean.shape)} and {list(cov.shape)}"
             )
-        levels = self.levels
-        if (
-            not isinstance(levels, dict)
-            or sorted(levels) != sorted(STATISTICS)
-            or not all(map(_is_finite, levels.values()))
-        ):
+        if not _is_levels(self.levels):
             raise UsageError(f"drift reference: levels must give a finite number for each of {list(STATISTICS)}")
+        early = self.early_levels
+        if not isinstance(early, dict) or not all(
+            isinstance(count, str)
+            and count.isascii()
+            and count.isdigit()
+            and 0 < int(count) < self.window
+            and _is_levels(levels)
+            for count, levels in early.items()
+        ):
+            raise UsageError(
+                f"drift reference: early_levels must map counts of answers under the window ({self.window:,}) "
+                f"to levels for each of {list(STATISTICS)}"
+            )
 
     @property
     def classes(self) -> int:
@@ -101,6 +126,18 @@ class DriftReference:
     def features(self) -> int:
         return len(self.feature_mean)
 
+    @property
+    def minimum_answers(self) -> int:
+        """The fewest answers a window is judged on: the smallest count levels were fitted for."""
+        return min([int(count) for count in self.early_levels] + [self.window])
+
+    def levels_for(self, answers: int) -> tuple[int, dict[str, float]] | None:
+        """The levels a window of ``answers`` is judged against, with the count they were fitted
+        for (the largest at most ``answers``); None under :attr:`minimum_answers`."""
+        fitted = {int(count): levels for count, levels in self.early_levels.items()} | {self.window: self.levels}
+        counts = [count for count in fitted if count <= answers]
+        return (max(counts), fitted[max(counts)]) if counts else None
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
@@ -108,7 +145,7 @@ class DriftReference:
     def from_json(cls, text: str) -> DriftReference:
         data = json_object(text, "drift reference")
         known = {f.name for f in dataclasses.fields(cls)}
-        if set(data) != known:
+        if set(data) not in (known, known - {"early_levels"}):  # a graph exported before them has none
             raise UsageError(f"drift reference: expected the fields {sorted(known)}, got {sorted(data)}")
         return cls(**data)
 
@@ -172,36 +209,103 @@ def fit_levels(
     """Each statistic's level: :data:`LEVEL_WINDOWS` windows of ``window`` answers drawn from
     held-out ``answers`` (classes, reason codes, distances, features) that are not the
     reference's, and a log-normal fitted to each statistic's values: its mean plus
-    :data:`LEVEL_Z` standard deviations, in logs.
+    :data:`LEVEL_Z` standard deviations, in logs; a share's from the binomial (:func:`share_level`).
 
     Each window is drawn with replacement from a resample of the answers (a two-stage bootstrap):
     its spread then counts the held-out set's own sampling error beside the window's. Those few
     thousand images are not the population: on the LeNet's test images the mean OOD distance
     sits 0.8 window deviations above theirs, and every window of real traffic moves with it.
-
-    A share can be 0 in every window (no answer was unsure for that reason): its level is then
-    one answer in the window, the least that can be told from none."""
+    A share's level can come out at 1 (nearly every held-out answer unsure for that reason), which
+    no window could exceed: :func:`fit_all_levels` clamps it."""
     rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {name: [] for name in STATISTICS}
+    rates: dict[str, list[float]] = {name: [] for name in SHARES}  # each resample's share, per reason
     count = len(answers[0])
+    reasons = answers[1]
     for _ in range(LEVEL_WINDOWS):
-        drawn = rng.integers(0, count, count)[rng.integers(0, count, window)]
+        resample = rng.integers(0, count, count)
+        drawn = resample[rng.integers(0, count, window)]
         for name, value in statistics(gaussian, shares, *(part[drawn] for part in answers)).items():
             values[name].append(value)
+        for name, code in zip(SHARES, (OUT_OF_DISTRIBUTION, LOW_CONFIDENCE)):
+            # half an answer more, so that a reason no held-out answer had is rare, not impossible
+            rates[name].append((np.count_nonzero(reasons[resample] == code) + 0.5) / (count + 1))
     levels = {}
     for name, seen in values.items():
-        seen = np.asarray(seen)
-        positive = seen[seen > 0]
-        if len(positive) < len(seen):  # a share of 0 has no log; 1/window is the next value it can take
-            positive = np.maximum(seen, 1 / window)
-        logs = np.log(positive)
+        if name in rates:
+            levels[name] = share_level(np.asarray(rates[name]), window)
+            continue
+        logs = np.log(np.maximum(seen, np.finfo(np.float64).tiny))  # a Fréchet distance can round to 0
         levels[name] = float(np.exp(logs.mean() + LEVEL_Z * logs.std()))
     return levels
 
 
+def share_level(rates: np.ndarray, window: int) -> float:
+    """The level of a share of ``window`` answers whose rate is each of ``rates`` (resamples of the
+    held-out answers) in turn: k / window for the fewest answers k that windows drawn so exceed
+    with a chance of at most :data:`LEVEL_TAIL`, the binomial tail averaged over the rates."""
+    log_factorials = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, window + 1)))])
+    k = np.arange(window + 1)
+    log_choose = log_factorials[window] - log_factorials[k] - log_factorials[window - k]
+    above = np.zeros(window + 1)  # the chance of more than k answers, averaged over the rates
+    rates, weights = np.unique(rates, return_counts=True)
+    for rate, weight in zip(rates, weights):
+        pmf = np.exp(log_choose + k * math.log(rate) + (window - k) * math.log1p(-rate))
+        above += weight * (np.cumsum(pmf[::-1])[::-1] - pmf)  # summed from the top: no 1 - (1 - 1e-9)
+    fewest = np.argmax(above / weights.sum() <= LEVEL_TAIL)  # `above` falls to 0 at k = window
+    return float(fewest / window)
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """A share's level that came out at 1 or more, which no window could exceed, and was set to
+    one answer under 1: a window of nothing but such answers still alerts."""
+
+    answers: int  # the window size the level was fitted for
+    statistic: str
+    fitted: float
+    level: float
+
+
+def fit_all_levels(
+    shares: np.ndarray, gaussian: Gaussian, answers: tuple[np.ndarray, ...], window: int, seed: int = 0
+) -> tuple[dict[str, float], dict[str, dict[str, float]], list[Clamp]]:
+    """The levels of a full ``window`` and of each smaller count of :data:`EARLY_ANSWERS`, each
+    fitted as :func:`fit_levels` fits them, on windows of that many answers; and the shares'
+    levels that were clamped under 1."""
+    fitted = {count: fit_levels(shares, gaussian, answers, count, seed) for count in EARLY_ANSWERS if count < window}
+    fitted[window] = fit_levels(shares, gaussian, answers, window, seed)
+    clamps = [
+        Clamp(count, name, levels[name], 1 - 1 / count)
+        for count, levels in fitted.items()
+        for name in SHARES
+        if levels[name] >= 1
+    ]
+    for clamp in clamps:
+        fitted[clamp.answers][clamp.statistic] = clamp.level
+    full = fitted.pop(window)
+    return full, {str(count): levels for count, levels in fitted.items()}, clamps
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A window's statistics now, and what they are judged against."""
+
+    answers: int  # the answers the figures are over: the window's, or fewer while it fills
+    figures: dict[str, float]  # per statistic of STATISTICS
+    level_answers: int  # the window size the levels were fitted for: answers, or the largest count under it
+    levels: dict[str, float]
+
+    @property
+    def alerts(self) -> list[str]:
+        """The statistics above their level."""
+        return [name for name in STATISTICS if self.figures[name] > self.levels[name]]
+
+
 class Window:
     """The last ``reference.window`` answers of one model, in ring buffers: bounded memory
-    (about 4 bytes x (features + 2) per answer), and :meth:`figures` over them once full."""
+    (about 4 bytes x (features + 2) per answer), and :meth:`read` over them from
+    ``reference.minimum_answers`` on."""
 
     def __init__(self, reference: DriftReference):
         size, self.reference = reference.window, reference
@@ -239,18 +343,21 @@ class Window:
     def full(self) -> bool:
         return self.seen >= len(self.classes)
 
-    def figures(self) -> dict[str, float] | None:
-        """The statistics of the window, or None until it holds a full window of answers: fewer
-        would be compared with levels fitted for a full one."""
-        if not self.full:
-            return None
-        return statistics(self.gaussian, self.shares, self.classes, self.reasons, self.distances, self.features)
+    @property
+    def answers(self) -> int:
+        """The answers the window holds: all it has seen, up to its size."""
+        return min(self.seen, len(self.classes))
 
-    def alerts(self, figures: dict[str, float] | None) -> list[str]:
-        """The statistics of ``figures`` above their level."""
-        if figures is None:
-            return []
-        return [name for name in STATISTICS if figures[name] > self.reference.levels[name]]
+    def read(self) -> Reading | None:
+        """The statistics of the answers held and their levels; None under the reference's
+        minimum_answers, for which no level was fitted."""
+        count = self.answers
+        fitted = self.reference.levels_for(count)
+        if fitted is None:
+            return None
+        # While the ring fills, its first `count` rows are the answers (add writes from 0 on).
+        held = (part[:count] for part in (self.classes, self.reasons, self.distances, self.features))
+        return Reading(count, statistics(self.gaussian, self.shares, *held), *fitted)
 
 
 def _floats(reference: DriftReference, name: str) -> np.ndarray:
@@ -258,6 +365,10 @@ def _floats(reference: DriftReference, name: str) -> np.ndarray:
         return np.asarray(getattr(reference, name), np.float64)
     except (TypeError, ValueError):  # not numbers, or ragged
         raise UsageError(f"drift reference: {name} must be numbers in a regular array") from None
+
+
+def _is_levels(levels: Any) -> bool:
+    return isinstance(levels, dict) and sorted(levels) == sorted(STATISTICS) and all(map(_is_finite, levels.values()))
 
 
 def _is_finite(value: Any) -> bool:

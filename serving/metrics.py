@@ -55,7 +55,9 @@ rejected = bentoml.metrics.Counter(
     labelnames=["reason"],
 )
 # Drift (serving.monitor): per model and statistic (model_store.drift.STATISTICS, a fixed set), the
-# figure of the model's window of recent answers and the level an in-distribution window stays under.
+# figure of the model's window of recent answers and the level an in-distribution window of as many
+# answers stays under. No sample until a model's window has answers enough to be judged (never a 0
+# for "not known"); -1 (serving.monitor.UNKNOWN) once the version that made the figure is gone.
 drift = bentoml.metrics.Gauge(
     name="classify_drift",
     documentation="how far the model's last answers are from its held-out ones, per statistic",
@@ -64,8 +66,15 @@ drift = bentoml.metrics.Gauge(
 )
 drift_level = bentoml.metrics.Gauge(
     name="classify_drift_level",
-    documentation="the level of classify_drift that in-distribution windows stay under, fitted at export",
+    documentation="the level of classify_drift that in-distribution windows of as many answers stay under, "
+    "fitted at export",
     labelnames=["model", "statistic"],
+    multiprocess_mode="livemax",  # the highest: a worker with fewer answers is judged against a higher level
+)
+drift_answers = bentoml.metrics.Gauge(
+    name="classify_drift_answers",
+    documentation="the answers classify_drift is over: the model's last ones, up to its window",
+    labelnames=["model"],
     multiprocess_mode="livemax",
 )
 in_flight = bentoml.metrics.Gauge(

@@ -247,6 +247,7 @@ class ModelSet:
         self.failed = [f for f in self.failed if f.name != model.name]
         if old is not None:
             old.batcher.close()
+            old.monitor.retire()
         self.ready = self.ready or bool(self.models)
         log_event("model_loaded", model=model.tag, replaced=old.tag if old else None, provider=model.engine.provider)
         return old
@@ -266,6 +267,7 @@ class ModelSet:
         self.failed = [f for f in self.failed if f.name != name]
         if model is not None:
             model.batcher.close()
+            model.monitor.retire()
         tag = model.tag if model else failed[0].tag
         log_event("model_unloaded", model=tag)
         return tag

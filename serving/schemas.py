@@ -112,17 +112,27 @@ class ModelDrift(BaseModel):
     model: str = Field(description="the model's tag")
     monitored: bool = Field(description="false for a graph exported without a drift reference; `reason` says so")
     reason: str | None = None
-    window: int | None = Field(None, description="answers per window: the figures compare this many recent ones")
+    window: int | None = Field(None, description="answers per window: the figures compare up to this many recent ones")
+    minimum_answers: int | None = Field(None, description="the fewest answers the figures are computed over")
     images_seen: int | None = Field(None, description="answers this worker has given with this model")
+    answers: int | None = Field(None, description="the answers the figures are over: the last ones, up to `window`")
     figures: dict[str, float] | None = Field(
         None,
-        description="per statistic, the window's figure (null until the window is full): out_of_distribution_share, "
+        description="per statistic, the window's figure (null under `minimum_answers`): out_of_distribution_share, "
         "low_confidence_share, class_psi, feature_frechet, mean_ood_distance",
     )
-    levels: dict[str, float] | None = Field(None, description="per statistic, what in-distribution windows stay under")
+    levels: dict[str, float] | None = Field(
+        None, description="per statistic, what in-distribution windows of `level_answers` answers stay under"
+    )
+    level_answers: int | None = Field(
+        None, description="the window size the levels were fitted for: `answers`, or the largest count under it"
+    )
+    level_images: int | None = Field(None, description="the held-out images the levels were fitted on")
     alerts: list[str] = Field(default_factory=list, description="the statistics above their level now")
     history: list[dict[str, int | float]] = Field(
-        default_factory=list, description="recent figures, oldest first, each with its unix `time` and `images` seen"
+        default_factory=list,
+        description="recent figures, oldest first, each with its unix `time`, the `images` seen and the `answers` "
+        "they are over",
     )
 
 

@@ -188,7 +188,9 @@ def test_with_auth_on_the_page_asks_for_the_token_keeps_it_and_draws_a_models_ma
         submit(TOKEN)
         wait_for(browser, lambda d: not d.find_element(By.ID, "token").is_displayed(), "the token accepted")
         assert browser.execute_script("return sessionStorage.getItem('classic-cnns-token')") == TOKEN
-        wait_for(browser, lambda d: "filling the window" in text(d, "drift"), "GET /monitor, with the token too")
+        wait_for(
+            browser, lambda d: "no figures before 100 answers" in text(d, "drift"), "GET /monitor, with the token too"
+        )
         upload(browser, image)
         wait_for(browser, lambda d: text(d, "label"), "a prediction")
         assert text(browser, "label") == expected["label"]
@@ -242,17 +244,26 @@ def test_the_drift_section_fills_each_window_then_charts_every_statistic(
         browser.get_log("browser")  # drop what earlier pages logged
         open_page(browser, url)
         wait_for(browser, lambda d: len(parts()) == len(monitored), "a part of the Drift section per model")
-        assert "0 images seen; filling the window: 0 of 1,000 answers" in parts()[lenet].text
+        assert "0 images seen; no figures before 100 answers: 0 so far" in parts()[lenet].text
         assert parts()[lenet].find_elements(By.CSS_SELECTOR, ".statistic") == []
         assert f"not monitored: {monitored[plain]['reason']}" in parts()[plain].text
 
-        # A full window of real test images, in batches as large as the service takes.
+        # A full window of real test images, in batches as large as the service takes; after two
+        # batches, figures over what the window holds, against the levels for 100 answers.
         images = fashion_test[0][:1000]
         for start in range(0, len(images), 64):
             batch = images[start : start + 64]
             files = [("images", (f"{start + i}.png", png_bytes(image), "image/png")) for i, image in enumerate(batch)]
             answer = httpx.post(f"{url}/classify_batch", files=files, data={"model": "fashion-lenet"}, timeout=60)
             assert answer.status_code == 200, answer.text
+            if start == 64:
+                open_page(browser, url)
+                wait_for(browser, lambda d: lenet in parts(), "the Drift section, filling")
+                assert (
+                    "128 images seen; figures over the last 128 answers (the window fills to 1,000), "
+                    "against the levels for 100" in parts()[lenet].text
+                )
+                assert len(parts()[lenet].find_elements(By.CSS_SELECTOR, ".statistic")) == len(STATISTICS)
         full = next(m for m in httpx.get(f"{url}/monitor", timeout=60).json()["models"] if m["model"] == lenet)
         assert full["images_seen"] == 1000 and full["figures"] is not None and full["alerts"] == []
 
