@@ -1,13 +1,15 @@
-"""python -m model_store register FILE --name NAME | register-default | list | show TAG"""
+"""python -m model_store register FILE --name NAME | register-default | list | show TAG | captures ..."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from model_store.cli import prog, run
+from model_store.errors import UsageError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -27,7 +29,91 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="list stored models with their architecture, classes and accuracy")
     show = commands.add_parser("show", help="print a stored model's card as JSON")
     show.add_argument("tag", help="NAME:VERSION or NAME (the latest)")
+    add_captures_parser(commands)
     return parser
+
+
+def add_captures_parser(commands) -> None:
+    captures = commands.add_parser(
+        "captures", help="what a service captured (SERVING_CAPTURE): list, label, delete, export, import"
+    )
+    actions = captures.add_subparsers(dest="action", required=True)
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        parser = actions.add_parser(name, help=help)
+        parser.add_argument("--store", required=True, help="the capture store: a folder or s3://bucket/prefix")
+        parser.add_argument("--model", required=True, help="the model's name, e.g. fashion-lenet")
+        return parser
+
+    listed = action("list", help="counts, and the captures waiting for a label, most useful first")
+    listed.add_argument("--limit", type=int, default=20, help="captures to list (default: 20)")
+    label = action("label", help="label a capture: a class name of the model, or not_in_domain")
+    label.add_argument("id", help="the capture's id (its SHA-256)")
+    label.add_argument("label")
+    label.add_argument("--by", default=os.environ.get("USER", "cli"), help="who labels (default: $USER)")
+    delete = action("delete", help="remove a capture: its image and its row")
+    delete.add_argument("id", help="the capture's id (its SHA-256)")
+    export = action(
+        "export", help="the labelled captures as an image folder that training reads, and a Parquet manifest"
+    )
+    export.add_argument("--output", type=Path, required=True, help="the folder to write")
+    imported = action("import", help="labels from a CSV (path or sha256, label) or Label Studio's JSON export")
+    imported.add_argument("file", type=Path, help="a .csv, or a .json exported by Label Studio")
+    imported.add_argument("--by", default=None, help="who labelled (default: the file's name)")
+    action("repair", help="remove images without a row and temp files that a killed writer left")
+
+
+def captures(args: argparse.Namespace) -> None:
+    from model_store.captures import (
+        CaptureStore,
+        check_model,
+        counts,
+        export_folder,
+        label_rows,
+        margin,
+        read_csv_labels,
+        read_label_studio,
+        review_order,
+    )
+
+    store, model = CaptureStore(args.store), check_model(args.model)
+    if args.action == "list":
+        rows, labels = store.rows(model), store.labels(model)
+        print(json.dumps(counts(rows, labels)))
+        for row in review_order(rows, labels)[: args.limit]:
+            print(
+                f"{row['sha256']}  {row['reason']:<19}  {row['label']} {row['probability']:.3f}  margin {margin(row):.3f}"
+            )
+    elif args.action == "delete":
+        if store.remove(model, args.id) is None:
+            raise UsageError(f"no capture {args.id} of model {model} in {args.store}")
+        print(f"removed {args.id}")
+    elif args.action == "repair":
+        print(f"removed {store.repair(model, grace_s=0)} files")
+    elif args.action == "export":
+        written = export_folder(store, model, args.output)
+        print(
+            f"wrote {sum(written.values())} images to {args.output}: "
+            + ", ".join(f"{k} {v}" for k, v in written.items())
+        )
+    else:
+        if args.action == "label":
+            pairs, by = [(args.id, args.label)], args.by
+        else:
+            if not args.file.is_file():
+                raise UsageError(f"{args.file} does not exist or is not a file")
+            read = read_csv_labels if args.file.suffix.lower() == ".csv" else read_label_studio
+            pairs, by = read(args.file.read_text(encoding="utf-8")), args.by or args.file.name
+        from model_store.store import card_of, open_model
+
+        classes = card_of(open_model(model)).class_names
+        missing = [sha for sha, _ in pairs if store.row(model, sha) is None]
+        if missing:
+            raise UsageError(
+                f"no capture {missing[0]} of model {model} in {args.store} ({len(missing)} of {len(pairs)} missing)"
+            )
+        store.add_labels(model, label_rows([s for s, _ in pairs], [label for _, label in pairs], by, classes))
+        print(f"labelled {len(pairs)} captures of {model}")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -35,6 +121,8 @@ def main(args: argparse.Namespace) -> None:
 
     from model_store.store import card_of, open_model, register, register_shipped
 
+    if args.command == "captures":
+        return captures(args)
     if args.command in ("register", "register-default"):
         for model in [register(args.onnx, args.name)] if args.command == "register" else register_shipped():
             print(f"registered {model.tag} at {model.path}")

@@ -69,6 +69,15 @@ class ServingConfig:
         False  # POST /v2/repository/...: load and unload models at run time (needs the token when one is set)
     )
     workers: int = 1  # service processes, each with its own copy of the models and its own batches
+    capture: str = ""  # where to keep unsure answers' images for review (serving.capture): a folder or s3://bucket/prefix; empty: off
+    capture_sample: float = 0.01  # share of sure answers kept too, at random, so that labels measure live accuracy
+    capture_rate: float = 10.0  # captures taken per second and worker, at most; past it they are dropped and counted
+    capture_max_images: int = (
+        10_000  # per model in the store; past it (or capture_max_mb) the oldest unlabelled is evicted
+    )
+    capture_max_mb: int = 1024  # bytes of images per model in the store
+    capture_queue_mb: int = 64  # captures waiting for the writer, per worker; past it they are dropped and counted
+    review_tokens: str = ""  # name=token,...: bearer tokens that may use /review only; a label records the token's name
 
     def __post_init__(self) -> None:
         if not self.models or any(not tag.strip() for tag in self.models):
@@ -89,6 +98,26 @@ class ServingConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV[name]} must be at least 1, got {getattr(self, name)}")
+        for name in ("capture_max_images", "capture_max_mb", "capture_queue_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{ENV[name]} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.capture_sample <= 1:
+            raise ValueError(f"SERVING_CAPTURE_SAMPLE must be a share between 0 and 1, got {self.capture_sample}")
+        if not 0 < self.capture_rate < math.inf:
+            raise ValueError(
+                f"SERVING_CAPTURE_RATE must be a positive number of captures a second, got {self.capture_rate}"
+            )
+        if self.review_tokens and not self.auth_token:
+            raise ValueError("SERVING_REVIEW_TOKENS needs SERVING_AUTH_TOKEN: without it no path asks for a token")
+        self.reviewers  # checks SERVING_REVIEW_TOKENS
+        if self.capture:
+            from model_store.captures import CaptureStore
+            from model_store.errors import UsageError
+
+            try:
+                CaptureStore(self.capture)  # opens no connection: a store that is down is counted, not fatal
+            except UsageError as err:
+                raise ValueError(f"SERVING_CAPTURE: {err}") from None
         for name in ("batch_wait_ms", "ort_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{ENV[name]} must be 0 or more, got {getattr(self, name)}")
@@ -108,6 +137,24 @@ class ServingConfig:
             raise ValueError("SERVING_AUTH_TOKEN must be printable ASCII without spaces")
 
     @property
+    def reviewers(self) -> dict[str, str]:
+        """The /review-only tokens, by token: their names."""
+        found = {}
+        for entry in filter(None, (e.strip() for e in self.review_tokens.split(","))):
+            name, _, token = entry.partition("=")
+            if not name or not token or not all(33 <= ord(c) < 127 and c not in ",=" for c in name + token):
+                raise ValueError(
+                    f"SERVING_REVIEW_TOKENS must be name=token pairs separated by commas, printable ASCII without "
+                    f"spaces; got an entry of {len(entry)} characters that is not"  # never echo a token
+                )
+            if token == self.auth_token or token in found:
+                raise ValueError(
+                    f"SERVING_REVIEW_TOKENS gives {name!r} a token that another name or SERVING_AUTH_TOKEN has"
+                )
+            found[token] = name
+        return found
+
+    @property
     def engine_threads(self) -> int:
         """Intra-op threads for each ONNX Runtime session: as set, or the cores divided among the
         workers, so that workers do not run more compute threads than there are cores."""
@@ -118,7 +165,8 @@ class ServingConfig:
         """Peak memory of one service worker and its decoders (README, "Limits"): what clients can
         make it hold is bounded by the body budget and, per decoder, the decode limit."""
         decoder = DECODER_START_MB + KEPT_MB + self.max_decode_mb
-        return WORKER_START_MB + KEPT_MB + self.max_body_memory_mb + self.decode_workers * decoder
+        capture = self.capture_queue_mb if self.capture else 0  # bodies kept past their request, for the writer
+        return WORKER_START_MB + KEPT_MB + self.max_body_memory_mb + capture + self.decode_workers * decoder
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServingConfig:

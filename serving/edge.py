@@ -48,6 +48,8 @@ from serving.errors import (
 from serving.failures import error_answer
 from serving.logs import log_request
 from serving.requests import Received
+from serving.review import REVIEW_PREFIX, is_review
+from serving.review import route as review_route
 
 if TYPE_CHECKING:
     from serving.config import ServingConfig
@@ -69,6 +71,7 @@ OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json
 OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
 # Every path the service answers: its own routes, BentoML's schema, and the open ones.
 ROUTES = OPEN_PATHS | {CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS, MONITOR, "/schema.json"}
+SERVICE_TOKEN = "service"  # the name a label records for SERVING_AUTH_TOKEN; reviewers' tokens have theirs
 RETRY_AFTER_S = 1
 BODY_GRACE_S = 2.0  # a body may start slowly (TCP slow start, a phone waking its radio); then it must keep the rate
 
@@ -78,7 +81,7 @@ def is_open(path: str) -> bool:
 
 
 def is_route(path: str) -> bool:
-    return path in ROUTES or (path.startswith(OPEN_PREFIXES) and ".." not in path)
+    return path in ROUTES or is_review(path) or (path.startswith(OPEN_PREFIXES) and ".." not in path)
 
 
 class Edge:
@@ -89,6 +92,7 @@ class Edge:
         self.app, self.config, self.hot = app, config, hot
         self._find_handlers, self._handlers = handlers, None
         self.token = config.auth_token.encode() if config.auth_token else None
+        self.reviewers = {token.encode(): name for token, name in config.reviewers.items()}  # /review only
         self.in_flight = 0
         self.body_bytes, self.max_body_memory = 0, config.max_body_memory_mb * 2**20  # bodies held, all requests
 
@@ -96,11 +100,15 @@ class Edge:
         if scope["type"] != "http":  # lifespan, websockets
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if self.token is not None and not is_open(path) and not self.authorized(scope["headers"]):
-            error = Unauthorized("missing or wrong bearer token; send 'Authorization: Bearer <token>'")
-            return await self.refuse(send, error, [(b"www-authenticate", b"Bearer")])
+        if self.token is not None and not is_open(path):
+            who = self.token_name(scope["headers"])
+            if who is None or (who is not SERVICE_TOKEN and not is_review(path)):
+                error = Unauthorized("missing or wrong bearer token; send 'Authorization: Bearer <token>'")
+                return await self.refuse(send, error, [(b"www-authenticate", b"Bearer")])
         if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
             return await self.v2(scope, receive, send)
+        if is_review(path):
+            return await self.review(scope, receive, send)
         if path not in HOT_ROUTES:
             if not is_route(path):
                 return await self.refuse(send, NotFound(f"no such path; the routes are {', '.join(sorted(ROUTES))}"))
@@ -175,16 +183,42 @@ class Edge:
             status, answer = error_answer(err, V2_PREFIX)
         await send_json(send, status, answer)
 
+    async def review(self, scope, receive, send) -> None:
+        """The ``/review`` routes (``serving.review``): read and admitted like the others, the
+        label recording the name of the token the request sent."""
+        try:
+            route = review_route(scope["method"], scope["path"])
+        except (NotFound, MethodNotAllowed) as error:
+            return await self.refuse(send, error)
+        handlers = self.handlers()
+        who = self.token_name(scope["headers"]) or "anonymous"
+
+        async def answer(scope, received: Received, receive, send) -> None:
+            status, body = await respond(handlers, REVIEW_PREFIX, handlers.review(route, received, who))
+            await send_answer(send, status, body)
+
+        return await self.admit(scope, receive, send, REVIEW_PREFIX, answer)
+
     def handlers(self) -> Handlers:
         self._handlers = self._handlers or self._find_handlers()
         return self._handlers
 
-    def authorized(self, headers) -> bool:
+    def token_name(self, headers) -> str | None:
+        """Whose bearer token the request sent: :data:`SERVICE_TOKEN` for the service's, a reviewer's
+        name for theirs, None for none or a wrong one."""
         given = next((value for name, value in headers if name == b"authorization"), b"")
         scheme, _, token = given.partition(b" ")
-        # The scheme is case-insensitive (RFC 7235); the token compared in constant time, so it
-        # cannot be guessed from response times.
-        return hmac.compare_digest(token, self.token) and scheme.lower() == b"bearer"
+        if scheme.lower() != b"bearer" or self.token is None:
+            return None
+        # The scheme is case-insensitive (RFC 7235); each token compared in constant time, so none
+        # can be guessed from response times.
+        if hmac.compare_digest(token, self.token):
+            return SERVICE_TOKEN
+        found = None
+        for known, name in self.reviewers.items():
+            if hmac.compare_digest(token, known):
+                found = name
+        return found
 
     async def read_body(self, scope, receive) -> Received:
         """The request with its whole body, or the error that stops it: no length on HTTP/1.0 (411),

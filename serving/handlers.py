@@ -15,6 +15,7 @@ from model_store import ImageError, load_image, open_image, to_input
 from model_store.card import CAM_ARCHS, ModelCard
 from model_store.engine import answer
 from serving import metrics, v2
+from serving.capture import Capture
 from serving.config import ServingConfig
 from serving.decoders import DecodePool
 from serving.edge import CLASSIFY_BATCH
@@ -23,6 +24,7 @@ from serving.failures import error_answer
 from serving.heatmap import overlay_png
 from serving.model_set import ModelSet, ServedModel
 from serving.requests import Received, Upload, parse_top_k, read_batch_request, read_classify_request
+from serving.review import Review, ReviewRoute
 
 # Where an image is decoded, by what decoding it costs: on the event loop when that is less than the
 # hop to a decoder process and back (0.3 ms of CPU for a small image, 3 ms for a 12 MP JPEG), else in a
@@ -44,13 +46,21 @@ class Handlers:
         self.decoders = DecodePool(
             config.decode_workers, config.decode_timeout_s, config.max_pixels, self.max_decode_bytes
         )
+        # What the models were unsure of, kept for review (serving.capture): off without SERVING_CAPTURE.
+        self.capture = Capture.from_config(config) if config.capture else None
+        store = self.capture.store if self.capture else None
+        self.reviews = Review(store, self.capture, models, token_set=bool(config.auth_token))
 
     async def classify(self, received: Received) -> dict:
         parsed = read_classify_request(received)
         model = self.models.get(parsed.model)
         k = parse_top_k(parsed.top_k, model.engine.card.num_classes)
-        row = await model.batcher.submit(await self.decode(parsed.images[0], model))
-        return {**answer(row, model.engine.card, k), "model": model.name, "version": model.version}
+        upload = parsed.images[0]
+        row = await model.batcher.submit(await self.decode(upload, model))
+        result = answer(row, model.engine.card, k)
+        if self.capture is not None:
+            self.capture.offer(model, upload.data, row, result["unsure_reason"])
+        return {**result, "model": model.name, "version": model.version}
 
     async def explain(self, received: Received, png_allowed: bool = True) -> dict | v2.Encoded:
         """``/classify``'s answer plus the class-activation map of the top class, drawn over the
@@ -97,7 +107,10 @@ class Handlers:
                 row = await model.batcher.submit(await self.decode(upload, model))
             except ImageError as err:  # this image fails; its neighbours still get answers
                 return {"filename": upload.filename, **error_answer(err, CLASSIFY_BATCH)[1]}
-            return {"filename": upload.filename, **answer(row, model.engine.card, k)}
+            result = answer(row, model.engine.card, k)
+            if self.capture is not None:
+                self.capture.offer(model, upload.data, row, result["unsure_reason"])
+            return {"filename": upload.filename, **result}
 
         results = await asyncio.gather(*(one(upload) for upload in parsed.images))
         return {"model": model.name, "version": model.version, "results": results}
@@ -132,6 +145,10 @@ class Handlers:
                 old = self.models.install(model)
                 return {"name": model.name, "version": model.version, "replaced": old.tag if old else None}
             return {"unloaded": self.models.unload(route.model)}
+
+    async def review(self, route: ReviewRoute, received: Received, who: str) -> dict | v2.Encoded:
+        """The ``/review`` routes (``serving.review``); ``who``: the name of the token the request sent."""
+        return await self.reviews.answer(route, received.body, received.query, who)
 
     async def decode_nth(self, index: int, data: bytes, model: ServedModel) -> np.ndarray:
         try:

@@ -77,6 +77,24 @@ drift_answers = bentoml.metrics.Gauge(
     labelnames=["model"],
     multiprocess_mode="livemax",
 )
+# Capture (serving.capture): captures stored per model and reason (model_store.captures.REASONS),
+# dropped by reason (rate, queue_full, quota, store_error, duplicate: fixed sets), evicted per model.
+captured = bentoml.metrics.Counter(
+    name="classify_captured",
+    documentation="images kept for review, by model and why (out_of_distribution, low_confidence, sample)",
+    labelnames=["model", "reason"],
+)
+capture_dropped = bentoml.metrics.Counter(
+    name="classify_capture_dropped",
+    documentation="captures not kept: rate (over SERVING_CAPTURE_RATE), queue_full, quota (every capture "
+    "labelled), store_error (the store failed), duplicate (that image is stored already)",
+    labelnames=["reason"],
+)
+capture_evicted = bentoml.metrics.Counter(
+    name="classify_capture_evicted",
+    documentation="unlabelled captures removed, oldest first, to keep a model's store within its quota",
+    labelnames=["model"],
+)
 in_flight = bentoml.metrics.Gauge(
     name="classify_in_flight",
     documentation="classify requests being served now",

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model_store import ImageError, ModelCard, image_bytes_to_input
+from model_store.captures import NOT_IN_DOMAIN
 from model_store.errors import UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -23,7 +24,9 @@ Items = list[tuple[Path, int]]
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The class sub-folders: not hidden ones, and not ``not_in_domain/``, where an export of
+    reviewed captures keeps the images that are no class at all (model_store.captures)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != NOT_IN_DOMAIN)
 
 
 def _images(folder: Path) -> list[Path]:
