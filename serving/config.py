@@ -77,7 +77,9 @@ class ServingConfig:
     )
     capture_max_mb: int = 1024  # bytes of images per model in the store
     capture_queue_mb: int = 64  # captures waiting for the writer, per worker; past it they are dropped and counted
-    review_tokens: str = ""  # name=token,...: bearer tokens that may use /review only; a label records the token's name
+    review_tokens: str = (
+        ""  # name=token,...: bearer tokens for /review and /models only; a label records the token's name
+    )
 
     def __post_init__(self) -> None:
         if not self.models or any(not tag.strip() for tag in self.models):

@@ -292,6 +292,7 @@ class ModelSet:
             "default": self.default_tag,
             "models": [m.describe(m.name == self.default_name) for m in self.models],
             "failed": [f.describe() for f in self.failed],
+            "review": bool(self.config.capture and self.config.auth_token),
         }
 
     def monitored(self) -> dict:

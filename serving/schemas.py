@@ -106,6 +106,9 @@ class ModelsAnswer(BaseModel):
         default_factory=list,
         description="configured models that are not served, with the reason; requests naming one get 503",
     )
+    review: bool = Field(
+        False, description="whether /review answers: the service captures (SERVING_CAPTURE) and a token is set"
+    )
 
 
 class ModelDrift(BaseModel):

@@ -256,6 +256,7 @@ def test_the_service_captures_what_it_was_unsure_of_and_people_label_it(bentoml_
 
         # Review: a reviewer's token works on /review only, and the label records its name.
         assert httpx.get(f"{url}/review/fashion-lenet", timeout=60).status_code == 401
+        assert httpx.get(f"{url}/models", headers=auth(ALICE), timeout=60).status_code == 200  # the page's start
         assert (
             httpx.post(
                 f"{url}/classify", content=noise[0], headers={**auth(ALICE), "content-type": "image/png"}
@@ -391,3 +392,52 @@ def test_the_exported_folder_trains_as_it_is(tmp_path, bentoml_home, monkeypatch
 
     card = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["card"]
     assert list(card["class_names"]) == ["Bag", "Trouser"]  # not_in_domain is no class
+
+
+def test_the_writer_keeps_the_quota_evicting_the_oldest_unlabelled_and_the_rate_cap(tmp_path):
+    """serving.capture's Capture in this process, with the shipped LeNet's real answers; its clock is
+    ours, since the rate cap is about time."""
+    from types import SimpleNamespace
+
+    from model_store.engine import OnnxClassifier
+    from model_store.store import DEFAULT_MODEL_FILE
+    from serving.capture import Capture
+
+    engine = OnnxClassifier(DEFAULT_MODEL_FILE, device="cpu")
+    model = SimpleNamespace(name="fashion-lenet", tag="fashion-lenet:v1", engine=engine)
+    noise = np.random.default_rng(3).integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    rows = engine.outcomes(noise[:, None]).rows()
+    images = [png_bytes(a) for a in noise]
+    now = [0.0]
+    store = CaptureStore(str(tmp_path / "store"))
+    capture = Capture(
+        store, sample=0.0, rate=1000.0, max_images=4, max_bytes=2**30, queue_bytes=2**20, clock=lambda: now[0]
+    )
+    try:
+        for i, (image, row) in enumerate(zip(images[:3], rows)):
+            capture.offer(model, image, row, "out_of_distribution")
+        wait_until(lambda: len(store.rows("fashion-lenet")) == 3, "3 captures")
+        first = sha_of(images[0])
+        store.add_labels("fashion-lenet", label_rows([first], [NOT_IN_DOMAIN], "x", engine.card.class_names))
+        capture.labelled("fashion-lenet", [first])
+        for image, row in zip(images[3:7], rows[3:7]):
+            capture.offer(model, image, row, "low_confidence")
+        # 7 offered, 4 kept: the labelled first one, and the newest 3; the 2nd and 3rd evicted
+        expected = {first, *(sha_of(image) for image in images[4:7])}
+        wait_until(lambda: {r["sha256"] for r in store.rows("fashion-lenet")} == expected, "the quota kept")
+        assert capture.offer(model, images[7], rows[7], None) is None  # a sure answer, not drawn: not kept
+    finally:
+        capture.close()
+    slow = Capture(
+        store, sample=1.0, rate=2.0, max_images=100, max_bytes=2**30, queue_bytes=2**20, clock=lambda: now[0]
+    )
+    try:
+        before = len(store.rows("fashion-lenet"))
+        for image, row in zip(images[7:], rows[7:]):
+            slow.offer(model, image, row, None)  # 3 at one instant: a bucket of 2 takes 2
+        now[0] += 0.5  # a second's half: one more token
+        slow.offer(model, images[0] + b"\0", rows[0], "low_confidence")
+        wait_until(lambda: len(store.rows("fashion-lenet")) == before + 3, "2 + 1 captures within the rate")
+    finally:
+        slow.close()
+    assert len(store.rows("fashion-lenet")) == before + 3

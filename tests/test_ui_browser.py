@@ -280,3 +280,63 @@ def test_the_drift_section_fills_each_window_then_charts_every_statistic(
         assert part.find_elements(By.CSS_SELECTOR, ".above") == []
         assert "not monitored" in parts()[plain].text  # still listed beside the full window
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_the_review_page_shows_captures_and_takes_a_label_by_key_or_click(browser, bentoml_home, tmp_path):
+    """/ui's Review section against a real `bentoml serve` that captures: the image fetched with
+    the token, the model's answer beside it, x labels it "not in domain", s skips, a click labels."""
+    import numpy as np
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import wait_until
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    env = {
+        "SERVING_MODELS": "fashion-lenet:latest",
+        "SERVING_AUTH_TOKEN": TOKEN,
+        "SERVING_CAPTURE": str(tmp_path / "captures"),
+        "SERVING_CAPTURE_SAMPLE": "0",
+    }
+    noise = np.random.default_rng(5).integers(0, 256, (8, 28, 28), dtype=np.uint8)
+    with bentoml_serve(bentoml_home, tmp_path / "serve.log", env) as url:
+        unsure = 0
+        for image in noise:
+            files = {"image": ("n.png", png_bytes(image), "image/png")}
+            unsure += httpx.post(f"{url}/classify", files=files, headers=auth, timeout=30).json()["unsure"]
+
+        def review() -> dict:
+            return httpx.get(f"{url}/review/fashion-lenet", headers=auth, timeout=30).json()
+
+        wait_until(lambda: review()["counts"]["captures"] == unsure >= 3, "the unsure answers captured")
+        first, second, third = (c["id"] for c in review()["captures"][:3])
+
+        open_page(browser, url)
+        browser.execute_script(f"sessionStorage.setItem('classic-cnns-token', '{TOKEN}')")
+        browser.get_log("browser")  # drop the first load's 401, before the token was there
+        open_page(browser, url)
+        wait_for(browser, lambda d: d.find_element(By.ID, "review").is_displayed(), "the Review section")
+        image = browser.find_element(By.ID, "review-image")
+        wait_for(browser, lambda d: d.execute_script("return arguments[0].naturalWidth", image) == 28, "the capture")
+        shown = review()["captures"][0]
+        assert f"answered {shown['label']}" in text(browser, "review-answer") and "top 3:" in text(
+            browser, "review-answer"
+        )
+        assert f"{unsure} waiting, 0 labelled of {unsure} captures" in text(browser, "review-counts")
+        buttons = browser.find_elements(By.CSS_SELECTOR, "#review-labels button")
+        assert [b.text for b in buttons][:2] == ["1: T-shirt/top", "2: Trouser"] and buttons[-1].text.startswith("x: ")
+
+        browser.find_element(By.TAG_NAME, "body").send_keys("x")
+        wait_for(browser, lambda d: "1 labelled" in text(d, "review-counts"), "the key's label recorded")
+        labels = httpx.get(f"{url}/review/fashion-lenet", headers=auth, timeout=30).json()["counts"]["by_label"]
+        assert labels == {"not_in_domain": 1}
+        browser.find_element(By.TAG_NAME, "body").send_keys("s")  # the second is skipped ...
+        browser.find_element(
+            By.CSS_SELECTOR, "#review-labels button[data-label='Bag']"
+        ).click()  # ... the third labelled
+        wait_for(browser, lambda d: "2 labelled" in text(d, "review-counts"), "the click's label recorded")
+        from model_store.captures import CaptureStore
+
+        given = CaptureStore(str(tmp_path / "captures")).labels("fashion-lenet")
+        assert {sha: label["label"] for sha, label in given.items()} == {first: "not_in_domain", third: "Bag"}
+        assert {label["by"] for label in given.values()} == {"service"} and second not in given
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
