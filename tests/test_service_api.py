@@ -40,6 +40,9 @@ def test_models_lists_every_served_model_with_its_card(server):
     assert card["metrics"]["test_acc"] > 0.9 and card["export"]["opset"] == 18
     assert default["provider"] == "CPUExecutionProvider" and default["provider_error"] is None
     assert default["precision"] == "float32"
+    assert listing["review"] is False  # no capture: /review is off, and says how to turn it on
+    off = httpx.get(f"{server}/review/fashion-lenet", timeout=60)
+    assert off.status_code == 404 and "capture is off: start the service with SERVING_CAPTURE" in off.json()["error"]
 
 
 def test_a_request_picks_its_model_and_gets_that_models_answer(server, fashion_test, exported):

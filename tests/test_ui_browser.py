@@ -296,6 +296,7 @@ def test_the_review_page_shows_captures_and_takes_a_label_by_key_or_click(browse
         "SERVING_AUTH_TOKEN": TOKEN,
         "SERVING_CAPTURE": str(tmp_path / "captures"),
         "SERVING_CAPTURE_SAMPLE": "0",
+        "SERVING_CAPTURE_RATE": "100000",  # every unsure answer kept, however fast they come
     }
     noise = np.random.default_rng(5).integers(0, 256, (8, 28, 28), dtype=np.uint8)
     with bentoml_serve(bentoml_home, tmp_path / "serve.log", env) as url:
