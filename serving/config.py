@@ -149,6 +149,10 @@ class ServingConfig:
                     f"SERVING_REVIEW_TOKENS must be name=token pairs separated by commas, printable ASCII without "
                     f"spaces; got an entry of {len(entry)} characters that is not"  # never echo a token
                 )
+            if name == "service":  # the name labels record for SERVING_AUTH_TOKEN
+                raise ValueError(
+                    "SERVING_REVIEW_TOKENS: 'service' is the name of SERVING_AUTH_TOKEN; give the reviewer another"
+                )
             if token == self.auth_token or token in found:
                 raise ValueError(
                     f"SERVING_REVIEW_TOKENS gives {name!r} a token that another name or SERVING_AUTH_TOKEN has"

@@ -103,7 +103,7 @@ class Edge:
         if self.token is not None and not is_open(path):
             who = self.token_name(scope["headers"])
             # A reviewer's token opens /review, and the model list the review page starts from.
-            if who is None or (who is not SERVICE_TOKEN and not (is_review(path) or path == MODELS)):
+            if who is None or (who != SERVICE_TOKEN and not (is_review(path) or path == MODELS)):
                 error = Unauthorized("missing or wrong bearer token; send 'Authorization: Bearer <token>'")
                 return await self.refuse(send, error, [(b"www-authenticate", b"Bearer")])
         if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):

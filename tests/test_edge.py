@@ -479,6 +479,20 @@ def test_settings_come_from_the_environment_and_a_bad_one_names_its_variable():
         ({"SERVING_AUTH_TOKEN": "two words"}, "SERVING_AUTH_TOKEN must be printable ASCII without spaces"),
         ({"SERVING_DECODE_THREADS": "4"}, "SERVING_DECODE_THREADS was renamed SERVING_DECODE_WORKERS"),
         ({"SERVING_MAX_BODY_MEMORY_MB": "1"}, "SERVING_MAX_BODY_MEMORY_MB \\(1\\) must hold at least one body"),
+        ({"SERVING_CAPTURE_SAMPLE": "2"}, "SERVING_CAPTURE_SAMPLE must be a share between 0 and 1, got 2.0"),
+        ({"SERVING_CAPTURE_RATE": "0"}, "SERVING_CAPTURE_RATE must be a positive number of captures a second"),
+        ({"SERVING_CAPTURE_MAX_IMAGES": "0"}, "SERVING_CAPTURE_MAX_IMAGES must be at least 1, got 0"),
+        ({"SERVING_CAPTURE": "nosuch://x/y"}, "SERVING_CAPTURE: capture store nosuch://x/y"),
+        ({"SERVING_REVIEW_TOKENS": "a=b"}, "SERVING_REVIEW_TOKENS needs SERVING_AUTH_TOKEN"),
+        (
+            {"SERVING_AUTH_TOKEN": "t", "SERVING_REVIEW_TOKENS": "alice"},
+            "SERVING_REVIEW_TOKENS must be name=token pairs",
+        ),
+        ({"SERVING_AUTH_TOKEN": "t", "SERVING_REVIEW_TOKENS": "a=t"}, "gives 'a' a token that another name"),
+        (
+            {"SERVING_AUTH_TOKEN": "t", "SERVING_REVIEW_TOKENS": "service=x"},
+            "'service' is the name of SERVING_AUTH_TOKEN",
+        ),
     ]:
         with pytest.raises(ValueError, match=message):
             ServingConfig.from_env(environ)
