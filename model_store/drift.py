@@ -49,6 +49,7 @@ OUT_OF_DISTRIBUTION, LOW_CONFIDENCE = (list(REASON_OF_CODE).index(r) for r in UN
 DEFAULT_WINDOW = 1000
 MAX_WINDOW = 100_000  # answers: 34 MB of buffers for the LeNet's 84 features, the most a graph may ask for
 LEVEL_WINDOWS = 1000  # in-distribution windows a level is fitted on
+LEVEL_CHUNK_FLOATS = 4_000_000  # features of the windows fitted at once: 32 MB of float64
 # Partial windows are judged at these counts of answers, each against levels fitted for windows of
 # that size; between two counts, against the smaller one's levels, which are the higher (a window's
 # statistics spread less and their bias shrinks as it grows). Two counts cost export about 5 s more.
@@ -218,26 +219,47 @@ def fit_levels(
     A share's level can come out at 1 (nearly every held-out answer unsure for that reason), which
     no window could exceed: :func:`fit_all_levels` clamps it."""
     rng = np.random.default_rng(seed)
-    values: dict[str, list[float]] = {name: [] for name in STATISTICS}
-    rates: dict[str, list[float]] = {name: [] for name in SHARES}  # each resample's share, per reason
     count = len(answers[0])
-    reasons = answers[1]
-    for _ in range(LEVEL_WINDOWS):
-        resample = rng.integers(0, count, count)
-        drawn = resample[rng.integers(0, count, window)]
-        for name, value in statistics(gaussian, shares, *(part[drawn] for part in answers)).items():
-            values[name].append(value)
-        for name, code in zip(SHARES, (OUT_OF_DISTRIBUTION, LOW_CONFIDENCE)):
-            # half an answer more, so that a reason no held-out answer had is rare, not impossible
-            rates[name].append((np.count_nonzero(reasons[resample] == code) + 0.5) / (count + 1))
-    levels = {}
+    classes, reasons, distances, features = answers
+    features = np.asarray(features, np.float64)
+    rates: dict[str, list[float]] = {name: [] for name in SHARES}  # each resample's share, per reason
+    values: dict[str, list[np.ndarray]] = {}
+    chunk = max(1, LEVEL_CHUNK_FLOATS // (window * features.shape[1]))
+    for start in range(0, LEVEL_WINDOWS, chunk):
+        drawn = []
+        for _ in range(min(chunk, LEVEL_WINDOWS - start)):
+            resample = rng.integers(0, count, count)
+            drawn.append(resample[rng.integers(0, count, window)])
+            for name, code in zip(SHARES, (OUT_OF_DISTRIBUTION, LOW_CONFIDENCE)):
+                # half an answer more, so that a reason no held-out answer had is rare, not impossible
+                rates[name].append((np.count_nonzero(reasons[resample] == code) + 0.5) / (count + 1))
+        rows = np.stack(drawn)
+        for name, value in window_statistics(gaussian, shares, classes[rows], distances[rows], features[rows]).items():
+            values.setdefault(name, []).append(value)
+    levels = {name: share_level(np.asarray(seen), window) for name, seen in rates.items()}
     for name, seen in values.items():
-        if name in rates:
-            levels[name] = share_level(np.asarray(rates[name]), window)
-            continue
-        logs = np.log(np.maximum(seen, np.finfo(np.float64).tiny))  # a Fréchet distance can round to 0
+        logs = np.log(np.maximum(np.concatenate(seen), np.finfo(np.float64).tiny))  # a Fréchet distance can round to 0
         levels[name] = float(np.exp(logs.mean() + LEVEL_Z * logs.std()))
-    return levels
+    return {name: levels[name] for name in STATISTICS}
+
+
+def window_statistics(
+    reference: Gaussian, shares: np.ndarray, classes: np.ndarray, distances: np.ndarray, features: np.ndarray
+) -> dict[str, np.ndarray]:
+    """:func:`statistics`' class PSI, Fréchet distance and mean OOD distance for many windows at
+    once: ``classes`` [B, N], ``distances`` [B, N], ``features`` [B, N, D] -> [B] each. The level fit
+    looks at a thousand windows; one at a time, numpy's overhead per call was most of its time."""
+    counts = (classes[..., None] == np.arange(len(shares))).sum(axis=1) + PSI_PSEUDOCOUNT
+    observed = counts / counts.sum(axis=1, keepdims=True)
+    psi = ((observed - shares) * np.log(observed / shares)).sum(axis=1)
+    mean = features.mean(axis=1)
+    centered = features - mean[:, None]
+    cov = centered.transpose(0, 2, 1) @ centered / (features.shape[1] - 1)
+    inner = np.linalg.eigvalsh(reference.root @ cov @ reference.root)
+    cross = np.sqrt(np.clip(inner, 0, None)).sum(axis=1)
+    gap = reference.mean - mean
+    frechet = (gap * gap).sum(axis=1) + np.trace(reference.cov) + np.trace(cov, axis1=1, axis2=2) - 2 * cross
+    return {"class_psi": psi, "feature_frechet": frechet, "mean_ood_distance": distances.mean(axis=1)}
 
 
 def share_level(rates: np.ndarray, window: int) -> float:

@@ -31,6 +31,7 @@ from model_store.drift import (
     fit_reference,
     share_level,
     statistics,
+    window_statistics,
 )
 from model_store.engine import OnnxClassifier
 from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
@@ -120,6 +121,17 @@ def test_a_window_keeps_the_last_answers_whatever_the_batches(lenet):
     reading = window.read()  # the same rows, the ring's in another order
     assert_figures(reading.figures, statistics(window.gaussian, window.shares, *last))
     assert (reading.answers, reading.level_answers, reading.levels) == (reference.window,) * 2 + (reference.levels,)
+
+
+def test_the_level_fit_s_batched_statistics_are_the_window_s(lenet):
+    reference = lenet.drift_reference
+    window = Window(reference)
+    windows = [random_answers(reference, 300, seed=s) for s in range(4)]
+    classes, _, distances, features = (np.stack(parts) for parts in zip(*windows))
+    batched = window_statistics(window.gaussian, window.shares, classes, distances, features.astype(np.float64))
+    for i, stream in enumerate(windows):
+        one = statistics(window.gaussian, window.shares, *stream)
+        assert_figures({name: batched[name][i] for name in batched}, {name: one[name] for name in batched})
 
 
 def test_a_filling_window_is_judged_from_its_minimum_against_the_levels_for_as_many(lenet):
