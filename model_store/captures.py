@@ -3,8 +3,8 @@ answered, for people to label. ``serving.capture`` writes them; ``/review`` and 
 model_store captures`` read, label and remove them; :func:`export_folder` hands the labelled ones to
 ``training`` as an image folder. Torch-free: serving imports it.
 
-A store is a local folder or an object-store prefix (``s3://bucket/prefix``, anything ``pyarrow.fs``
-opens), one folder per model name::
+A store is a local folder (the standard library's files) or an object-store prefix
+(``s3://bucket/prefix``, anything ``pyarrow.fs`` opens), one folder per model name::
 
     <model>/images/<sha256>.<ext>      the bytes as received, stored once per content
     <model>/rows/<sha256>.json         what the model answered: the capture's manifest row
@@ -27,7 +27,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from model_store.errors import UsageError
 from model_store.files import atomic_output
@@ -84,22 +84,93 @@ def check_model(name: str) -> str:
     return name
 
 
+class Listed(NamedTuple):
+    name: str  # the file's name in its folder
+    path: str
+    mtime: float | None  # seconds since the epoch; None where the store does not say
+
+
+class LocalFiles:
+    """A local folder: what the store needs of a file system, with the standard library only (the
+    container image has no pyarrow: it stores captures on a mounted volume)."""
+
+    local = True
+
+    def list(self, folder: str, folders: bool = False) -> list[Listed]:
+        try:
+            with os.scandir(folder) as entries:
+                return [
+                    Listed(e.name, e.path, e.stat().st_mtime)
+                    for e in entries
+                    if (e.is_dir(follow_symlinks=False) if folders else e.is_file(follow_symlinks=False))
+                ]
+        except FileNotFoundError:
+            return []
+
+    def read(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def write(self, path: str, data: bytes) -> None:
+        with atomic_output(path) as f:  # a temp file, then a rename
+            f.write(data)
+
+    def delete(self, path: str) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
+class ArrowFiles:
+    """An object-store prefix through ``pyarrow.fs`` (S3, GCS, HDFS): an object appears only once
+    its PUT completes, so a write needs no rename."""
+
+    local = False
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def list(self, folder: str, folders: bool = False) -> list[Listed]:
+        from pyarrow.fs import FileSelector, FileType
+
+        wanted = FileType.Directory if folders else FileType.File
+        infos = self.fs.get_file_info(FileSelector(folder, allow_not_found=True))
+        return [
+            Listed(i.base_name, i.path, i.mtime.timestamp() if i.mtime else None) for i in infos if i.type == wanted
+        ]
+
+    def read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def delete(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+
 class CaptureStore:
     """One store of captures (see the module's docstring for its layout)."""
 
     def __init__(self, uri: str):
-        import pyarrow.fs
-
         self.uri = uri
-        if "://" in uri:
-            try:
-                self.fs, self.root = pyarrow.fs.FileSystem.from_uri(uri)
-            except Exception as err:  # pyarrow's errors name the URI's problem
-                raise UsageError(f"capture store {uri}: {err}") from None
-            self.local = isinstance(self.fs, pyarrow.fs.LocalFileSystem)
-        else:
-            self.fs, self.root, self.local = pyarrow.fs.LocalFileSystem(), os.path.abspath(uri), True
-        self.root = self.root.rstrip("/")
+        if "://" not in uri or uri.startswith("file://"):
+            self.files, self.root = LocalFiles(), os.path.abspath(uri.removeprefix("file://"))
+            return
+        try:
+            import pyarrow.fs
+        except ImportError:
+            raise UsageError(
+                f"capture store {uri}: an object store needs pyarrow, which is not installed here"
+            ) from None
+        try:
+            fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+        except Exception as err:  # pyarrow's errors name the URI's problem
+            raise UsageError(f"capture store {uri}: {err}") from None
+        self.files, self.root = ArrowFiles(fs), root.rstrip("/")
 
     def path(self, model: str, *parts: str) -> str:
         return "/".join([self.root, check_model(model), *parts])
@@ -108,12 +179,7 @@ class CaptureStore:
 
     def put(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` whole, or not at all."""
-        if self.local:
-            with atomic_output(path) as f:
-                f.write(data)
-        else:  # an object appears only once its PUT completes
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
+        self.files.write(path, data)
 
     def add(self, model: str, row: dict, data: bytes) -> None:
         """Store a capture: its image, then its row (``row["sha256"]`` names both)."""
@@ -126,8 +192,8 @@ class CaptureStore:
         row = self.row(model, check_sha(sha))
         if row is None:
             return None
-        self._delete(self.path(model, "rows", f"{sha}.json"))
-        self._delete(self.path(model, "images", f"{sha}.{row['ext']}"))
+        self.files.delete(self.path(model, "rows", f"{sha}.json"))
+        self.files.delete(self.path(model, "images", f"{sha}.{row['ext']}"))
         return row
 
     def add_labels(self, model: str, labels: list[dict]) -> None:
@@ -138,32 +204,20 @@ class CaptureStore:
         text = "".join(json.dumps(label, sort_keys=True) + "\n" for label in labels)
         self.put(self.path(model, "labels", name), text.encode())
 
-    def _delete(self, path: str) -> None:
-        try:
-            self.fs.delete_file(path)
-        except FileNotFoundError:
-            pass
-
     # Reading. ----------------------------------------------------------------------------------
 
     def models(self) -> list[str]:
-        from pyarrow.fs import FileSelector, FileType
-
         try:
-            infos = self.fs.get_file_info(FileSelector(self.root, allow_not_found=True))
+            found = self.files.list(self.root, folders=True)
         except OSError as err:
             raise UsageError(f"capture store {self.uri} cannot be read: {err}") from None
-        return sorted(i.base_name for i in infos if i.type == FileType.Directory and MODEL_NAME.fullmatch(i.base_name))
+        return sorted(f.name for f in found if MODEL_NAME.fullmatch(f.name))
 
-    def _listed(self, model: str, folder: str) -> list:
-        from pyarrow.fs import FileSelector, FileType
-
-        infos = self.fs.get_file_info(FileSelector(self.path(model, folder), allow_not_found=True))
-        return [i for i in infos if i.type == FileType.File]
+    def _listed(self, model: str, folder: str) -> list[Listed]:
+        return self.files.list(self.path(model, folder))
 
     def _read(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
+        return self.files.read(path)
 
     def row(self, model: str, sha: str) -> dict | None:
         try:
@@ -173,8 +227,8 @@ class CaptureStore:
 
     def rows(self, model: str) -> list[dict]:
         """Every capture's row, oldest first."""
-        paths = [i.path for i in self._listed(model, "rows") if SHA.fullmatch(i.base_name.removesuffix(".json"))]
-        with ThreadPoolExecutor(READ_THREADS if not self.local else 1) as pool:
+        paths = [i.path for i in self._listed(model, "rows") if SHA.fullmatch(i.name.removesuffix(".json"))]
+        with ThreadPoolExecutor(1 if self.files.local else READ_THREADS) as pool:
             found = list(pool.map(self._read_missing_ok, paths))
         return sorted((json.loads(text) for text in found if text is not None), key=lambda r: (r["time"], r["sha256"]))
 
@@ -196,7 +250,7 @@ class CaptureStore:
 
     def labels(self, model: str) -> dict[str, dict]:
         """Each labelled capture's label: the last given (by time, then the order of the parts)."""
-        parts = sorted(i.path for i in self._listed(model, "labels") if i.base_name.endswith(".jsonl"))
+        parts = sorted(i.path for i in self._listed(model, "labels") if i.name.endswith(".jsonl"))
         last: dict[str, dict] = {}
         for part in parts:
             for line in self._read(part).decode().splitlines():
@@ -211,16 +265,15 @@ class CaptureStore:
         """Remove the images that have no row, and temp files, older than ``grace_s`` (another
         replica may be between an image and its row); returns how many were removed."""
         now = time.time()
-        rows = {i.base_name.removesuffix(".json") for i in self._listed(model, "rows")}
+        rows = {i.name.removesuffix(".json") for i in self._listed(model, "rows")}
         removed = 0
         for folder in ("images", "rows", "labels"):
             for info in self._listed(model, folder):
-                stem = info.base_name.split(".")[0]
-                stale = info.mtime is None or now - info.mtime.timestamp() > grace_s
-                temp = info.base_name.endswith(TEMP_SUFFIX)
-                orphan = folder == "images" and stem not in rows
+                stale = info.mtime is None or now - info.mtime > grace_s
+                temp = info.name.endswith(TEMP_SUFFIX)
+                orphan = folder == "images" and info.name.split(".")[0] not in rows
                 if (temp or orphan) and stale:
-                    self._delete(info.path)
+                    self.files.delete(info.path)
                     removed += 1
         return removed
 

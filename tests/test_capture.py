@@ -433,3 +433,24 @@ def test_the_writer_keeps_the_quota_evicting_the_oldest_unlabelled_and_the_rate_
     finally:
         slow.close()
     assert len(store.rows("fashion-lenet")) == before + 3
+
+
+@pytest.mark.processes
+def test_a_local_store_needs_no_pyarrow_and_an_object_store_says_it_does(tmp_path):
+    """The container image has no pyarrow: its captures go to a mounted folder, and an s3:// store
+    is refused at start in one line."""
+    script = f"""
+import sys
+sys.modules["pyarrow"] = sys.modules["pyarrow.fs"] = None  # as if not installed
+from model_store.captures import CaptureStore
+store = CaptureStore({str(tmp_path / "store")!r})
+store.add("m", {{"sha256": "a" * 64, "ext": "png", "time": 1.0}}, b"x")
+print(len(store.rows("m")))
+from serving.config import ServingConfig
+ServingConfig.from_env({{"SERVING_CAPTURE": "s3://bucket/prefix"}})
+"""
+    result = run_cli("-c", script)
+    assert result.stdout.strip() == "1"
+    assert result.returncode == 1 and result.stderr.strip().endswith(
+        "ValueError: SERVING_CAPTURE: capture store s3://bucket/prefix: an object store needs pyarrow, which is not installed here"
+    )
