@@ -23,6 +23,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     register.add_argument("onnx", type=Path, help="the .onnx file")
     register.add_argument("--name", required=True, help="model name, e.g. fashion-lenet; the version is the file hash")
+    register.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="the training checkpoint the graph was exported from, kept beside it for fine-tuning (default: none)",
+    )
     commands.add_parser(
         "register-default", help="add the models this repository ships (fashion-lenet, fashion-resnet20)"
     )
@@ -124,7 +130,8 @@ def main(args: argparse.Namespace) -> None:
     if args.command == "captures":
         return captures(args)
     if args.command in ("register", "register-default"):
-        for model in [register(args.onnx, args.name)] if args.command == "register" else register_shipped():
+        registered = [register(args.onnx, args.name, args.checkpoint)] if args.command == "register" else None
+        for model in registered or register_shipped():
             print(f"registered {model.tag} at {model.path}")
     elif args.command == "show":
         print(json.dumps(card_of(open_model(args.tag)).to_dict(), indent=2))

@@ -1,7 +1,9 @@
 """The BentoML model store: register an exported ONNX graph with its card, list, open.
 
 A stored model is the ONNX file (``model.onnx``) plus the card as the model's metadata, a copy
-of the card inside the file. The version is the file's content hash, so registering the same
+of the card inside the file, and, when registered with one, the training checkpoint the graph was
+exported from (``checkpoint.pt``, its SHA-256 beside it): the live model's own weights, which
+``python -m training train --init-weights NAME[:VERSION]`` fine-tunes from. The version is the file's content hash, so registering the same
 file twice is a no-op and a tag names exactly one graph. :func:`check_model` is the one test of a
 graph against its card, run by register and again by the service for every model it loads.
 """
@@ -16,9 +18,10 @@ from bentoml.exceptions import BentoMLException, NotFound
 
 from model_store.card import ModelCard
 from model_store.errors import UsageError
-from model_store.files import file_sha256
+from model_store.files import atomic_output, file_sha256
 
 MODEL_FILE = "model.onnx"
+CHECKPOINT_FILE, CHECKPOINT_DIGEST = "checkpoint.pt", "checkpoint.sha256"
 # The models this repository ships (model_store/default/NAME.onnx), served by default, the default
 # model first: LeNet answers /classify fastest; ResNet-20, with a global-average-pool head, explains.
 SHIPPED_MODELS = ("fashion-lenet", "fashion-resnet20")
@@ -49,20 +52,43 @@ def check_model(path: Path) -> ModelCard:
     return OnnxClassifier(path, device="cpu", threads=1).check()
 
 
-def register(onnx_path: Path, name: str) -> bentoml.Model:
-    """Add an exported model to the store as ``name:<content hash>``, once :func:`check_model` passes;
+def register(onnx_path: Path, name: str, checkpoint: Path | None = None) -> bentoml.Model:
+    """Add an exported model to the store as ``name:<content hash>``, once :func:`check_model` passes,
+    with the ``checkpoint`` it was exported from if given (also to a model stored without one);
     returns the stored model."""
     card = check_model(onnx_path)
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise UsageError(f"--checkpoint {checkpoint} does not exist or is not a file")
     version = file_sha256(onnx_path)[:16]
     tag = _tag(name, version)
     try:
-        return bentoml.models.get(tag)
+        model = bentoml.models.get(tag)
     except NotFound:
-        pass
-    labels = {"arch": card.arch, "dataset": card.dataset or "unknown"}
-    with bentoml.models.create(tag, labels=labels, metadata=card.to_dict()) as model:
-        shutil.copyfile(onnx_path, model.path_of(MODEL_FILE))
-    return bentoml.models.get(tag)  # the stored copy, not the temp dir it was built in
+        labels = {"arch": card.arch, "dataset": card.dataset or "unknown"}
+        with bentoml.models.create(tag, labels=labels, metadata=card.to_dict()) as model:
+            shutil.copyfile(onnx_path, model.path_of(MODEL_FILE))
+        model = bentoml.models.get(tag)  # the stored copy, not the temp dir it was built in
+    if checkpoint is not None:
+        with atomic_output(model.path_of(CHECKPOINT_FILE)) as f, open(checkpoint, "rb") as source:
+            shutil.copyfileobj(source, f)
+        with atomic_output(model.path_of(CHECKPOINT_DIGEST), "w") as f:
+            f.write(file_sha256(Path(model.path_of(CHECKPOINT_FILE))) + "\n")
+    return model
+
+
+def checkpoint_of(tag: str) -> Path:
+    """The checkpoint a stored model was registered with, once its SHA-256 matches the one written
+    beside it; a UsageError says when there is none, or it has changed since."""
+    model = open_model(tag)
+    path, digest = Path(model.path_of(CHECKPOINT_FILE)), Path(model.path_of(CHECKPOINT_DIGEST))
+    if not path.is_file() or not digest.is_file():
+        raise UsageError(
+            f"model {model.tag} has no checkpoint in the store: register it with "
+            f"`python -m model_store register FILE --name {model.tag.name} --checkpoint CHECKPOINT.pt`"
+        )
+    if file_sha256(path) != digest.read_text().strip():
+        raise UsageError(f"model {model.tag}: its stored checkpoint does not match its SHA-256; register it again")
+    return path
 
 
 def register_shipped() -> list[bentoml.Model]:

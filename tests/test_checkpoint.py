@@ -158,3 +158,43 @@ def test_an_empty_init_weights_file_is_a_one_line_cli_error(tmp_path, capsys):
     error = one_line(capsys.readouterr().err)
     assert error.startswith(f"error: --init-weights {tmp_path / 'empty.pt'} is not a readable PyTorch checkpoint")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.processes
+def test_a_stored_model_keeps_its_checkpoint_and_training_starts_from_its_tag(exported, checkpoint, tmp_path):
+    """The live model's own weights travel with it: registered beside the graph, digest-checked,
+    and `--init-weights NAME:latest` fine-tunes from them."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml")}
+    plain = run_cli("-m", "model_store", "register", str(exported), "--name", "field-lenet", env=env)
+    assert plain.returncode == 0, plain.stderr
+    train = ["-m", "training", "train", "--model", "lenet_bn", "--model-arg", "activation=relu"]
+    train += ["--model-arg", "pool=max", "--epochs", "1", "--train-limit", "256", "--test-limit", "256"]
+    start = ["--init-weights", "field-lenet:latest", "--output-dir", str(tmp_path / "run")]
+    missing = run_cli(*train, *start, env=env)
+    assert missing.returncode == 2 and "has no checkpoint in the store: register it with" in missing.stderr
+    kept = run_cli(
+        "-m",
+        "model_store",
+        "register",
+        str(exported),
+        "--name",
+        "field-lenet",
+        "--checkpoint",
+        str(checkpoint),
+        env=env,
+    )  # the same graph again, now with its checkpoint
+    assert kept.returncode == 0, kept.stderr
+    stored = next((tmp_path / "bentoml" / "models" / "field-lenet").glob("*/checkpoint.pt"))
+    assert stored.read_bytes() == checkpoint.read_bytes()
+    tuned = run_cli(*train, *start, env=env)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    filled = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["pretrained"]
+    assert set(filled) == set(torch.load(checkpoint, weights_only=True)["model"])  # every tensor, from the store
+    shutil.copyfile(exported, stored)  # the stored checkpoint changed behind the store's back
+    changed = run_cli(*train, *start, env=env)
+    assert changed.returncode == 2 and "its stored checkpoint does not match its SHA-256" in changed.stderr
+    assert "Traceback" not in changed.stderr + missing.stderr

@@ -24,6 +24,7 @@ def load_pretrained(model: nn.Module, path: Path) -> set[str]:
     its input channels, the usual way to keep what the first filters learned. A file that is
     missing, unreadable, or a checkpoint whose weights fail their digest is a one-line error.
     """
+    path = stored_checkpoint(path)
     source = read_torch_file(path, "--init-weights")
     if isinstance(source, dict) and ({"model", "card"} <= source.keys() or DIGEST_KEY in source):
         verify_weights(source, path)  # one of our checkpoints: its weights must match their digest
@@ -55,6 +56,17 @@ def load_pretrained(model: nn.Module, path: Path) -> set[str]:
     fresh = sorted(n for n, _ in model.named_parameters() if n not in loaded)
     logger.info("loaded %d tensors from %s; trained from scratch: %s", len(loaded), path, fresh)
     return set(loaded)
+
+
+def stored_checkpoint(path: Path) -> Path:
+    """``path``, or where it names a model of the store (``NAME`` or ``NAME:VERSION``, no file of
+    that name here), the checkpoint registered with it, digest-checked."""
+    text = str(path)
+    if path.exists() or "/" in text or text.endswith((".pt", ".pth")):
+        return path
+    from model_store.store import checkpoint_of  # bentoml: imported only for a tag
+
+    return checkpoint_of(text)
 
 
 def parameter_groups(model: nn.Module, pretrained: set[str], freeze: bool, backbone_lr_scale: float) -> list[dict]:

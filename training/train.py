@@ -75,7 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mixed precision (default: auto = bf16 on a GPU that has it, else fp16 on a GPU, off on CPU)",
     )
     parser.add_argument(
-        "--init-weights", type=Path, default=None, help="fine-tune from this state_dict or checkpoint (default: none)"
+        "--init-weights",
+        type=Path,
+        default=None,
+        help="fine-tune from this state_dict or checkpoint, or from a stored model's (NAME or NAME:VERSION of "
+        "the model store, registered with --checkpoint) (default: none)",
     )
     parser.add_argument(
         "--freeze-backbone", action="store_true", help="fine-tuning: train only the new parameters (default: off)"
