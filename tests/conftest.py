@@ -33,6 +33,7 @@ HEAVY_FIXTURES = {
     "engine": "builds and runs container images",
     "browser": "drives Chromium",
     "ray_local": "starts a Ray instance",
+    "energy_only": "fits an OOD head and drift reference on held-out images, an export step (test_drift)",
 }
 # Modules whose every test builds, trains or exports networks in PyTorch (the model zoo, training
 # and export themselves), or runs their command-line tools, each a process that imports torch.
