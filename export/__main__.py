@@ -25,6 +25,7 @@ from training.extras import exit_if_missing_extra
 try:
     import numpy as np
     import torch
+    from torch.utils.data import ConcatDataset
 
     from export import calibrate, ood_head
     from export.onnx_export import (
@@ -186,14 +187,16 @@ def main(args: argparse.Namespace) -> ModelCard:
     # The held-out and test images, stacked once for the calibration and the OOD head.
     held = None
     if parts.validation is not None:
-        held = {
-            name: stack_items(split, range(len(split)))
-            for name, split in (("validation", parts.validation), ("test", parts.test))
-        }
+        # A fine-tune's (--reviewed) held-out captures join the validation split: what the model
+        # will meet now is both kinds, and its calibration, OOD head and drift reference fit both.
+        validation = parts.validation if parts.field is None else ConcatDataset([parts.validation, parts.field])
+        splits = {"validation": validation, "test": parts.test, "field": parts.field}
+        held = {name: stack_items(split, range(len(split))) for name, split in splits.items() if split is not None}
     card = calibrated(card, model, serialize(proto), held, args)
     reference = None
     if card.calibration is not None and not args.no_ood_head:
-        fitted = ood_head.fit(with_card(proto, card), card, held["validation"][0], held["test"][0])
+        outside = stack_items(parts.outside, range(len(parts.outside)))[0] if parts.outside is not None else None
+        fitted = ood_head.fit(with_card(proto, card), card, held["validation"][0], held["test"][0], outside=outside)
         if fitted is not None:
             proto, card, reference = fitted
     with atomic_output(args.output) as f:

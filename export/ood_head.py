@@ -159,11 +159,19 @@ def with_head(proto: onnx.ModelProto, features: str, bank: np.ndarray, k: int = 
 
 
 def fit(
-    proto: onnx.ModelProto, card: ModelCard, held_out: np.ndarray, test: np.ndarray, seed: int = 0
+    proto: onnx.ModelProto,
+    card: ModelCard,
+    held_out: np.ndarray,
+    test: np.ndarray,
+    seed: int = 0,
+    outside: np.ndarray | None = None,
 ) -> tuple[onnx.ModelProto, ModelCard, DriftReference] | None:
     """``proto`` (with ``card`` in it, calibrated) with the head, its card with the kNN threshold and
     the head's figures, and the drift reference: all fitted on the uint8 ``held_out`` images, the
-    run's validation split, and the head's share of ``test`` images accepted measured. None, said
+    run's validation split, and the head's share of ``test`` images accepted measured; and of
+    ``outside`` images (reviewed captures labelled not_in_domain) flagged. Those never join the bank
+    nor move the threshold, which is set by the share of in-distribution images the card promises to
+    accept (``id_acceptance``): they measure it. None, said
     why on stdout, when the graph or the split cannot have one."""
     proto = without_head(proto)
     features = feature_tensor(proto)
@@ -215,6 +223,10 @@ def fit(
         "threshold_images": len(rest),
         "test_flagged": float(np.mean(test_distances > calibration.knn_threshold)) if len(test) else None,
     }
+    if outside is not None and len(outside):
+        outside_distances = engine.run(outside, [OOD_OUTPUT], BATCH)[0]
+        record["not_in_domain_flagged"] = float(np.mean(outside_distances > calibration.knn_threshold))
+        record["not_in_domain_images"] = len(outside)
     network = card.export.get("output", "logits float32 [N, classes]").split(f", {FEATURES_OUTPUT} ")[0]  # a refit's
     outputs = f"{network}, {FEATURES_OUTPUT} float32 [N, D], {OOD_OUTPUT} float32 [N]"
     export = {**card.export, "output": outputs, "ood": _no_nulls(record)}
@@ -223,6 +235,11 @@ def fit(
         f"OOD head: {len(banked)} held-out feature vectors of {bank.shape[1]} in the graph; distance threshold "
         f"{calibration.knn_threshold:.3f} accepts {card.calibration.id_acceptance:.0%} of {len(rest)} others"
         + (f", flags {record['test_flagged']:.1%} of {len(test)} test images" if len(test) else "")
+        + (
+            f", flags {record['not_in_domain_flagged']:.1%} of {len(outside)} reviewed images not in domain"
+            if "not_in_domain_flagged" in record
+            else ""
+        )
         + f"; drift levels, for a window of {reference.window:,} answers: "
         + ", ".join(f"{name} {level:.4g}" for name, level in reference.levels.items())
     )

@@ -28,6 +28,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, NamedTuple
+from urllib.parse import quote
 
 from model_store.errors import UsageError
 from model_store.files import atomic_output
@@ -55,6 +56,10 @@ MEDIA_TYPES = {
     "heic": "image/heic",
     "bin": "application/octet-stream",
 }
+# Which reviewed images a fine-tune holds out, decided by the image's own SHA-256 so that the fine-tune
+# (training.reviewed) and the service's rollout (serving.rollout), which scores both models on the
+# labelled captures, agree without sharing a list: one in HELD_OUT_EVERY, the same ones every time.
+HELD_OUT_EVERY = 5
 READ_THREADS = 16  # an object-store GET waits tens of milliseconds: keep many in flight
 TEMP_SUFFIX = ".tmp"
 
@@ -70,6 +75,16 @@ def extension(data: bytes) -> str:
     if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1"):
         return "heic"
     return "bin"
+
+
+def folder_name(label: str) -> str:
+    """A label as one folder name: "/" and "%" percent-encoded (Fashion-MNIST has "T-shirt/top")."""
+    return quote(label, safe=" ")
+
+
+def is_held_out(sha: str) -> bool:
+    """Whether a fine-tune keeps the reviewed image of this SHA-256 out of training (HELD_OUT_EVERY)."""
+    return int(sha[:8], 16) % HELD_OUT_EVERY == 0
 
 
 def check_sha(sha: str) -> str:
@@ -332,7 +347,8 @@ def label_rows(shas: list[str], labels: list[str], by: str, class_names: tuple[s
 
 def export_folder(store: CaptureStore, model: str, output: Path) -> dict[str, int]:
     """The labelled captures as an image folder that ``python -m training train --dataset folder``
-    reads as it is: ``<class>/<sha256>.<ext>`` for each class that has one, ``not_in_domain/`` apart
+    reads as it is: ``<class>/<sha256>.<ext>`` for each class that has one (its name through
+    :func:`folder_name`), ``not_in_domain/`` apart
     (training skips it: those are out-of-distribution examples, not a class), and
     ``manifest.parquet``: every capture's row with its label (null where none). Images per folder."""
     import pyarrow as pa
@@ -347,7 +363,7 @@ def export_folder(store: CaptureStore, model: str, output: Path) -> dict[str, in
         found = store.image(model, row["sha256"])
         if found is None:
             continue
-        with atomic_output(output / label["label"] / f"{row['sha256']}.{row['ext']}") as f:
+        with atomic_output(output / folder_name(label["label"]) / f"{row['sha256']}.{row['ext']}") as f:
             f.write(found[0])
         written[label["label"]] = written.get(label["label"], 0) + 1
     table = pa.table(

@@ -48,6 +48,9 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. {"epoch": 12, "test_acc": 0.91}
     export: dict[str, Any] = field(default_factory=dict)  # filled by export: opset, checkpoint hash, parity
     calibration: Calibration | None = None  # fitted by export on held-out images; None: unsure is null
+    # A fine-tune's provenance (training.field): its parent's tag, the reviewed set's digest and
+    # counts per class and source, the recipe, and the parent's figures on the same images.
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Cards come back from files people can edit, so check everything a consumer relies on.
@@ -104,6 +107,8 @@ class ModelCard:
             fields["calibration"] = self.calibration.to_dict()
         if self.decode == "full":  # likewise; a "scaled" card is refused by code that cannot honour it
             del fields["decode"]
+        if not self.lineage:  # likewise: a model trained from scratch has none
+            del fields["lineage"]
         return json.dumps({"card_version": CARD_VERSION, **fields}, sort_keys=True)
 
     @classmethod

@@ -28,9 +28,10 @@ SHIPPED_MODELS = ("fashion-lenet", "fashion-resnet20")
 DEFAULT_MODEL_NAME, EXPLAINER_MODEL_NAME = SHIPPED_MODELS
 
 
-def shipped_file(name: str) -> Path:
-    """The ONNX file of the shipped model ``name`` (one of SHIPPED_MODELS)."""
-    return Path(__file__).parent / "default" / f"{name}.onnx"
+def shipped_file(name: str, suffix: str = ".onnx") -> Path:
+    """The ONNX file of the shipped model ``name`` (one of SHIPPED_MODELS), or with ``suffix=".pt"``
+    the checkpoint it was exported from (its weights and card, without the optimizer's state)."""
+    return Path(__file__).parent / "default" / f"{name}{suffix}"
 
 
 DEFAULT_MODEL_FILE, EXPLAINER_MODEL_FILE = shipped_file(DEFAULT_MODEL_NAME), shipped_file(EXPLAINER_MODEL_NAME)
@@ -92,8 +93,12 @@ def checkpoint_of(tag: str) -> Path:
 
 
 def register_shipped() -> list[bentoml.Model]:
-    """The models this repository ships, so serving works right after install."""
-    return [register(shipped_file(name), name) for name in SHIPPED_MODELS]
+    """The models this repository ships, with their checkpoints, so serving works right after
+    install and a fine-tune can start from the live model (``--from fashion-lenet``)."""
+    return [
+        register(shipped_file(name), name, shipped_file(name, ".pt") if shipped_file(name, ".pt").is_file() else None)
+        for name in SHIPPED_MODELS
+    ]
 
 
 class NotStored(UsageError, LookupError):

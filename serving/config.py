@@ -80,6 +80,14 @@ class ServingConfig:
     review_tokens: str = (
         ""  # name=token,...: bearer tokens for /review and /models only; a label records the token's name
     )
+    rollout_state: str = (
+        ""  # the file rollouts keep their state in (serving.rollout); empty: rollout.json in BENTOML_HOME
+    )
+    rollout_min_requests: int = 200  # images scored by both versions before a gate judges (rollback, promotion)
+    rollout_unsure_margin: float = 0.10  # a canary rolls back when its unsure share exceeds the live one's by more
+    rollout_error_margin: float = 0.01  # ... or its error rate by more than this
+    rollout_min_agreement: float = 0.90  # promotion needs the candidate to agree with this share of live sure answers
+    rollout_shadow_max: int = 64  # shadow scores in flight at most; past it one is skipped and counted
 
     def __post_init__(self) -> None:
         if not self.models or any(not tag.strip() for tag in self.models):
@@ -100,7 +108,16 @@ class ServingConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV[name]} must be at least 1, got {getattr(self, name)}")
-        for name in ("capture_max_images", "capture_max_mb", "capture_queue_mb"):
+        for name in ("rollout_unsure_margin", "rollout_error_margin", "rollout_min_agreement"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{ENV[name]} must be a share between 0 and 1, got {getattr(self, name)}")
+        for name in (
+            "capture_max_images",
+            "capture_max_mb",
+            "capture_queue_mb",
+            "rollout_min_requests",
+            "rollout_shadow_max",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV[name]} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.capture_sample <= 1:

@@ -50,6 +50,8 @@ from serving.logs import log_request
 from serving.requests import Received
 from serving.review import REVIEW_PREFIX, is_review
 from serving.review import route as review_route
+from serving.rollout import ROLLOUT_PREFIX, is_rollout
+from serving.rollout import route as rollout_route
 
 if TYPE_CHECKING:
     from serving.config import ServingConfig
@@ -81,7 +83,9 @@ def is_open(path: str) -> bool:
 
 
 def is_route(path: str) -> bool:
-    return path in ROUTES or is_review(path) or (path.startswith(OPEN_PREFIXES) and ".." not in path)
+    return (
+        path in ROUTES or is_review(path) or is_rollout(path) or (path.startswith(OPEN_PREFIXES) and ".." not in path)
+    )
 
 
 class Edge:
@@ -110,6 +114,8 @@ class Edge:
             return await self.v2(scope, receive, send)
         if is_review(path):
             return await self.review(scope, receive, send)
+        if is_rollout(path):
+            return await self.rollout(scope, receive, send)
         if path not in HOT_ROUTES:
             if not is_route(path):
                 return await self.refuse(send, NotFound(f"no such path; the routes are {', '.join(sorted(ROUTES))}"))
@@ -199,6 +205,22 @@ class Edge:
             await send_answer(send, status, body)
 
         return await self.admit(scope, receive, send, REVIEW_PREFIX, answer)
+
+    async def rollout(self, scope, receive, send) -> None:
+        """The ``/rollout`` routes (``serving.rollout``): read and admitted like model control,
+        with its time limit (starting a rollout loads and warms up the candidate)."""
+        try:
+            route = rollout_route(scope["method"], scope["path"])
+        except (NotFound, MethodNotAllowed) as error:
+            return await self.refuse(send, error)
+        handlers = self.handlers()
+
+        async def answer(scope, received: Received, receive, send) -> None:
+            work = handlers.rollout(route, received)
+            status, body = await respond(handlers, ROLLOUT_PREFIX, work, timeout_s=LOAD_TIMEOUT_S)
+            await send_answer(send, status, body)
+
+        return await self.admit(scope, receive, send, ROLLOUT_PREFIX, answer)
 
     def handlers(self) -> Handlers:
         self._handlers = self._handlers or self._find_handlers()

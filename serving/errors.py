@@ -62,6 +62,10 @@ class NotExplainable(LookupError):
     """``/explain`` asked of a model whose graph has no class-activation map."""
 
 
+class Conflict(RuntimeError):
+    """The request cannot be carried out in the present state (a rollout's gate, a rollout under way): the message says what would allow it."""
+
+
 class Overloaded(RuntimeError):
     """More requests are in flight than the service admits; retry shortly, or elsewhere."""
 
@@ -84,6 +88,7 @@ HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (UnsupportedMediaType, 415, "unsupported_type"),
     (ClientGone, 499, "disconnected"),  # nginx's code for it: the status only labels the metric and log
     (NotExplainable, 422, "not_explainable"),
+    (Conflict, 409, "conflict"),
     (ImageError, 400, "bad_image"),
     (RequestError, 400, "bad_request"),
     (Overloaded, 503, "overloaded"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -19,12 +20,13 @@ from serving.capture import Capture
 from serving.config import ServingConfig
 from serving.decoders import DecodePool
 from serving.edge import CLASSIFY_BATCH
-from serving.errors import Forbidden, ModelUnavailable, NotExplainable
+from serving.errors import Conflict, Forbidden, ModelUnavailable, NotExplainable
 from serving.failures import error_answer
 from serving.heatmap import overlay_png
 from serving.model_set import ModelSet, ServedModel
 from serving.requests import Received, Upload, parse_top_k, read_batch_request, read_classify_request
 from serving.review import Review, ReviewRoute
+from serving.rollout import KEY_HEADER, RolloutRoute, Rollouts
 
 # Where an image is decoded, by what decoding it costs: on the event loop when that is less than the
 # hop to a decoder process and back (0.3 ms of CPU for a small image, 3 ms for a 12 MP JPEG), else in a
@@ -50,13 +52,20 @@ class Handlers:
         self.capture = Capture.from_config(config) if config.capture else None
         store = self.capture.store if self.capture else None
         self.reviews = Review(store, self.capture, models, token_set=bool(config.auth_token))
+        # Candidates beside served models, shadowed or on canary (serving.rollout).
+        self.rollouts = Rollouts(models, config, state_path(config), store)
 
     async def classify(self, received: Received) -> dict:
         parsed = read_classify_request(received)
         model = self.models.get(parsed.model)
         k = parse_top_k(parsed.top_k, model.engine.card.num_classes)
         upload = parsed.images[0]
-        row = await model.batcher.submit(await self.decode(upload, model))
+        pixels = await self.decode(upload, model)
+        if self.rollouts.active and (rollout := self.rollouts.of(model, parsed.model)):
+            side = rollout.candidate_answers(received.headers.get(KEY_HEADER))
+            model, row = await self.rollouts.score(rollout, model, pixels, side)
+        else:
+            row = await model.batcher.submit(pixels)
         result = answer(row, model.engine.card, k)
         if self.capture is not None:
             self.capture.offer(model, upload.data, row, result["unsure_reason"])
@@ -101,19 +110,28 @@ class Handlers:
         parsed = read_batch_request(received, self.config.max_batch_images)
         model = self.models.get(parsed.model)
         k = parse_top_k(parsed.top_k, model.engine.card.num_classes)
+        # One side for the whole request, so that its answer names one version (a candidate that
+        # fails is answered for by the live model, image by image: each result names its version).
+        rollout = self.rollouts.of(model, parsed.model) if self.rollouts.active else None
+        side = rollout.candidate_answers(received.headers.get(KEY_HEADER)) if rollout else False
 
         async def one(upload: Upload) -> dict:
             try:
-                row = await model.batcher.submit(await self.decode(upload, model))
+                pixels = await self.decode(upload, model)
             except ImageError as err:  # this image fails; its neighbours still get answers
                 return {"filename": upload.filename, **error_answer(err, CLASSIFY_BATCH)[1]}
-            result = answer(row, model.engine.card, k)
+            if rollout is None:
+                answering, row = model, await model.batcher.submit(pixels)
+            else:
+                answering, row = await self.rollouts.score(rollout, model, pixels, side)
+            result = answer(row, answering.engine.card, k)
             if self.capture is not None:
-                self.capture.offer(model, upload.data, row, result["unsure_reason"])
-            return {"filename": upload.filename, **result}
+                self.capture.offer(answering, upload.data, row, result["unsure_reason"])
+            return {"filename": upload.filename, **result, **({"version": answering.version} if rollout else {})}
 
         results = await asyncio.gather(*(one(upload) for upload in parsed.images))
-        return {"model": model.name, "version": model.version, "results": results}
+        version = rollout.candidate.version if rollout and side else model.version
+        return {"model": model.name, "version": version, "results": results}
 
     async def infer(self, route: v2.Route, body: bytes, headers: dict[bytes, bytes]) -> v2.Encoded:
         """``POST /v2/models/{m}/infer``: pixels go straight to the batcher; encoded images are
@@ -125,9 +143,17 @@ class Handlers:
             inputs = await _all(self.decode_nth(i, data, model) for i, data in enumerate(request.images))
         else:
             inputs = request.pixels
-        rows = await _all(model.batcher.submit(pixels) for pixels in inputs)
+        rollout = self.rollouts.of(model, route.tag) if self.rollouts.active else None
+        if rollout is None:
+            rows = await _all(model.batcher.submit(pixels) for pixels in inputs)
+            version = model.version
+        else:  # one side for the request: its answer names one version
+            side = rollout.candidate_answers(headers.get(KEY_HEADER))
+            scored = await _all(self.rollouts.score(rollout, model, pixels, side) for pixels in inputs)
+            rows = [row for _, row in scored]
+            version = scored[0][0].version if len({m.version for m, _ in scored}) == 1 else model.version
         probabilities = np.stack([row.probabilities for row in rows])  # calibrated, as /classify's are
-        return v2.encode_infer(request, probabilities, model.name, model.version, card.class_names)
+        return v2.encode_infer(request, probabilities, model.name, version, card.class_names)
 
     async def repository(self, route: v2.Route, body: bytes) -> dict | v2.Encoded:
         """Triton's model-repository extension: the index, load (checked and warmed up before it
@@ -140,6 +166,12 @@ class Handlers:
             index = await asyncio.to_thread(self.models.index, options.get("ready") is True)
             return v2.json_answer(index)
         async with self.changing:  # one load or unload at a time; requests go on meanwhile
+            name = route.model.partition(":")[0]
+            if name in self.rollouts.active:
+                raise Conflict(
+                    f"model {name} has a rollout under way; promote its candidate or roll it back "
+                    f"(POST /rollout/{name}/promote or /rollback) before loading or unloading it"
+                )
             if route.kind == "load":
                 model = await asyncio.to_thread(self.models.prepare, route.model)
                 old = self.models.install(model)
@@ -149,6 +181,10 @@ class Handlers:
     async def review(self, route: ReviewRoute, received: Received, who: str) -> dict | v2.Encoded:
         """The ``/review`` routes (``serving.review``); ``who``: the name of the token the request sent."""
         return await self.reviews.answer(route, received.body, received.query, who)
+
+    async def rollout(self, route: RolloutRoute, received: Received) -> dict:
+        """The ``/rollout`` routes (``serving.rollout``)."""
+        return await self.rollouts.answer(route, received.body)
 
     async def decode_nth(self, index: int, data: bytes, model: ServedModel) -> np.ndarray:
         try:
@@ -206,3 +242,12 @@ async def _all(awaitables) -> list:
         if isinstance(result, BaseException):
             raise result
     return results
+
+
+def state_path(config: ServingConfig) -> Path:
+    """Where rollouts keep their state: SERVING_ROLLOUT_STATE, else rollout.json in BentoML's home."""
+    if config.rollout_state:
+        return Path(config.rollout_state)
+    from model_store.store import bentoml_home
+
+    return Path(bentoml_home()) / "rollout.json"

@@ -95,6 +95,30 @@ capture_evicted = bentoml.metrics.Counter(
     documentation="unlabelled captures removed, oldest first, to keep a model's store within its quota",
     labelnames=["model"],
 )
+# Rollout (serving.rollout): per model name (served ones only), side (live, candidate), outcome
+# (sure, unsure, error) and event (a fixed set): clients cannot grow them.
+rollout_answers = bentoml.metrics.Counter(
+    name="classify_rollout_answers",
+    documentation="images scored during a rollout, by model, side (live, candidate) and outcome (sure, unsure, error)",
+    labelnames=["model", "side", "outcome"],
+)
+rollout_agreement = bentoml.metrics.Gauge(
+    name="classify_rollout_agreement",
+    documentation="share of the live model's sure answers that the candidate gave the same class",
+    labelnames=["model"],
+    multiprocess_mode="livemax",
+)
+rollout_percent = bentoml.metrics.Gauge(
+    name="classify_rollout_percent",
+    documentation="share of requests the candidate answers (0: shadow, or no rollout)",
+    labelnames=["model"],
+    multiprocess_mode="livemax",
+)
+rollout_events = bentoml.metrics.Counter(
+    name="classify_rollout_events",
+    documentation="rollout events: started, canary, promoted, rolled_back, auto_rolled_back, shadow_skipped",
+    labelnames=["model", "event"],
+)
 in_flight = bentoml.metrics.Gauge(
     name="classify_in_flight",
     documentation="classify requests being served now",

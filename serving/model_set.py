@@ -108,18 +108,26 @@ class ModelSet:
         # One change of the set at a time: start-up's warm-up, a load.
         self._changing = threading.Lock()
 
-    def _open(self, name: str, version: str, path: Path) -> ServedModel:
+    def _open(self, name: str, version: str, path: Path, label: str | None = None) -> ServedModel:
+        """``label``: the name its metrics go by, when not ``name`` (a rollout's candidate)."""
         engine = OnnxClassifier(path, self.config.device, self.config.engine_threads)
         engine.check()  # the graph agrees with its card: classes, input shape and type, a test run
         wait_s = self.config.batch_wait_ms / 1000
-        monitor = Monitor(name, engine)
-        batcher = MicroBatcher(monitor.score, self.config.max_batch_size, wait_s, _observer(name))
+        monitor = Monitor(label or name, engine)
+        batcher = MicroBatcher(monitor.score, self.config.max_batch_size, wait_s, _observer(monitor))
         return ServedModel(name, version, engine, batcher, monitor)
 
     @classmethod
-    def from_store(cls, config: ServingConfig) -> ModelSet:
-        """The models ``config.models`` names, from the BentoML model store."""
-        stored = [open_model(requested) for requested in config.models]  # name:latest -> the version served
+    def from_store(cls, config: ServingConfig, pins: dict[str, str] | None = None) -> ModelSet:
+        """The models ``config.models`` names, from the BentoML model store; a name given without a
+        version (or as ``name:latest``) that ``pins`` names is served at the pinned tag, the
+        version a rollout left live (serving.rollout), not merely the one registered last."""
+        pins = pins or {}
+        requested = [
+            pins.get(tag.split(":")[0], tag) if tag.partition(":")[2] in ("", "latest") else tag
+            for tag in config.models
+        ]
+        stored = [open_model(tag) for tag in requested]  # name:latest -> the version served
         models = cls(config, [(s.tag.name, s.tag.version, Path(s.path_of(MODEL_FILE))) for s in stored])
         for entry in stored:
             model = models.find(entry.tag.name)
@@ -213,7 +221,7 @@ class ModelSet:
             inline_max=model.batcher.inline_max,
         )
 
-    def prepare(self, requested: str) -> ServedModel:
+    def prepare(self, requested: str, label: str | None = None) -> ServedModel:
         """A model of the store (``name``, ``name:version``, ``name:latest``), checked, loaded and
         warmed up at every batch size, not yet serving: :meth:`install` switches traffic to it.
         Blocking (seconds for a large model): run it on a thread."""
@@ -230,7 +238,7 @@ class ModelSet:
             raise RequestError(_reason(err)) from None
         with self._changing:
             try:
-                model = self._open(entry.tag.name, entry.tag.version, Path(entry.path_of(MODEL_FILE)))
+                model = self._open(entry.tag.name, entry.tag.version, Path(entry.path_of(MODEL_FILE)), label)
                 _check_store_card(entry, model)
                 self._warm_up(model)
             except Exception as err:
@@ -319,12 +327,20 @@ def _reason(error: Exception) -> str:
     return text if isinstance(error, UsageError) and text else f"{type(error).__name__}: {text}"
 
 
-def _observer(name: str):
+def _observer(monitor: Monitor):
+    """The batch metrics of a model, under its monitor's name (which a promoted candidate changes)."""
+    name = monitor.name
     batch_size, queue, inference = (
         h.labels(model=name) for h in (metrics.batch_size, metrics.queue_seconds, metrics.inference_seconds)
     )
 
     def on_batch(size: int, waits: list[float], seconds: float) -> None:
+        nonlocal name, batch_size, queue, inference
+        if monitor.name != name:
+            name = monitor.name
+            batch_size, queue, inference = (
+                h.labels(model=name) for h in (metrics.batch_size, metrics.queue_seconds, metrics.inference_seconds)
+            )
         batch_size.observe(size)
         inference.observe(seconds)
         for wait in waits:

@@ -120,6 +120,11 @@ class Monitor:
                 metrics.drift.labels(model=self.name, statistic=statistic).set(UNKNOWN)
             metrics.drift_answers.labels(model=self.name).set(0)
 
+    def rename(self, name: str) -> None:
+        """Publish under ``name`` from now on (a candidate promoted): its old gauges read UNKNOWN."""
+        self.retire()
+        self.name, self.retired, self._published = name, False, False
+
     def describe(self, tag: str) -> dict:
         """What ``GET /monitor`` answers for this model: the window now, the levels, the alerts."""
         if self.window is None:

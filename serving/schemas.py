@@ -8,7 +8,7 @@ per request.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from bentoml import IODescriptor
 from bentoml._internal.service.openapi.specification import MediaType, Response, Schema
@@ -136,6 +136,14 @@ class ModelDrift(BaseModel):
         default_factory=list,
         description="recent figures, oldest first, each with its unix `time`, the `images` seen and the `answers` "
         "they are over",
+    )
+    candidate_of: str | None = Field(
+        None, description="for a rollout's candidate (serving.rollout): the name of the model it may replace"
+    )
+    rollout: dict[str, Any] | None = Field(
+        None,
+        description="on the live model and its candidate during a rollout: agreement on sure answers, each "
+        "version's unsure, out-of-distribution and error shares, accuracy on labelled captures, the gates",
     )
 
 

@@ -30,10 +30,11 @@ with bentoml.importing():
     from serving import metrics, ui
     from serving.config import ServingConfig
     from serving.edge import CLASSIFY, CLASSIFY_BATCH, EXPLAIN, MODELS, MONITOR, UI, respond
-    from serving.handlers import Handlers
+    from serving.handlers import Handlers, state_path
     from serving.logs import log_event
     from serving.model_set import ModelSet
     from serving.requests import Received
+    from serving.rollout import read_pins
     from serving.schemas import (
         ClassifyBatchForm,
         ClassifyBatchOutput,
@@ -75,7 +76,8 @@ class Classifier:
         # window's covariance, once a second, kept one busy, 0.05 ms of CPU per request at concurrency
         # 32 (BENCHMARKS.md, "issue 26 before/after"). The service's parallelism is its requests.
         threadpool_limits(1, user_api="blas")
-        self.models = ModelSet.from_store(CONFIG)
+        # A rollout's promotion pins the version it left live (serving.rollout): served after a restart.
+        self.models = ModelSet.from_store(CONFIG, read_pins(state_path(CONFIG)))
         self.handlers = Handlers(self.models, CONFIG)
         for model in self.models.models:
             log_event(
@@ -97,7 +99,12 @@ class Classifier:
         if dead := metrics.forget_dead_workers():
             log_event("forgot_dead_workers", pids=dead)
         # Warm up in the background: /livez answers meanwhile, /readyz only once it is done.
-        threading.Thread(target=self.models.warm_up, name="warm-up", daemon=True).start()
+        # Then resume the rollouts the state file names (their candidates load and warm up likewise).
+        threading.Thread(target=self.start, name="warm-up", daemon=True).start()
+
+    def start(self) -> None:
+        self.models.warm_up()
+        self.handlers.rollouts.restore()
 
     def __is_ready__(self) -> bool:
         # Not ready while no decoder process can start: every image above the inline size would fail.
@@ -145,7 +152,7 @@ class Classifier:
         share answered unsure by reason, the predicted classes' stability index, the Fréchet distance of the
         features and the mean OOD distance, each with the level in-distribution windows stay under, the
         statistics above their level, and a history of recent figures."""
-        return self.models.monitored()
+        return self.handlers.rollouts.monitored(self.models.monitored())
 
 
 # At class scope, so that `bentoml build` packages every model the service is configured with.

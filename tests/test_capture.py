@@ -82,7 +82,8 @@ def exercise(store: CaptureStore, tmp_path: Path) -> None:
         (shas[1], None),
         (shas[2], NOT_IN_DOMAIN),
     ]
-    assert (tmp_path / "out" / CLASSES[0] / f"{shas[0]}.png").read_bytes() == images[0]
+    # one folder per class, "T-shirt/top" as "T-shirt%2Ftop", not a folder inside another
+    assert (tmp_path / "out" / "T-shirt%2Ftop" / f"{shas[0]}.png").read_bytes() == images[0]
     assert store.remove("m", shas[1])["sha256"] == shas[1]
     assert store.row("m", shas[1]) is None and store.image("m", shas[1]) is None
     assert store.remove("m", shas[1]) is None

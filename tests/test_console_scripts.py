@@ -11,7 +11,13 @@ from model_store.cli import run
 from model_store.errors import UsageError
 from tests.conftest import REPO, run_cli
 
-SCRIPTS = {"cnn-train": "training", "cnn-export": "export", "cnn-store": "model_store", "cnn-score": "scoring"}
+SCRIPTS = {
+    "cnn-train": "training",
+    "cnn-export": "export",
+    "cnn-store": "model_store",
+    "cnn-score": "scoring",
+    "cnn-serve": "serving",
+}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

@@ -341,3 +341,64 @@ def test_the_review_page_shows_captures_and_takes_a_label_by_key_or_click(browse
         assert {sha: label["label"] for sha, label in given.items()} == {first: "not_in_domain", third: "Bag"}
         assert {label["by"] for label in given.values()} == {"service"} and second not in given
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@pytest.mark.processes
+def test_the_rollout_section_starts_a_shadow_shows_its_figures_and_promotes(
+    browser, bentoml_home, fashion_test, tmp_path
+):
+    """/ui's Rollout section against a real `bentoml serve` with model control: a candidate started
+    from the form, promotion refused (its button off) until enough images were scored by both, then
+    promoted with a click, and the page serves the new version."""
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import run_cli, wait_until
+    from tests.test_rollout import changed_graph
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    env = {
+        "SERVING_MODELS": "fashion-lenet",
+        "SERVING_AUTH_TOKEN": TOKEN,
+        "SERVING_MODEL_CONTROL": "true",
+        "SERVING_ROLLOUT_MIN_REQUESTS": "20",
+        "SERVING_ROLLOUT_STATE": str(tmp_path / "rollout.json"),
+    }
+    log = tmp_path / "serve.log"
+    with bentoml_serve(bentoml_home, log, env) as url:
+        graph = changed_graph(tmp_path / "candidate.onnx", temperature=1.5)
+        home = {"BENTOML_HOME": str(log.parent / "bentoml")}
+        registered = run_cli("-m", "model_store", "register", str(graph), "--name", "fashion-lenet", env=home)
+        assert registered.returncode == 0, registered.stderr
+        candidate = registered.stdout.split()[1]
+        live = httpx.get(f"{url}/models", headers=auth, timeout=30).json()["default"]
+
+        open_page(browser, url)
+        browser.execute_script(f"sessionStorage.setItem('classic-cnns-token', '{TOKEN}')")
+        browser.get_log("browser")  # drop the first load's 401, before the token was there
+        open_page(browser, url)
+        wait_for(browser, lambda d: d.find_element(By.ID, "rollout").is_displayed(), "the Rollout section")
+        assert "fashion-lenet has no candidate" in text(browser, "rollout-state")
+        browser.find_element(By.ID, "rollout-candidate").send_keys(candidate)
+        browser.find_element(By.CSS_SELECTOR, "#rollout-form button[type=submit]").click()
+        wait_for(browser, lambda d: d.find_element(By.ID, "rollout-current").is_displayed(), "the rollout shown")
+        assert text(browser, "rollout-state") == f"fashion-lenet: {candidate} in shadow beside {live}"
+        assert "Promotion refused: only 0 images" in text(browser, "rollout-gate")
+        assert not browser.find_element(By.ID, "rollout-promote").is_enabled()
+
+        for image in fashion_test[0][:60]:  # real clothes: sure answers, on which the two versions agree
+            files = {"image": ("x.png", png_bytes(image), "image/png")}
+            assert httpx.post(f"{url}/classify", files=files, headers=auth, timeout=30).status_code == 200
+        wait_until(lambda: httpx.get(f"{url}/rollout", headers=auth, timeout=30).json()["rollouts"][0]["scored_by_both"]
+                   == 60, "60 images scored by both")  # fmt: skip
+        gates = httpx.get(f"{url}/rollout", headers=auth, timeout=30).json()["rollouts"][0]["gates"]
+        assert gates["promotable"], gates
+        browser.find_element(By.ID, "rollout-set").click()  # percent 0 again: the section reads the figures anew
+        wait_for(browser, lambda d: "Promotion allowed." in text(d, "rollout-gate"), "the gate open")
+        assert "images scored 60 60\nunsure " in text(browser, "rollout-table")
+        browser.find_element(By.ID, "rollout-promote").click()
+        wait_for(browser, lambda d: "has no candidate" in text(d, "rollout-state"), "the promotion")
+        assert f"{candidate}: promoted (asked)" in text(browser, "rollout-ended")
+        wait_for(
+            browser, lambda d: d.find_element(By.ID, "model").get_attribute("value") == candidate, "the new version"
+        )
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -94,3 +94,30 @@ def load_model(path: Path) -> tuple[nn.Sequential, ModelCard, dict[str, Any]]:
             f"checkpoint {path}: weights do not fit a {card.arch} with {card.num_classes} classes: {detail}"
         ) from None
     return model.eval(), card, payload
+
+
+# What a shipped or registered checkpoint needs: the weights and what explains them. The optimizer,
+# scheduler and random states only resume a run, and would triple the file.
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng")
+
+
+def without_training_state(source: Path, target: Path) -> None:
+    """Write ``source``'s checkpoint to ``target`` without :data:`TRAINING_STATE` (read and written
+    whole, weights verified): what the repository ships beside its graphs."""
+    payload = read_checkpoint(source)
+    with atomic_output(target) as f:
+        torch.save({k: v for k, v in payload.items() if k not in TRAINING_STATE}, f)
+
+
+if __name__ == "__main__":  # the Makefile's shipped models
+    import argparse
+    import sys
+
+    from model_store.cli import run
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.checkpoint", description="Copy a checkpoint without its training state."
+    )
+    parser.add_argument("source", type=Path)
+    parser.add_argument("target", type=Path)
+    sys.exit(run(lambda args: without_training_state(args.source, args.target), parser))

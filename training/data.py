@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from model_store import ModelCard
 from model_store.card import DECODES
@@ -25,6 +25,7 @@ from training.dataspec import DataSpec
 from training.fashion_mnist import FashionMNIST
 from training.fashion_mnist_files import FASHION_MNIST_CLASSES
 from training.folder import ImageFolder, scan_folder
+from training.reviewed import read_reviewed
 from training.synthetic import SHAPE_CLASSES, SyntheticShapes
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class Splits(NamedTuple):
     train: Dataset  # what the run trains on
     test: Dataset  # what it reports on: the test split, or a folder's validation split
     validation: Dataset | None  # held out of the training images for export's calibration; None: not held out
+    field: Dataset | None = None  # --reviewed: the labelled captures held out of training
+    outside: Dataset | None = None  # --reviewed: the captures labelled not_in_domain (label -1), never trained on
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,9 +144,33 @@ def splits(spec: DataSpec, card: ModelCard, scanned: tuple | None = None) -> Spl
         train = SyntheticShapes(spec.synthetic_size, card, spec.seed)
         test = SyntheticShapes(max(64, spec.synthetic_size // 4), card, spec.seed + 1)
     if not spec.hold_out:
-        return Splits(train, test, None)
-    kept, held = hold_out(np.asarray(train.labels), spec.val_ratio, spec.seed)
-    return Splits(Subset(train, kept), test, Subset(train, held) if held else None)  # too few images: none held
+        parts = Splits(train, test, None)
+    else:
+        kept, held = hold_out(np.asarray(train.labels), spec.val_ratio, spec.seed)
+        parts = Splits(Subset(train, kept), test, Subset(train, held) if held else None)  # too few: none held
+    return with_reviewed(parts, spec, card) if spec.reviewed is not None else parts
+
+
+def with_reviewed(parts: Splits, spec: DataSpec, card: ModelCard) -> Splits:
+    """``parts`` with the reviewed images of ``spec.reviewed`` trained on beside a replay of the
+    dataset's training images (``spec.replay_ratio`` of them per reviewed image, all when None),
+    their held-out share as ``field``, and the not-in-domain ones as ``outside``."""
+    reviewed = read_reviewed(spec.reviewed, card.class_names)
+    replay = parts.train
+    if spec.replay_ratio is not None:
+        count = min(len(replay), round(spec.replay_ratio * len(reviewed.train)))
+        picked = np.sort(np.random.default_rng(spec.seed).permutation(len(replay))[:count]).tolist()
+        replay = (
+            Subset(replay.dataset, [replay.indices[i] for i in picked])
+            if isinstance(replay, Subset)
+            else Subset(replay, picked)
+        )
+    train = (
+        ConcatDataset([ImageFolder(reviewed.train, card), replay]) if len(replay) else ImageFolder(reviewed.train, card)
+    )
+    field = ImageFolder(reviewed.held_out, card) if reviewed.held_out else None
+    outside = ImageFolder([(path, -1) for path in reviewed.outside], card) if reviewed.outside else None
+    return parts._replace(train=train, field=field, outside=outside)
 
 
 def hold_out(labels: np.ndarray, ratio: float, seed: int) -> tuple[list[int], list[int]]:

@@ -31,18 +31,25 @@ class DataSpec:
     train_limit: int | None = None  # only the first N training images; None: all
     test_limit: int | None = None  # only the first N test and validation images during training; None: all
     hold_out: bool = True  # keep val_ratio of the training images out of training, for export to calibrate on
+    reviewed: Path | None = None  # labelled captures (training.reviewed) trained on beside the dataset's images
+    replay_ratio: float | None = None  # with reviewed: training images of the dataset per reviewed one; None: all
 
     def __post_init__(self) -> None:
         # Specs come back from checkpoints as well as from the command line: check what splits rely on.
         if self.dataset not in DATASETS:
             raise UsageError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
-        if self.data_dir is not None:
-            object.__setattr__(self, "data_dir", Path(self.data_dir))
+        for name in ("data_dir", "reviewed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if self.dataset == "folder" and self.data_dir is None:
             raise UsageError("--dataset folder needs --data-dir, the folder of class sub-folders")
         # NaN fails both comparisons, so it is refused too.
         if not _is_number(self.val_ratio) or not 0.0 < self.val_ratio < 1.0:
             raise UsageError(f"--val-ratio must be between 0 and 1 (both excluded), got {self.val_ratio!r}")
+        if self.replay_ratio is not None and (not _is_number(self.replay_ratio) or not self.replay_ratio >= 0):
+            raise UsageError(f"--replay-ratio must be a number of 0 or more, got {self.replay_ratio!r}")
+        if self.replay_ratio is not None and self.reviewed is None:
+            raise UsageError("--replay-ratio mixes the dataset's images with --reviewed ones; give --reviewed too")
         if not isinstance(self.hold_out, bool):
             raise UsageError(f"hold_out must be true or false, got {self.hold_out!r}")
         if not _is_int(self.seed):
@@ -57,7 +64,8 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so a checkpoint holding it stays loadable with ``weights_only=True``."""
         values = dataclasses.asdict(self)
-        values["data_dir"] = None if self.data_dir is None else str(self.data_dir)
+        for name in ("data_dir", "reviewed"):
+            values[name] = None if getattr(self, name) is None else str(getattr(self, name))
         return values
 
     @classmethod
@@ -119,6 +127,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DataSpec.hold_out,
         help="keep --val-ratio of the training images out of training, the validation split export calibrates "
         "probabilities and sets the unsure thresholds on (default: on)",
+    )
+    parser.add_argument(
+        "--reviewed",
+        type=Path,
+        default=None,
+        help="a folder of labelled captures (`python -m model_store captures export`) to train on as well; "
+        "a fifth of them, chosen by their SHA-256, is held out for validation (default: none)",
+    )
+    parser.add_argument(
+        "--replay-ratio",
+        type=float,
+        default=None,
+        help="with --reviewed: images of the dataset's own training split per reviewed image, drawn with "
+        "--seed, so that the model keeps what it knew (default: all of them)",
     )
     parser.add_argument(
         "--synthetic-size",

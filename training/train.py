@@ -263,6 +263,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     # Which split chooses best.pt: the held-out one. Without it, the test split, and the log says so:
     # for a folder that is its own validation split, for Fashion-MNIST the real test set.
     evaluated = {"val": parts.validation, "test": test_set} if parts.validation is not None else {"test": test_set}
+    if parts.field is not None:  # --reviewed: its held-out images, reported beside the others
+        evaluated["field"] = parts.field
     choose_on = "val" if "val" in evaluated else "test"
     model, pretrained, groups = prepare_model(args, card, resumed, device)
 
@@ -461,6 +463,7 @@ def print_epoch(metrics: dict) -> None:
     print(
         f"epoch {metrics['epoch']:3d}  loss {metrics['train_loss']:.4f}  train acc {metrics['train_acc']:.4f}  "
         + (f"val acc {metrics['val_acc']:.4f}  " if "val_acc" in metrics else "")
+        + (f"field acc {metrics['field_acc']:.4f}  " if "field_acc" in metrics else "")
         + f"test acc {metrics['test_acc']:.4f}  lr {metrics['lr']:.2e}  {metrics['examples_per_s']:.0f} img/s",
         flush=True,
     )
