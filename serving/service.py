@@ -48,6 +48,8 @@ with bentoml.importing():
 
 try:
     CONFIG = ServingConfig.from_env()
+    # The versions rollouts left live (serving.rollout): a restart serves them, not BentoML's latest.
+    PINS = read_pins(state_path(CONFIG))
 except ValueError as err:  # an operator's mistake: one line naming the variable, not a traceback
     sys.exit(f"error: {err}")
 # GET routes (BentoML's own APIs are POST-only); FastAPI's own docs pages off: BentoML serves the docs
@@ -76,8 +78,7 @@ class Classifier:
         # window's covariance, once a second, kept one busy, 0.05 ms of CPU per request at concurrency
         # 32 (BENCHMARKS.md, "issue 26 before/after"). The service's parallelism is its requests.
         threadpool_limits(1, user_api="blas")
-        # A rollout's promotion pins the version it left live (serving.rollout): served after a restart.
-        self.models = ModelSet.from_store(CONFIG, read_pins(state_path(CONFIG)))
+        self.models = ModelSet.from_store(CONFIG, PINS)
         self.handlers = Handlers(self.models, CONFIG)
         for model in self.models.models:
             log_event(

@@ -227,3 +227,17 @@ def test_rollout_is_model_control(bentoml_home, candidates, tmp_path):
         assert refused.status_code == 403 and "SERVING_MODEL_CONTROL=true" in refused.json()["error"]
         assert httpx.get(f"{url}/rollout", timeout=60).json()["control"] is False
         assert httpx.get(f"{url}/rollout/fashion-lenet", timeout=60).status_code == 405
+
+
+def test_a_state_file_that_is_not_one_stops_the_service_with_one_line(bentoml_home, tmp_path):
+    """Serving unpinned versions could serve a rolled-back candidate: a damaged state file stops
+    `bentoml serve` at start, naming the file."""
+    state = tmp_path / "rollout.json"
+    state.write_text('{"models": []}')
+    env = {"BENTOML_HOME": str(bentoml_home), "SERVING_ROLLOUT_STATE": str(state)}
+    result = run_cli("-m", "bentoml", "serve", "--port", "1", env=env, timeout=120)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).strip() == (
+        f"error: SERVING_ROLLOUT_STATE {state} is not a rollout state file: expected version 1 and a models "
+        "object; move it away"
+    )

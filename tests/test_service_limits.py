@@ -74,6 +74,10 @@ def test_the_limits_are_configurable(strict):
             {"SERVING_MODEL_CONTROL": "true", "SERVING_WORKERS": "2"},
             "error: SERVING_MODEL_CONTROL needs SERVING_WORKERS=1: a load or unload reaches only one worker",
         ),
+        (
+            {"SERVING_ROLLOUT_MIN_AGREEMENT": "90"},
+            "error: SERVING_ROLLOUT_MIN_AGREEMENT must be a share between 0 and 1, got 90.0",
+        ),
     ],
 )
 def test_a_bad_setting_stops_bentoml_serve_with_one_line_naming_it(bentoml_home, setting, message):
