@@ -1,0 +1,206 @@
+"""Models this project did not build (export.foreign): torchvision networks with weights made here
+(hubs are not reachable, and the file is the user's anyway), and ONNX files exported the way users
+export them, wrapped, registered and served by a real `bentoml serve`, answering as the original
+PyTorch model answers on images decoded the same way."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_store import ModelCard, image_bytes_to_input
+from model_store.store import read_onnx_card
+from tests.conftest import bentoml_serve, run_cli
+from tests.tolerance import PROB_ATOL
+
+CLASSES = ("hat", "scarf", "glove", "sock")
+SIZE = 64  # small enough for a test; the builders' own default (224) is checked on the card
+CLASSES_FILE = ["--classes", "{dir}/classes.txt"]
+IMAGENET = ["--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]
+
+
+class ChannelsLast(torch.nn.Module):
+    """A network that takes [N, H, W, C], as Keras-born graphs do."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict:
+    """The user's files: two torchvision state_dicts, and ONNX files exported by plain
+    torch.onnx.export from a torchvision model taking float input: logits with a fixed batch of 1
+    (TorchScript exporter), probabilities (a Softmax at the end), channels last, and a default
+    (dynamo) export with its batch baked into a Reshape, which cannot be wrapped."""
+    import torchvision
+
+    out = tmp_path_factory.mktemp("theirs")
+    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    torch.manual_seed(0)
+    nets = {}
+    for name in ("resnet18", "mobilenet_v3_small"):
+        nets[name] = torchvision.models.get_model(name, weights=None, num_classes=len(CLASSES)).eval()
+        torch.save(nets[name].state_dict(), out / f"{name}.pt")
+    example = torch.zeros(1, 3, SIZE, SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exports = {
+            "plain": (nets["resnet18"], example, False),
+            "softmax": (torch.nn.Sequential(nets["resnet18"], torch.nn.Softmax(dim=1)), example, False),
+            "nhwc": (ChannelsLast(nets["resnet18"]), example.permute(0, 2, 3, 1), False),
+            "baked": (nets["resnet18"], example, True),
+        }
+        for name, (net, x, dynamo) in exports.items():
+            torch.onnx.export(net.eval(), (x,), str(out / f"{name}.onnx"), dynamo=dynamo)
+    return {"dir": out, "nets": nets}
+
+
+def export(*args: str):
+    return run_cli("-m", "export", *args)
+
+
+@pytest.fixture(scope="module")
+def wrapped(made) -> dict[str, Path]:
+    """Each model exported or wrapped through `python -m export`, as a user runs it."""
+    theirs, out = made["dir"], made["dir"] / "ours"
+    classes = ["--classes", str(theirs / "classes.txt")]
+    commands = {
+        "tv-resnet18": ["--from-torchvision", "resnet18", "--weights", str(theirs / "resnet18.pt"), "--size", str(SIZE)],
+        "tv-mobilenet": ["--from-torchvision", "mobilenet_v3_small", "--weights", str(theirs / "mobilenet_v3_small.pt"),
+                         "--size", str(SIZE)],
+        "onnx-plain": ["--from-onnx", str(theirs / "plain.onnx"), *IMAGENET],
+        "onnx-softmax": ["--from-onnx", str(theirs / "softmax.onnx"), *IMAGENET],
+        "onnx-nhwc": ["--from-onnx", str(theirs / "nhwc.onnx"), *IMAGENET],
+    }  # fmt: skip
+    paths = {}
+    for name, arguments in commands.items():
+        paths[name] = out / f"{name}.onnx"
+        result = export(*arguments, *classes, "--output", str(paths[name]))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert 'its answers will say "unsure": null' in result.stdout
+    return paths
+
+
+def test_the_cards_follow_the_builders_transforms_and_the_arguments(wrapped):
+    card = read_onnx_card(wrapped["tv-resnet18"])
+    # torchvision's ResNet18_Weights.DEFAULT.transforms(): ImageNet's mean and std, bilinear
+    assert (card.arch, card.class_names, card.mean, card.std) == (
+        "torchvision:resnet18",
+        CLASSES,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+    )
+    assert (card.height, card.width, card.in_channels, card.resize, card.interpolation) == (
+        SIZE,
+        SIZE,
+        3,
+        "crop",
+        "bilinear",
+    )
+    assert card.calibration is None and card.export["source"] == "torchvision:resnet18"
+    assert card.export["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert read_onnx_card(wrapped["onnx-softmax"]).export["scores"] == "probabilities"
+    assert read_onnx_card(wrapped["onnx-nhwc"]).export["layout"] == "NHWC"
+    assert read_onnx_card(wrapped["onnx-plain"]).export["scores"] == "logits"
+
+
+def photo(image: np.ndarray) -> bytes:
+    """A test image as an RGB photo of another aspect ratio: the card's crop has work to do."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).convert("RGB").resize((80, 96), Image.Resampling.BICUBIC).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def torch_probabilities(net: torch.nn.Module, card: ModelCard, data: bytes, channels_last: bool = False) -> np.ndarray:
+    """The original PyTorch model's probabilities for an image decoded as the service decodes it."""
+    pixels = torch.from_numpy(image_bytes_to_input(data, card)[None]).float() / 255.0
+    mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
+    x = (pixels - mean) / std
+    with torch.no_grad():
+        return torch.softmax(net(x.permute(0, 2, 3, 1) if channels_last else x), dim=1)[0].numpy()
+
+
+@pytest.mark.processes
+def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, bentoml_home, fashion_test, tmp_path):
+    home = tmp_path / "bentoml"
+    import shutil
+
+    shutil.copytree(bentoml_home / "models", home / "models")
+    for name, path in wrapped.items():
+        result = run_cli("-m", "model_store", "register", str(path), "--name", name, env={"BENTOML_HOME": str(home)})
+        assert result.returncode == 0, result.stderr
+    originals = {
+        "tv-resnet18": (made["nets"]["resnet18"], False),
+        "tv-mobilenet": (made["nets"]["mobilenet_v3_small"], False),
+        "onnx-plain": (made["nets"]["resnet18"], False),
+        "onnx-softmax": (made["nets"]["resnet18"], False),  # softmax of the same logits
+        "onnx-nhwc": (ChannelsLast(made["nets"]["resnet18"]), True),
+    }
+    images = [photo(image) for image in fashion_test[0][:6]]
+    settings = {"SERVING_MODELS": ",".join(["fashion-lenet", *wrapped]), "SERVING_LOG_REQUESTS": "false"}
+    log = tmp_path / "serve" / "serve.log"
+    log.parent.mkdir()
+    with bentoml_serve(home, log, settings) as url:
+        listed = {m["name"]: m for m in httpx.get(f"{url}/models", timeout=60).json()["models"]}
+        assert set(wrapped) <= set(listed) and all("calibration" not in listed[n]["card"] for n in wrapped)
+        for name, (net, channels_last) in originals.items():
+            card = read_onnx_card(wrapped[name])
+            for data in images:
+                response = httpx.post(
+                    f"{url}/classify",
+                    files={"image": ("x.png", data, "image/png")},
+                    data={"model": name, "top_k": str(len(CLASSES))},
+                    timeout=60,
+                )
+                assert response.status_code == 200, response.text
+                answer = response.json()
+                assert answer["unsure"] is None and answer["model"] == name
+                served = np.zeros(len(CLASSES))
+                for ranked in answer["top_k"]:
+                    served[ranked["index"]] = ranked["probability"]
+                # ONNX Runtime against PyTorch fp32 on the same pixels: logits within 1e-4 (export's bound)
+                np.testing.assert_allclose(
+                    served, torch_probabilities(net, card, data, channels_last), atol=10 * PROB_ATOL
+                )
+        explained = httpx.post(
+            f"{url}/explain",
+            files={"image": ("x.png", images[0], "image/png")},
+            data={"model": "tv-resnet18"},
+            timeout=60,
+        )
+        assert explained.status_code == 422 and "has no class-activation map" in explained.json()["error"]
+        v2 = httpx.get(f"{url}/v2/models/onnx-nhwc", timeout=60).json()
+        assert v2["inputs"][0]["shape"] == [-1, 3, SIZE, SIZE] and v2["inputs"][0]["datatype"] == "UINT8"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--from-onnx", "{dir}/baked.onnx", *IMAGENET, *CLASSES_FILE], "the graph's input [1, 3, 64, 64] is fixed to a batch of 1 and it does not run at a batch of 16"),
+        (["--from-onnx", "{dir}/plain.onnx", *CLASSES_FILE], "--from-onnx needs --mean and --std"),
+        (["--from-onnx", "{dir}/plain.onnx", *IMAGENET, "--classes", "{dir}/resnet18.pt"], "--classes {dir}/resnet18.pt"),
+        (["--from-onnx", "{dir}/plain.onnx", *IMAGENET, *CLASSES_FILE, "--fp16"], "--fp16 and --float-input apply to --checkpoint and --from-torchvision"),
+        (["--from-torchvision", "resnet18"], "--from-torchvision needs --weights"),
+        (["--from-torchvision", "resnet18", "--weights", "{dir}/mobilenet_v3_small.pt"], "does not fit torchvision's resnet18 with 4 classes: missing"),
+        (["--from-torchvision", "resnet99", "--weights", "{dir}/resnet18.pt"], "--from-torchvision 'resnet99' is not a torchvision classification builder"),
+        (["--from-torchvision", "resnet18", "--weights", "{dir}/resnet18.pt"], "the model has 4 outputs: give their names with --classes FILE"),
+        ([], "give one of --checkpoint, --from-torchvision NAME or --from-onnx FILE; got none"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_wrapped_is_one_line_naming_why(made, tmp_path, arguments, message):
+    folder = str(made["dir"])
+    result = export(*(a.format(dir=folder) for a in arguments), "--output", str(tmp_path / "x.onnx"))
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr[-2000:]
+    assert message.format(dir=folder) in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "x.onnx").exists()
