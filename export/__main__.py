@@ -196,10 +196,19 @@ def main(args: argparse.Namespace) -> ModelCard:
         validation = parts.validation if parts.field is None else ConcatDataset([parts.validation, parts.field])
         splits = {"validation": validation, "test": parts.test, "field": parts.field}
         held = {name: stack_items(split, range(len(split))) for name, split in splits.items() if split is not None}
+    outside = stack_items(parts.outside, range(len(parts.outside)))[0] if parts.outside is not None else None
+    return fit_and_write(proto, card, model, held, args, outside)
+
+
+def fit_and_write(
+    proto, card: ModelCard, model, held: dict | None, args: argparse.Namespace, outside=None
+) -> ModelCard:
+    """Calibrate on ``held`` (each split's uint8 pixels and labels by name: "validation" fits,
+    the others are measured), add the OOD head and drift reference, and write the graph with its
+    card: the tail every export shares. ``outside``: images that are no class, for the OOD head's figures."""
     card = calibrated(card, model, serialize(proto), held, args)
     reference = None
     if card.calibration is not None and not args.no_ood_head:
-        outside = stack_items(parts.outside, range(len(parts.outside)))[0] if parts.outside is not None else None
         fitted = ood_head.fit(with_card(proto, card), card, held["validation"][0], held["test"][0], outside=outside)
         if fitted is not None:
             proto, card, reference = fitted
@@ -212,7 +221,9 @@ def main(args: argparse.Namespace) -> ModelCard:
 def main_foreign(args: argparse.Namespace) -> ModelCard:
     """A model you already have (``export.foreign``): a torchvision builder with your weights,
     exported and checked against PyTorch as ours are, or an ONNX graph wrapped and checked against
-    itself; the card from the arguments, uncalibrated."""
+    itself; the card from the arguments; calibrated, with an OOD head and drift reference, on
+    ``--calibrate-on`` images when given."""
+    model = None
     if args.from_torchvision:
         model, card = foreign.torchvision_model(args)
         proto, folded = export_graph(model, card, args.opset, args.float_input, args.fp16)
@@ -229,11 +240,14 @@ def main_foreign(args: argparse.Namespace) -> ModelCard:
         f"verified on {parity['images']} random images at batch sizes {parity['batch_sizes']}: max |logit diff| "
         f"{parity['max_abs_logit_diff']:.2e}"
     )
-    print('not calibrated: no held-out images were given, so its answers will say "unsure": null')
-    with atomic_output(args.output) as f:
-        f.write(serialize(with_card(proto, card)))
-    print(f"ok: wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
-    return card
+    if args.calibrate_on is None:
+        print('not calibrated: no held-out images were given (--calibrate-on), so its answers will say "unsure": null')
+        with atomic_output(args.output) as f:
+            f.write(serialize(with_card(proto, card)))
+        print(f"ok: wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
+        return card
+    held = foreign.held_out(args.calibrate_on, card)
+    return fit_and_write(proto, card, model if args.float_input else None, held, args)
 
 
 def export_record(args: argparse.Namespace, precision: str, folded: dict, parity: dict, quantization) -> dict:

@@ -75,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interpolation", choices=INTERPOLATIONS, default=None, help="(default: the builder's, else bilinear)"
     )
     group.add_argument(
+        "--calibrate-on",
+        type=Path,
+        metavar="FOLDER",
+        help="your held-out images, one sub-folder per class (named as in --classes): half fit the temperature, "
+        "the unsure thresholds, the OOD head and the drift reference, half measure them (default: none, "
+        'answers say "unsure": null)',
+    )
+    group.add_argument(
         "--scores",
         choices=SCORES,
         default="auto",
@@ -429,3 +437,30 @@ def export_record(args: argparse.Namespace, source: Path, parity: dict, **more) 
         "parity": parity,
         **more,
     }
+
+
+def held_out(folder: Path, card: ModelCard, seed: int = 0) -> dict:
+    """``--calibrate-on``'s images, decoded as the service decodes them, split in half per class
+    (as a folder's validation split is): {"validation": (pixels, labels), "test": (...)}, the first
+    half fitting the calibration and the OOD head, the second measuring them. Its class folders
+    must be the card's classes (``model_store.captures.folder_name`` for names with a "/")."""
+    from urllib.parse import unquote
+
+    from training.data import stack_items
+    from training.folder import ImageFolder, scan_folder
+
+    if not folder.is_dir():
+        raise UsageError(f"--calibrate-on {folder} is not a folder")
+    classes, first, second = scan_folder(folder, 0.5, seed)
+    unknown = sorted({unquote(name) for name in classes} - set(card.class_names))
+    if unknown:
+        raise UsageError(
+            f"--calibrate-on {folder} has class folder(s) {unknown} that are not the model's classes: "
+            + ", ".join(card.class_names)
+        )
+    index = {i: card.class_names.index(unquote(name)) for i, name in enumerate(classes)}
+    splits = {}
+    for split, items in (("validation", second), ("test", first)):
+        folder_items = [(path, index[label]) for path, label in items]
+        splits[split] = stack_items(ImageFolder(folder_items, card), range(len(folder_items)))
+    return splits

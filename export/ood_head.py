@@ -58,6 +58,10 @@ K = 10  # the neighbour measured to; benchmarks/feature_ood.py measured k = 10
 # and 32 of them kept every AUROC of the 84 within 0.006 (BENCHMARKS.md, "Out-of-distribution scores").
 DIMS = 32
 MAX_BANK = 5000  # held-out feature vectors the graph carries at most: memory and one MatMul per image
+# The drift window's Fréchet distance takes an eigendecomposition of a D x D covariance per window:
+# fitting its levels takes thousands, minutes at D = 512 (a ResNet-18's features). Wider networks
+# get the OOD head, whose distance is on DIMS principal axes, and no drift reference.
+MAX_DRIFT_FEATURES = 256
 MIN_HELD_OUT = 4 * K  # fewer held-out images: no head (a bank of 2k, and 2k to set a threshold on)
 BATCH = 512  # images per ONNX Runtime call while fitting
 PASS_THROUGH = ("Cast", "Identity", "DequantizeLinear", "QuantizeLinear")  # between the last Gemm and the logits
@@ -199,19 +203,21 @@ def fit(
     )
     probabilities, energies = scores(logits, calibration.temperature)
     codes = calibration.reason_codes(probabilities.max(axis=1), energies, distances)
-    shares, gaussian = fit_reference(bank_logits.argmax(axis=1), bank, card.num_classes)
-    answers = (probabilities.argmax(axis=1), codes, distances, rest_features)
-    levels, early_levels, clamps = fit_all_levels(shares, gaussian, answers, DEFAULT_WINDOW, seed)
-    reference = DriftReference(
-        window=DEFAULT_WINDOW,
-        class_shares=tuple(shares.tolist()),
-        feature_mean=_rounded(gaussian.mean),
-        feature_cov=tuple(map(_rounded, gaussian.cov)),
-        levels=levels,
-        images=len(banked),
-        level_images=len(rest),
-        early_levels=early_levels,
-    )
+    reference = clamps = None
+    if bank.shape[1] <= MAX_DRIFT_FEATURES:
+        shares, gaussian = fit_reference(bank_logits.argmax(axis=1), bank, card.num_classes)
+        answers = (probabilities.argmax(axis=1), codes, distances, rest_features)
+        levels, early_levels, clamps = fit_all_levels(shares, gaussian, answers, DEFAULT_WINDOW, seed)
+        reference = DriftReference(
+            window=DEFAULT_WINDOW,
+            class_shares=tuple(shares.tolist()),
+            feature_mean=_rounded(gaussian.mean),
+            feature_cov=tuple(map(_rounded, gaussian.cov)),
+            levels=levels,
+            images=len(banked),
+            level_images=len(rest),
+            early_levels=early_levels,
+        )
     test_distances = engine.run(test, [OOD_OUTPUT], BATCH)[0] if len(test) else np.zeros(0)
     record = {
         "score": f"euclidean distance of the penultimate features to the {K}th nearest of the bank, "
@@ -240,10 +246,16 @@ def fit(
             if "not_in_domain_flagged" in record
             else ""
         )
-        + f"; drift levels, for a window of {reference.window:,} answers: "
-        + ", ".join(f"{name} {level:.4g}" for name, level in reference.levels.items())
+        + (
+            f"; drift levels, for a window of {reference.window:,} answers: "
+            + ", ".join(f"{name} {level:.4g}" for name, level in reference.levels.items())
+            if reference is not None
+            else f"; no drift reference: {bank.shape[1]} features, more than the {MAX_DRIFT_FEATURES} whose "
+            "covariance the level fit and the service's window can afford (served unmonitored)"
+        )
     )
-    warn_about_levels(reference, clamps)
+    if reference is not None:
+        warn_about_levels(reference, clamps)
     return headed, card, reference
 
 

@@ -38,7 +38,7 @@ class ChannelsLast(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory) -> dict:
+def made(tmp_path_factory, fashion_test) -> dict:
     """The user's files: two torchvision state_dicts, and ONNX files exported by plain
     torch.onnx.export from a torchvision model taking float input: logits with a fixed batch of 1
     (TorchScript exporter), probabilities (a Softmax at the end), channels last, and a default
@@ -47,6 +47,10 @@ def made(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("theirs")
     (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    images, labels = fashion_test
+    for i in np.flatnonzero(labels < len(CLASSES))[:160]:  # the user's held-out images, by class
+        (out / "held-out" / CLASSES[labels[i]]).mkdir(parents=True, exist_ok=True)
+        (out / "held-out" / CLASSES[labels[i]] / f"{i}.png").write_bytes(photo(images[i]))
     torch.manual_seed(0)
     nets = {}
     for name in ("resnet18", "mobilenet_v3_small"):
@@ -79,6 +83,8 @@ def wrapped(made) -> dict[str, Path]:
         "tv-resnet18": ["--from-torchvision", "resnet18", "--weights", str(theirs / "resnet18.pt"), "--size", str(SIZE)],
         "tv-mobilenet": ["--from-torchvision", "mobilenet_v3_small", "--weights", str(theirs / "mobilenet_v3_small.pt"),
                          "--size", str(SIZE)],
+        "tv-calibrated": ["--from-torchvision", "resnet18", "--weights", str(theirs / "resnet18.pt"), "--size", str(SIZE),
+                          "--calibrate-on", str(theirs / "held-out")],
         "onnx-plain": ["--from-onnx", str(theirs / "plain.onnx"), *IMAGENET],
         "onnx-softmax": ["--from-onnx", str(theirs / "softmax.onnx"), *IMAGENET],
         "onnx-nhwc": ["--from-onnx", str(theirs / "nhwc.onnx"), *IMAGENET],
@@ -88,7 +94,8 @@ def wrapped(made) -> dict[str, Path]:
         paths[name] = out / f"{name}.onnx"
         result = export(*arguments, *classes, "--output", str(paths[name]))
         assert result.returncode == 0, result.stderr[-3000:]
-        assert 'its answers will say "unsure": null' in result.stdout
+        calibrating = "--calibrate-on" in arguments
+        assert ('its answers will say "unsure": null' in result.stdout) != calibrating, result.stdout
     return paths
 
 
@@ -113,6 +120,11 @@ def test_the_cards_follow_the_builders_transforms_and_the_arguments(wrapped):
     assert read_onnx_card(wrapped["onnx-softmax"]).export["scores"] == "probabilities"
     assert read_onnx_card(wrapped["onnx-nhwc"]).export["layout"] == "NHWC"
     assert read_onnx_card(wrapped["onnx-plain"]).export["scores"] == "logits"
+    # --calibrate-on: half the held-out images fit the calibration and the OOD head, half measure them
+    calibrated = read_onnx_card(wrapped["tv-calibrated"])
+    assert calibrated.calibration is not None and calibrated.calibration.validation_images == 80
+    assert set(calibrated.metrics["calibration"]) >= {"validation", "test"}
+    assert calibrated.export["ood"]["bank_images"] == 40
 
 
 def photo(image: np.ndarray) -> bytes:
@@ -122,13 +134,15 @@ def photo(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def torch_probabilities(net: torch.nn.Module, card: ModelCard, data: bytes, channels_last: bool = False) -> np.ndarray:
+def torch_probabilities(
+    net: torch.nn.Module, card: ModelCard, data: bytes, channels_last: bool = False, temperature: float = 1.0
+) -> np.ndarray:
     """The original PyTorch model's probabilities for an image decoded as the service decodes it."""
     pixels = torch.from_numpy(image_bytes_to_input(data, card)[None]).float() / 255.0
     mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
     x = (pixels - mean) / std
     with torch.no_grad():
-        return torch.softmax(net(x.permute(0, 2, 3, 1) if channels_last else x), dim=1)[0].numpy()
+        return torch.softmax(net(x.permute(0, 2, 3, 1) if channels_last else x) / temperature, dim=1)[0].numpy()
 
 
 @pytest.mark.processes
@@ -143,6 +157,7 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
     originals = {
         "tv-resnet18": (made["nets"]["resnet18"], False),
         "tv-mobilenet": (made["nets"]["mobilenet_v3_small"], False),
+        "tv-calibrated": (made["nets"]["resnet18"], False),
         "onnx-plain": (made["nets"]["resnet18"], False),
         "onnx-softmax": (made["nets"]["resnet18"], False),  # softmax of the same logits
         "onnx-nhwc": (ChannelsLast(made["nets"]["resnet18"]), True),
@@ -153,7 +168,8 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
     log.parent.mkdir()
     with bentoml_serve(home, log, settings) as url:
         listed = {m["name"]: m for m in httpx.get(f"{url}/models", timeout=60).json()["models"]}
-        assert set(wrapped) <= set(listed) and all("calibration" not in listed[n]["card"] for n in wrapped)
+        assert set(wrapped) <= set(listed)
+        assert [n for n in wrapped if "calibration" in listed[n]["card"]] == ["tv-calibrated"]
         for name, (net, channels_last) in originals.items():
             card = read_onnx_card(wrapped[name])
             for data in images:
@@ -165,14 +181,15 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
                 )
                 assert response.status_code == 200, response.text
                 answer = response.json()
-                assert answer["unsure"] is None and answer["model"] == name
+                assert (answer["unsure"] is None) == (name != "tv-calibrated") and answer["model"] == name
                 served = np.zeros(len(CLASSES))
                 for ranked in answer["top_k"]:
                     served[ranked["index"]] = ranked["probability"]
-                # ONNX Runtime against PyTorch fp32 on the same pixels: logits within 1e-4 (export's bound)
-                np.testing.assert_allclose(
-                    served, torch_probabilities(net, card, data, channels_last), atol=10 * PROB_ATOL
-                )
+                # ONNX Runtime against PyTorch fp32 on the same pixels: logits within 1e-4 (export's bound);
+                # a calibrated model's probabilities are its logits' at the card's temperature
+                temperature = card.calibration.temperature if card.calibration else 1.0
+                expected = torch_probabilities(net, card, data, channels_last, temperature)
+                np.testing.assert_allclose(served, expected, atol=10 * PROB_ATOL)
         explained = httpx.post(
             f"{url}/explain",
             files={"image": ("x.png", images[0], "image/png")},
