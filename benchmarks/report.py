@@ -25,6 +25,13 @@ def write_section(path: Path, name: str, text: str, heading: str) -> None:
         f.write(document)
 
 
+def publish(text: str, path: Path | None, name: str, heading: str) -> None:
+    """Print a benchmark's section, and write it into ``path`` (:func:`write_section`) when given."""
+    print(text)
+    if path is not None:
+        write_section(path, name, text, heading)
+
+
 def device() -> str:
     """The CPU the figures were measured on, for a section's "Device:" line."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:

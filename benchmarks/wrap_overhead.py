@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.report import device, write_section
+from benchmarks.report import device, publish
 from benchmarks.servers import REPO
 
 SECTION, HEADING = "wrap-overhead", "## A foreign ONNX graph wrapped: what the wrapper costs"
@@ -134,11 +134,7 @@ def table(rows: list[dict], args) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    rows = run(args)
-    text = table(rows, args)
-    print(text)
-    if args.write:
-        write_section(args.write, SECTION, text, HEADING)
+    publish(table(run(args), args), args.write, SECTION, HEADING)
 
 
 if __name__ == "__main__":
