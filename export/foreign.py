@@ -440,27 +440,14 @@ def export_record(args: argparse.Namespace, source: Path, parity: dict, **more) 
 
 
 def held_out(folder: Path, card: ModelCard, seed: int = 0) -> dict:
-    """``--calibrate-on``'s images, decoded as the service decodes them, split in half per class
-    (as a folder's validation split is): {"validation": (pixels, labels), "test": (...)}, the first
-    half fitting the calibration and the OOD head, the second measuring them. Its class folders
-    must be the card's classes (``model_store.captures.folder_name`` for names with a "/")."""
-    from urllib.parse import unquote
-
-    from training.data import stack_items
-    from training.folder import ImageFolder, scan_folder
+    """``--calibrate-on``'s images, decoded as the service decodes them, split in half per class:
+    {"validation": (pixels, labels), "test": (...)}, the first fitting the calibration and the OOD
+    head, the second measuring them (``training.data.folder_halves``)."""
+    from training.data import folder_halves
 
     if not folder.is_dir():
         raise UsageError(f"--calibrate-on {folder} is not a folder")
-    classes, first, second = scan_folder(folder, 0.5, seed)
-    unknown = sorted({unquote(name) for name in classes} - set(card.class_names))
-    if unknown:
-        raise UsageError(
-            f"--calibrate-on {folder} has class folder(s) {unknown} that are not the model's classes: "
-            + ", ".join(card.class_names)
-        )
-    index = {i: card.class_names.index(unquote(name)) for i, name in enumerate(classes)}
-    splits = {}
-    for split, items in (("validation", second), ("test", first)):
-        folder_items = [(path, index[label]) for path, label in items]
-        splits[split] = stack_items(ImageFolder(folder_items, card), range(len(folder_items)))
-    return splits
+    try:
+        return folder_halves(folder, card, seed)
+    except UsageError as err:
+        raise UsageError(f"--calibrate-on: {err}") from None

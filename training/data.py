@@ -230,3 +230,24 @@ def _limit(dataset: Dataset, limit: int | None) -> Dataset:
     if isinstance(dataset, Subset):  # a subset of the dataset itself, so the tensor cache still knows it
         return Subset(dataset.dataset, dataset.indices[:limit])
     return Subset(dataset, range(min(limit, len(dataset))))
+
+
+def folder_halves(folder, card: ModelCard, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A labelled image folder split in half per class (``scan_folder`` at a ratio of 0.5), each
+    half decoded under ``card`` as the service decodes: {"validation": (pixels, labels), "test":
+    (...)}, labels indexing ``card.class_names``. Folders are class names, "/" percent-encoded
+    (``model_store.captures.folder_name``); one that is not a class of the card is a UsageError."""
+    from urllib.parse import unquote
+
+    classes, first, second = scan_folder(folder, 0.5, seed)
+    unknown = sorted({unquote(name) for name in classes} - set(card.class_names))
+    if unknown:
+        raise UsageError(
+            f"{folder} has class folder(s) {unknown} that are not the model's classes: {', '.join(card.class_names)}"
+        )
+    index = {i: card.class_names.index(unquote(name)) for i, name in enumerate(classes)}
+    halves = {}
+    for split, items in (("validation", second), ("test", first)):
+        dataset = ImageFolder([(path, index[label]) for path, label in items], card)
+        halves[split] = stack_items(dataset, range(len(dataset)))
+    return halves
