@@ -113,6 +113,12 @@ def command(env: dict, *args: str) -> str:
     return result.stdout
 
 
+def finetune(env: dict, reviewed: Path, output: Path, *more: str) -> str:
+    """`python -m training finetune` from the live fashion-lenet on ``reviewed``; what it printed."""
+    arguments = ["--from", "fashion-lenet", "--reviewed", str(reviewed), "--output-dir", str(output), *more]
+    return command(env, "-m", "training", "finetune", *arguments, "--device", "cpu")
+
+
 def stream(base: str, photos: list[bytes]) -> list[dict]:
     """Send each photo once, 8 at a time: the shop's traffic; the answers, in order."""
     with httpx.Client(timeout=60, headers=AUTH) as client, ThreadPoolExecutor(8) as pool:
@@ -261,20 +267,7 @@ def run(workdir: Path, args) -> dict:
                 str(reviewed),
             )
         with steps.step("training finetune --from fashion-lenet", "command"):
-            printed = command(
-                env,
-                "-m",
-                "training",
-                "finetune",
-                "--from",
-                "fashion-lenet",
-                "--reviewed",
-                str(reviewed),
-                "--output-dir",
-                str(workdir / "field"),
-                "--device",
-                "cpu",
-            )
+            printed = finetune(env, reviewed, workdir / "field")
         result["finetune"] = [
             line.split("; checkpoints in")[0] for line in printed.splitlines() if line.startswith(("before:", "after:"))
         ]
@@ -337,22 +330,7 @@ def run(workdir: Path, args) -> dict:
             (broken_dir / label).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, broken_dir / label / path.name)
         with steps.step("broken candidate: finetune on shuffled labels, export, register", "command"):
-            command(
-                env,
-                "-m",
-                "training",
-                "finetune",
-                "--from",
-                "fashion-lenet",
-                "--reviewed",
-                str(broken_dir),
-                "--replay-ratio",
-                "0",
-                "--output-dir",
-                str(workdir / "broken"),
-                "--device",
-                "cpu",
-            )
+            finetune(env, broken_dir, workdir / "broken", "--replay-ratio", "0")
             command(
                 env,
                 "-m",

@@ -170,6 +170,7 @@ class Rollout:
         return self.tripped()
 
     def describe(self, live_tag: str) -> dict:
+        refused = self.promotable()
         return {
             "model": self.name,
             "mode": "shadow" if self.percent == 0 else "canary",
@@ -187,8 +188,8 @@ class Rollout:
                 "unsure_margin": self.gates.unsure_margin,
                 "error_margin": self.gates.error_margin,
                 "min_agreement": self.gates.min_agreement,
-                "promotable": self.promotable() is None,
-                "refused_because": self.promotable(),
+                "promotable": refused is None,
+                "refused_because": refused,
             },
         }
 

@@ -51,7 +51,8 @@ from training.train import (
     Record,
     choose_data_path,
     choose_device,
-    evaluate,
+    epoch_metrics,
+    evaluate_all,
     make_loaders,
     train_one_epoch,
 )
@@ -188,7 +189,7 @@ def main(args: argparse.Namespace) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor(run, len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=False)
 
-    before = _evaluate_all(model, eval_loaders, criterion, device)
+    before = evaluate_all(model, eval_loaders, criterion, device)
     counts = reviewed.counts(card.class_names)
     replayed = _replay_counts(parts.train, card.class_names)
     manifest = args.reviewed / MANIFEST
@@ -235,15 +236,9 @@ def main(args: argparse.Namespace) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         trained = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, None, run, device, True)
         seconds = time.perf_counter() - start
-        metrics = {
-            "epoch": epoch,
-            "train_loss": trained["train_loss"],
-            "train_acc": trained["train_acc"],
-            **_evaluate_all(model, eval_loaders, criterion, device),
-            "lr": lr,
-            "examples_per_s": round(trained["seen"] / seconds, 1),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
+        metrics = epoch_metrics(
+            epoch, trained, evaluate_all(model, eval_loaders, criterion, device), lr, seconds, start
+        )
         record.epoch(model, metrics)
     print("after:  " + _figures(metrics) + f"; checkpoints in {run.output_dir}", flush=True)
     return {"before": before, "after": metrics}
@@ -254,14 +249,6 @@ class _NoResume:
 
     def state(self) -> dict:
         return {}
-
-
-def _evaluate_all(model, loaders: dict, criterion, device) -> dict[str, float]:
-    return {
-        k: v
-        for split, loader in loaders.items()
-        for k, v in evaluate(model, loader, criterion, device, None, split).items()
-    }
 
 
 def _figures(metrics: dict) -> str:

@@ -192,6 +192,29 @@ def evaluate(model, loader, criterion, device, amp=None, split: str = "test") ->
     return {f"{split}_loss": loss_sum / seen, f"{split}_acc": correct / seen}
 
 
+def evaluate_all(model, loaders: dict, criterion, device, amp=None) -> dict[str, float]:
+    """:func:`evaluate` on each split's loader, the figures of all of them in one dict."""
+    return {
+        key: value
+        for split, loader in loaders.items()
+        for key, value in evaluate(model, loader, criterion, device, amp, split).items()
+    }
+
+
+def epoch_metrics(epoch: int, trained: dict, evaluations: dict, lr: float, seconds: float, start: float) -> dict:
+    """One epoch's row of log.csv and the card: training's figures, then each split's, the rate
+    over the training ``seconds``, and the seconds since ``start`` with evaluation."""
+    return {
+        "epoch": epoch,
+        "train_loss": trained["train_loss"],
+        "train_acc": trained["train_acc"],
+        **evaluations,
+        "lr": lr,
+        "examples_per_s": round(trained["seen"] / seconds, 1),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def setup_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); under torchrun, joins the process group (NCCL on GPUs, gloo on CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -311,21 +334,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         trained = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, amp, args, device, show)
         seconds = time.perf_counter() - start
         if rank == 0:
-            evaluations = {
-                key: value
-                for split, loader in eval_loaders.items()
-                for key, value in evaluate(model, loader, criterion, device, amp, split).items()
-            }
-            metrics = {
-                "epoch": epoch,
-                "train_loss": trained["train_loss"],
-                "train_acc": trained["train_acc"],
-                **evaluations,
-                "lr": lr,
-                "examples_per_s": round(trained["seen"] / seconds, 1),
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-            record.epoch(model, metrics)
+            evaluations = evaluate_all(model, eval_loaders, criterion, device, amp)
+            record.epoch(model, epoch_metrics(epoch, trained, evaluations, lr, seconds, start))
         if world > 1:
             dist.barrier()
     if show:
