@@ -354,7 +354,12 @@ def onnx_model(args: argparse.Namespace) -> tuple[onnx.ModelProto, ModelCard, di
             raise UsageError(f"the graph's input {dims} has no fixed square size: give --size")
     # From its path: torch.onnx.export writes large weights to a .data file beside the graph, which
     # onnx.load above read in, and which a session made from the bytes alone could not find.
-    original = ort.InferenceSession(str(args.from_onnx), providers=["CPUExecutionProvider"])
+    try:
+        original = ort.InferenceSession(str(args.from_onnx), providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own Fail / InvalidGraph types
+        raise UsageError(
+            f"--from-onnx {args.from_onnx}: ONNX Runtime cannot load it: {' '.join(str(err).split())[:200]}"
+        ) from None
     width_out = original.get_outputs()[0].shape[-1]
     if not isinstance(width_out, int):
         raise UsageError(f"the graph's output {original.get_outputs()[0].shape} has no fixed class count")

@@ -213,6 +213,7 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
         (["--from-torchvision", "resnet99", "--weights", "{dir}/resnet18.pt"], "--from-torchvision 'resnet99' is not a torchvision classification builder"),
         (["--from-torchvision", "resnet18", "--weights", "{dir}/resnet18.pt"], "the model has 4 outputs: give their names with --classes FILE"),
         ([], "give one of --checkpoint, --from-torchvision NAME or --from-onnx FILE; got none"),
+        (["--from-onnx", "{dir}/resnet18.pt", *IMAGENET, *CLASSES_FILE], "--from-onnx {dir}/resnet18.pt is not an ONNX model"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_wrapped_is_one_line_naming_why(made, tmp_path, arguments, message):
