@@ -335,7 +335,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         seconds = time.perf_counter() - start
         if rank == 0:
             evaluations = evaluate_all(model, eval_loaders, criterion, device, amp)
-            record.epoch(model, epoch_metrics(epoch, trained, evaluations, lr, seconds, start))
+            metrics = epoch_metrics(epoch, trained, evaluations, lr, seconds, start)
+            record.epoch(model, metrics)
         if world > 1:
             dist.barrier()
     if show:
