@@ -43,6 +43,9 @@ class ModelCard:
     resize: str = "fit"  # how an image of another size reaches height x width: one of RESIZE_MODES
     interpolation: str = "bilinear"  # resampling filter for that resize: one of INTERPOLATIONS
     decode: str = "full"  # one of DECODES; "full" for every card written before the field existed
+    # resize "crop" keeps this share of the scaled image's shorter side: torchvision's and timm's
+    # evaluation recipes scale to 256 and crop 224 (0.875); 1.0, the whole side, for every card before it.
+    crop_fraction: float = 1.0
     arch_args: dict[str, Any] = field(default_factory=dict)  # builder kwargs besides in_channels, num_classes
     dataset: str = ""  # what the model was trained on, for people
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. {"epoch": 12, "test_acc": 0.91}
@@ -83,6 +86,11 @@ class ModelCard:
             raise UsageError(f"model card: interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
         if self.decode not in DECODES:
             raise UsageError(f"model card: decode {self.decode!r} is not one of {DECODES}")
+        fraction = self.crop_fraction
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.25 <= fraction <= 1:
+            raise UsageError(f"model card: crop_fraction must be a number from 0.25 to 1, got {fraction!r}")
+        if fraction != 1 and self.resize != "crop":
+            raise UsageError(f"model card: crop_fraction {fraction} needs resize 'crop', not {self.resize!r}")
         if isinstance(self.calibration, dict):  # as it comes back from JSON
             try:
                 object.__setattr__(self, "calibration", Calibration.from_dict(self.calibration))
@@ -107,6 +115,8 @@ class ModelCard:
             fields["calibration"] = self.calibration.to_dict()
         if self.decode == "full":  # likewise; a "scaled" card is refused by code that cannot honour it
             del fields["decode"]
+        if self.crop_fraction == 1:  # likewise
+            del fields["crop_fraction"]
         if not self.lineage:  # likewise: a model trained from scratch has none
             del fields["lineage"]
         return json.dumps({"card_version": CARD_VERSION, **fields}, sort_keys=True)

@@ -234,10 +234,10 @@ def resize_to_card(image: Image.Image, card: ModelCard) -> Image.Image:
 
     stretch: resize both sides, ignoring aspect ratio.
     fit: scale the longer side to fit, then pad with black, centred (how Fashion-MNIST was made).
-    crop: scale the shorter side to fit, then take the centre.
+    crop: scale the shorter side to fit (to ``1 / card.crop_fraction`` of it), then take the centre.
     """
     size = (card.width, card.height)
-    if image.size == size:
+    if image.size == size and card.crop_fraction == 1:
         return image
     resample = _FILTERS[card.interpolation]
     scaled = image.resize(resized_size(*image.size, card), resample)
@@ -255,7 +255,10 @@ def resized_size(width: int, height: int, card: ModelCard) -> tuple[int, int]:
     """The size :func:`resize_to_card` resizes a ``width`` x ``height`` image to, before any pad or crop."""
     if card.resize == "stretch":
         return card.width, card.height
-    scale = (min if card.resize == "fit" else max)(card.width / width, card.height / height)
+    if card.resize == "fit":
+        scale = min(card.width / width, card.height / height)
+    else:  # torchvision's Resize(256) then CenterCrop(224) is a crop_fraction of 0.875
+        scale = max(card.width / width, card.height / height) / card.crop_fraction
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 

@@ -30,6 +30,9 @@ def test_json_round_trip_keeps_every_field():
         ({"class_names": ()}, "class_names must be non-empty"),
         ({"height": 0}, "height must be a positive integer"),
         ({"decode": "draft"}, "decode 'draft' is not one of"),
+        ({"crop_fraction": 0.875}, "crop_fraction 0.875 needs resize 'crop', not 'fit'"),
+        ({"resize": "crop", "crop_fraction": 0.0}, "crop_fraction must be a number from 0.25 to 1, got 0.0"),
+        ({"resize": "crop", "crop_fraction": True}, "crop_fraction must be a number from 0.25 to 1, got True"),
     ],
 )
 def test_invalid_cards_are_refused_with_the_reason(change, message):

@@ -89,6 +89,21 @@ def test_resize_policies():
     assert (crop[:, :14] == 0).all() and (crop[:, 14:] == 255).all()  # the centre 28 columns
 
 
+def test_a_crop_fraction_frames_as_torchvisions_resize_then_centre_crop():
+    """crop_fraction 0.875 at 224: torchvision's evaluation recipe, Resize(256) then CenterCrop(224).
+    A 256-pixel square needs no resampling under either, so the two must agree on every pixel; a
+    224-pixel one is scaled up and cropped, not passed through."""
+    from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
+
+    card = dataclasses.replace(GRAY, height=224, width=224, resize="crop", crop_fraction=0.875)
+    recipe = Compose([Resize(256), CenterCrop(224), PILToTensor()])
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))
+    assert np.array_equal(to_input(square, card), recipe(square).numpy())
+    assert np.array_equal(to_input(square, card)[0], np.asarray(square)[16:240, 16:240])
+    small = Image.fromarray(np.asarray(square)[16:240, 16:240])
+    assert not np.array_equal(to_input(small, card), to_input(small, dataclasses.replace(card, crop_fraction=1.0)))
+
+
 def test_training_inputs_equal_serving_inputs_bit_for_bit(fashion_test):
     """Training's dataset transform vs the service's decode of the same image sent as PNG (gray and RGB)."""
     from training.fashion_mnist import FashionMNIST
