@@ -209,7 +209,10 @@ def fit_and_write(
     card = calibrated(card, model, serialize(proto), held, args)
     reference = None
     if card.calibration is not None and not args.no_ood_head:
-        fitted = ood_head.fit(with_card(proto, card), card, held["validation"][0], held["test"][0], outside=outside)
+        features = getattr(args, "features", None)  # --from-onnx's --features, checked by export.foreign
+        fitted = ood_head.fit(
+            with_card(proto, card), card, held["validation"][0], held["test"][0], outside=outside, features=features
+        )
         if fitted is not None:
             proto, card, reference = fitted
     with atomic_output(args.output) as f:
@@ -224,8 +227,8 @@ def main_foreign(args: argparse.Namespace) -> ModelCard:
     itself; the card from the arguments; calibrated, with an OOD head and drift reference, on
     ``--calibrate-on`` images when given."""
     model = None
-    if args.from_torchvision:
-        model, card = foreign.torchvision_model(args)
+    if foreign.builder(args):
+        model, card = foreign.pytorch_model(args)
         proto, folded = export_graph(model, card, args.opset, args.float_input, args.fp16)
         parity = compare_with_torch(model, serialize(proto), foreign.sample_pixels(card), (1, foreign.PARITY_IMAGES))
         check_parity(parity, "float16" if args.fp16 else "float32")

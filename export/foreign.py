@@ -1,17 +1,18 @@
-"""Serve a model you already have: a torchvision classifier with your own weights, or an ONNX graph
-exported elsewhere, made into a graph like ours: uint8 pixels [N, C, H, W] in, normalized inside,
-any batch size, logits out, the card in its metadata.
+"""Serve a model you already have: a torchvision or timm classifier with your own weights, or an
+ONNX graph exported elsewhere, made into a graph like ours: uint8 pixels [N, C, H, W] in, normalized
+inside, any batch size, logits out, the card in its metadata.
 
     python -m export --from-torchvision resnet18 --weights my_resnet18.pt --classes classes.txt --output r18.onnx
+    python -m export --from-timm convnext_tiny --weights my_convnext.pt --classes classes.txt --output cnx.onnx
     python -m export --from-onnx theirs.onnx --classes classes.txt --mean 0.485 0.456 0.406 \\
         --std 0.229 0.224 0.225 --size 224 --output theirs-wrapped.onnx
 
-The card comes from the arguments; where torchvision's weights enum publishes a builder's
-transforms, its crop size, mean, std and interpolation are the defaults. One difference stays: the
-card's ``crop`` scales the short side to the input size and takes the centre, where torchvision's
-recipe scales it to 256 and crops 224 (87.5% of it); images the service answers are framed a little
-wider than that recipe frames them. Without calibration images the model serves with ``unsure``
-null, and its card and ``/models`` say so (``calibration`` absent).
+The card comes from the arguments; where the builder publishes its evaluation transforms (the
+weights enum of a torchvision builder, the pretrained config of a timm model), its input size,
+mean, std, interpolation and crop are the defaults: torchvision's "resize to 256, crop 224" is the
+card's ``crop_fraction`` 0.875, the same share of the short side at any ``--size``. Without
+calibration images (``--calibrate-on``) the model serves with ``unsure`` null, and its card and
+``/models`` say so (``calibration`` absent).
 
 A foreign graph must take one float32 image tensor, [N, C, H, W] or [N, H, W, C] (C 1 or 3; N
 symbolic or 1), normalized as ``--mean`` and ``--std`` say, and give one [N, classes] output of
@@ -19,7 +20,8 @@ logits or probabilities (``--scores``; "auto" takes a final Softmax for probabil
 go a Cast and the normalization (and a Transpose for NHWC) before, and for probabilities a Log
 after: softmax(log p) is p, so the service's calibrated softmax gives the graph's own probabilities
 back. A fixed batch of 1 is made symbolic when the graph then runs at other batch sizes, and
-refused, naming the shape, when it does not.
+refused, naming the shape, when it does not. The OOD head measures the input of the Gemm or
+MatMul that makes the logits, or the tensor ``--features`` names.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, ExportError
+from export.ood_head import named_feature_tensor
 from model_store import ModelCard
 from model_store.card import INTERPOLATIONS, RESIZE_MODES
 from model_store.errors import UsageError
@@ -49,8 +52,11 @@ ORIGINAL_INPUT = "normalized"  # the foreign graph's input, renamed: what the no
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("a model you already have (instead of --checkpoint)")
     group.add_argument("--from-torchvision", metavar="NAME", help="a torchvision classification builder, e.g. resnet18")
+    group.add_argument("--from-timm", metavar="NAME", help="a timm model name, e.g. resnet18 (timm must be installed)")
     group.add_argument(
-        "--weights", type=Path, help="--from-torchvision: the state_dict file (torch.save of model.state_dict())"
+        "--weights",
+        type=Path,
+        help="--from-torchvision, --from-timm: the state_dict file (torch.save of model.state_dict())",
     )
     group.add_argument(
         "--from-onnx", type=Path, metavar="FILE", help="an ONNX classifier taking normalized float32 images"
@@ -75,6 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interpolation", choices=INTERPOLATIONS, default=None, help="(default: the builder's, else bilinear)"
     )
     group.add_argument(
+        "--crop-fraction",
+        type=float,
+        help="--resize crop keeps this share of the scaled shorter side (default: the builder's, e.g. 0.875 for "
+        "torchvision's resize 256, crop 224; else 1)",
+    )
+    group.add_argument(
+        "--features",
+        metavar="TENSOR",
+        help="--from-onnx: the tensor of penultimate features the OOD head measures (default: the input of the "
+        "Gemm or MatMul that makes the logits)",
+    )
+    group.add_argument(
         "--calibrate-on",
         type=Path,
         metavar="FOLDER",
@@ -91,7 +109,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def is_foreign(args: argparse.Namespace) -> bool:
-    return bool(args.from_torchvision or args.from_onnx)
+    return bool(args.from_torchvision or args.from_timm or args.from_onnx)
+
+
+def builder(args: argparse.Namespace) -> str | None:
+    """ "torchvision:NAME" or "timm:NAME" for a PyTorch source, None for ONNX (or a checkpoint)."""
+    if args.from_torchvision:
+        return f"torchvision:{args.from_torchvision}"
+    return f"timm:{args.from_timm}" if args.from_timm else None
 
 
 def check_sources(args: argparse.Namespace) -> None:
@@ -101,18 +126,25 @@ def check_sources(args: argparse.Namespace) -> None:
         for flag, value in (
             ("--checkpoint", args.checkpoint),
             ("--from-torchvision", args.from_torchvision),
+            ("--from-timm", args.from_timm),
             ("--from-onnx", args.from_onnx),
         )
         if value
     ]
     if len(given) != 1:
         raise UsageError(
-            f"give one of --checkpoint, --from-torchvision NAME or --from-onnx FILE; got {', '.join(given) or 'none'}"
+            "give one of --checkpoint, --from-torchvision NAME, --from-timm NAME or --from-onnx FILE; "
+            f"got {', '.join(given) or 'none'}"
         )
-    if args.from_torchvision and args.weights is None:
-        raise UsageError("--from-torchvision needs --weights, your state_dict file: weights are never downloaded here")
+    if builder(args) and args.weights is None:
+        raise UsageError(f"{given[0]} needs --weights, your state_dict file: weights are never downloaded here")
     if args.from_onnx and args.weights is not None:
-        raise UsageError("--weights goes with --from-torchvision; an ONNX file carries its own")
+        raise UsageError("--weights goes with --from-torchvision and --from-timm; an ONNX file carries its own")
+    if args.features and not (args.from_onnx and args.calibrate_on):
+        raise UsageError(
+            "--features names the tensor of an ONNX graph (--from-onnx) that the OOD head, fitted on "
+            "--calibrate-on images, measures"
+        )
     if is_foreign(args) and (args.int8 or args.cam):
         raise UsageError("--int8 and --cam need a checkpoint of this project's training (its data, its architecture)")
     if args.from_onnx and (args.fp16 or args.float_input):
@@ -154,11 +186,37 @@ def torchvision_defaults(name: str) -> dict:
     transforms = weights.transforms()
     return {
         "size": transforms.crop_size[0],
+        "crop_fraction": transforms.crop_size[0] / transforms.resize_size[0],
         "mean": tuple(transforms.mean),
         "std": tuple(transforms.std),
         "interpolation": transforms.interpolation.value,
         "categories": weights.meta.get("categories"),
     }
+
+
+def timm_module():
+    try:
+        import timm
+    except ModuleNotFoundError:
+        raise UsageError("--from-timm needs timm: pip install timm (or the project's [test] extra)") from None
+    return timm
+
+
+def timm_defaults(net: nn.Module) -> dict:
+    """The model's pretrained config (timm.data.resolve_model_data_config): input size, mean, std,
+    interpolation and, for a centre crop, crop_pct; timm has these for every model, weights or not."""
+    config = timm_module().data.resolve_model_data_config(net)
+    channels, height, width = config["input_size"]
+    defaults = {
+        "size": height if height == width else None,
+        "channels": channels,
+        "mean": tuple(config["mean"]),
+        "std": tuple(config["std"]),
+        "interpolation": config.get("interpolation") if config.get("interpolation") in INTERPOLATIONS else None,
+    }
+    if config.get("crop_mode", "center") == "center" and config.get("crop_pct"):
+        defaults["crop_fraction"] = float(config["crop_pct"])
+    return {key: value for key, value in defaults.items() if value is not None}
 
 
 def make_card(args: argparse.Namespace, arch: str, classes: tuple[str, ...], defaults: dict) -> ModelCard:
@@ -170,6 +228,12 @@ def make_card(args: argparse.Namespace, arch: str, classes: tuple[str, ...], def
         raise UsageError(f"{arch} publishes no transforms: give {', '.join(missing)}")
     if len(mean) != channels or len(std) != channels:
         raise UsageError(f"--mean and --std need one value per channel ({channels}); got {len(mean)} and {len(std)}")
+    resize = args.resize or "crop"
+    fraction = args.crop_fraction or (defaults.get("crop_fraction", 1.0) if resize == "crop" else 1.0)
+    if fraction != 1 and resize != "crop":
+        raise UsageError(f"--crop-fraction {fraction} goes with --resize crop, not --resize {resize}")
+    if not 0.25 <= fraction <= 1:
+        raise UsageError(f"--crop-fraction must be from 0.25 to 1, got {fraction}")
     return ModelCard(
         arch=arch,
         class_names=classes,
@@ -178,7 +242,8 @@ def make_card(args: argparse.Namespace, arch: str, classes: tuple[str, ...], def
         width=size,
         mean=tuple(mean),
         std=tuple(std),
-        resize=args.resize or "crop",
+        resize=resize,
+        crop_fraction=round(fraction, 6),  # 224 / 256 is 0.875 exactly; 0.95 stays 0.95
         interpolation=args.interpolation or defaults.get("interpolation", "bilinear"),
         decode="scaled",
         dataset="",
@@ -202,13 +267,10 @@ class Normalized(nn.Module):
         return self.net(self.normalize(pixels))
 
 
-def torchvision_model(args: argparse.Namespace) -> tuple[Normalized, ModelCard]:
-    """The builder's network with the user's weights, and its card."""
-    import torchvision
-
+def pytorch_model(args: argparse.Namespace) -> tuple[Normalized, ModelCard]:
+    """The builder's network (torchvision's or timm's) with the user's weights, and its card."""
     from training.checkpoint import read_torch_file
 
-    defaults = torchvision_defaults(args.from_torchvision)
     state = read_torch_file(args.weights, "--weights")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint that wraps its state_dict
@@ -217,17 +279,31 @@ def torchvision_model(args: argparse.Namespace) -> tuple[Normalized, ModelCard]:
     head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
     if not head:
         raise UsageError(f"--weights {args.weights}: no linear layer's weight, so no class count")
-    count = head[-1].shape[0]
-    net = torchvision.models.get_model(args.from_torchvision, weights=None, num_classes=count)
+    count = head[-1].shape[0]  # the classifier is the last linear layer in every builder's order
+    source = builder(args)
+    if args.from_torchvision:
+        import torchvision
+
+        defaults = torchvision_defaults(args.from_torchvision)
+        net = torchvision.models.get_model(args.from_torchvision, weights=None, num_classes=count)
+    else:
+        timm = timm_module()
+        if not timm.is_model(args.from_timm):
+            raise UsageError(
+                f"--from-timm {args.from_timm!r} is not a timm model; e.g. {', '.join(timm.list_models('resnet*')[:6])} "
+                "(timm.list_models())"
+            )
+        net = timm.create_model(args.from_timm, pretrained=False, num_classes=count)
+        defaults = timm_defaults(net)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UsageError(
-            f"--weights {args.weights} does not fit torchvision's {args.from_torchvision} with {count} classes: "
+            f"--weights {args.weights} does not fit {source} with {count} classes: "
             f"missing {sorted(missing)[:4]}{'…' if len(missing) > 4 else ''}, "
             f"unexpected {sorted(unexpected)[:4]}{'…' if len(unexpected) > 4 else ''}"
         )
     classes = read_classes(args.classes, count, defaults.get("categories"))
-    card = make_card(args, f"torchvision:{args.from_torchvision}", classes, defaults)
+    card = make_card(args, source, classes, defaults)
     return Normalized(net, card).eval(), card
 
 
@@ -370,6 +446,8 @@ def onnx_model(args: argparse.Namespace) -> tuple[onnx.ModelProto, ModelCard, di
     card = make_card(args, "onnx", classes, defaults)
     probabilities = {"auto": ends_in_softmax(proto), "logits": False, "probabilities": True}[args.scores]
     wrapped = wrap_onnx(proto, card, probabilities)
+    if args.features:
+        named_feature_tensor(wrapped, args.features)  # before the parity and calibration runs
     parity = onnx_parity(original, wrapped, card, layout, dims, probabilities)
     return wrapped, card, parity, {"scores": "probabilities" if probabilities else "logits", "layout": layout}
 
@@ -435,7 +513,7 @@ def export_record(args: argparse.Namespace, source: Path, parity: dict, **more) 
         "input": "normalized float32 [N, C, H, W]" if args.float_input else "pixels uint8 [N, C, H, W]",
         "output": "logits float32 [N, classes]",
         "cam": False,
-        "source": args.from_torchvision and f"torchvision:{args.from_torchvision}" or "onnx",
+        "source": builder(args) or "onnx",
         "source_file": source.name,
         "source_sha256": file_sha256(source),
         "torch": torch.__version__,

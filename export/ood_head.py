@@ -59,23 +59,47 @@ K = 10  # the neighbour measured to; benchmarks/feature_ood.py measured k = 10
 DIMS = 32
 MAX_BANK = 5000  # held-out feature vectors the graph carries at most: memory and one MatMul per image
 # The drift window's Fréchet distance takes an eigendecomposition of a D x D covariance per window:
-# fitting its levels takes thousands, minutes at D = 512 (a ResNet-18's features). Wider networks
-# get the OOD head, whose distance is on DIMS principal axes, and no drift reference.
+# fitting its levels takes thousands, minutes at D = 512 (a ResNet-18's features). A wider network's
+# drift is measured on what its OOD head measures distance on, the bank's first DIMS principal axes:
+# the graph's "features" output is then that projection. A shift only along the axes left out goes
+# unseen by feature_frechet; those are the directions the held-out features vary least along.
 MAX_DRIFT_FEATURES = 256
 MIN_HELD_OUT = 4 * K  # fewer held-out images: no head (a bank of 2k, and 2k to set a threshold on)
 BATCH = 512  # images per ONNX Runtime call while fitting
-PASS_THROUGH = ("Cast", "Identity", "DequantizeLinear", "QuantizeLinear")  # between the last Gemm and the logits
+# Between the layer that makes the logits and the graph's output: casts, int8 quantize/dequantize
+# pairs, and what export.foreign wraps a probability graph's end in (its Softmax, then Max and Log).
+PASS_THROUGH = ("Cast", "Identity", "DequantizeLinear", "QuantizeLinear", "Softmax", "Log", "Max")
+MAX_FEATURES = 4096  # wider (a named tensor that is a whole feature map): the bank would be gigabytes
 
 
 def feature_tensor(proto: onnx.ModelProto) -> str | None:
-    """The name of the tensor the graph's last Gemm takes (the penultimate features), or None when
-    its logits are not made by one (a Gemm after at most casts and int8 quantize/dequantize pairs)."""
+    """The name of the tensor the layer that makes the logits takes (the penultimate features): a
+    Gemm's input, or a MatMul's (with its bias Add after it, as some exporters write a Linear), past
+    :data:`PASS_THROUGH` nodes; None when the logits are made otherwise."""
     graph = proto.graph
+    constants = {init.name for init in graph.initializer} | {
+        out for node in graph.node if node.op_type == "Constant" for out in node.output
+    }
     made_by = {output: node for node in graph.node for output in node.output}
     node = made_by.get(graph.output[0].name)
     while node is not None and node.op_type in PASS_THROUGH:
         node = made_by.get(node.input[0])
-    return node.input[0] if node is not None and node.op_type == "Gemm" else None
+    if node is not None and node.op_type == "Add":  # MatMul + bias
+        computed = [name for name in node.input if name not in constants]
+        node = made_by.get(computed[0]) if len(computed) == 1 else None
+    if node is None or node.op_type not in ("Gemm", "MatMul"):
+        return None
+    return node.input[0] if node.input[0] not in constants else None
+
+
+def named_feature_tensor(proto: onnx.ModelProto, name: str) -> str:
+    """``name`` (``--features``) when the graph computes a tensor of that name; else a UsageError
+    listing some that it does."""
+    made = [output for node in proto.graph.node for output in node.output]
+    if name not in made:
+        near = [output for output in made if name.lower() in output.lower()][:6] or made[-6:]
+        raise UsageError(f"--features {name!r} is no tensor the graph computes; e.g. {near}")
+    return name
 
 
 def without_head(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -98,12 +122,19 @@ def without_head(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def with_outputs(proto: onnx.ModelProto, features: str) -> onnx.ModelProto:
-    """A copy of ``proto`` whose tensor ``features`` is also the float32 output "features" [N, D]."""
+def with_outputs(proto: onnx.ModelProto, features: str, output: str = FEATURES_OUTPUT) -> onnx.ModelProto:
+    """A copy of ``proto`` whose tensor ``features``, flattened after the batch axis (a named one may
+    be [N, C, 1, 1]), is also the float32 tensor ``output`` [N, D]; a graph output when it is "features"."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    out.graph.node.append(helper.make_node("Cast", [features], [FEATURES_OUTPUT], to=TensorProto.FLOAT))
-    out.graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, ["N", None]))
+    out.graph.node.extend(
+        [
+            helper.make_node("Flatten", [features], ["ood_flat"], axis=1),
+            helper.make_node("Cast", ["ood_flat"], [output], to=TensorProto.FLOAT),
+        ]
+    )
+    if output == FEATURES_OUTPUT:
+        out.graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, ["N", None]))
     return out
 
 
@@ -115,10 +146,13 @@ def principal_axes(bank: np.ndarray, dims: int = DIMS) -> tuple[np.ndarray, np.n
     return mean, axes
 
 
-def with_head(proto: onnx.ModelProto, features: str, bank: np.ndarray, k: int = K, dims: int = DIMS) -> onnx.ModelProto:
+def with_head(
+    proto: onnx.ModelProto, features: str, bank: np.ndarray, k: int = K, dims: int = DIMS, projected: bool = False
+) -> onnx.ModelProto:
     """A copy of ``proto`` with the outputs "features" and "ood_distance" [N]: the Euclidean distance
     of each image's features, projected on the bank's first ``dims`` principal axes, to the k-th
-    nearest row of ``bank`` [M, D] projected alike.
+    nearest row of ``bank`` [M, D] projected alike. ``projected``: the output "features" is that
+    projection [N, dims], not the features themselves [N, D] (what the drift window then holds).
 
     ``|z - b|^2 = |b|^2 - 2 z.b + |z|^2``: one MatMul against the bank with its norms added (ORT fuses
     the two into one Gemm), TopK of the k smallest, the largest of those, and only then ``|z|^2``, the
@@ -128,35 +162,36 @@ def with_head(proto: onnx.ModelProto, features: str, bank: np.ndarray, k: int = 
     if not 1 <= k <= len(bank):
         raise ValueError(f"k must be between 1 and the bank's {len(bank)} rows, got {k}")
     mean, axes = principal_axes(bank, dims)
-    projected = (np.asarray(bank, np.float64) - mean) @ axes  # [M, d]
-    out = with_outputs(proto, features)
+    on_axes = (np.asarray(bank, np.float64) - mean) @ axes  # [M, d]
+    raw, turned = ("ood_features", FEATURES_OUTPUT) if projected else (FEATURES_OUTPUT, "ood_projected")
+    out = with_outputs(proto, features, raw)
     graph = out.graph
     graph.initializer.extend(
         [
             numpy_helper.from_array(axes.astype(np.float32), "ood_axes"),
             numpy_helper.from_array((-mean @ axes).astype(np.float32), "ood_shift"),
-            numpy_helper.from_array(
-                np.ascontiguousarray(-2 * projected.T).astype(np.float32), "ood_bank_times_minus_2"
-            ),
-            numpy_helper.from_array((projected**2).sum(axis=1).astype(np.float32), "ood_bank_norms"),
+            numpy_helper.from_array(np.ascontiguousarray(-2 * on_axes.T).astype(np.float32), "ood_bank_times_minus_2"),
+            numpy_helper.from_array((on_axes**2).sum(axis=1).astype(np.float32), "ood_bank_norms"),
             numpy_helper.from_array(np.array([1], np.int64), "ood_axis"),
             numpy_helper.from_array(np.array([k], np.int64), "ood_k"),
         ]
     )
     graph.node.extend(
         [
-            helper.make_node("MatMul", [FEATURES_OUTPUT, "ood_axes"], ["ood_turned"]),
-            helper.make_node("Add", ["ood_turned", "ood_shift"], ["ood_projected"]),  # (f - mean) @ axes
-            helper.make_node("MatMul", ["ood_projected", "ood_bank_times_minus_2"], ["ood_cross"]),
+            helper.make_node("MatMul", [raw, "ood_axes"], ["ood_turned"]),
+            helper.make_node("Add", ["ood_turned", "ood_shift"], [turned]),  # (f - mean) @ axes
+            helper.make_node("MatMul", [turned, "ood_bank_times_minus_2"], ["ood_cross"]),
             helper.make_node("Add", ["ood_cross", "ood_bank_norms"], ["ood_partial"]),
             helper.make_node("TopK", ["ood_partial", "ood_k"], ["ood_nearest", "ood_nearest_index"], largest=0),
             helper.make_node("ReduceMax", ["ood_nearest", "ood_axis"], ["ood_kth_partial"], keepdims=0),
-            helper.make_node("ReduceSumSquare", ["ood_projected", "ood_axis"], ["ood_norms"], keepdims=0),
+            helper.make_node("ReduceSumSquare", [turned, "ood_axis"], ["ood_norms"], keepdims=0),
             helper.make_node("Add", ["ood_kth_partial", "ood_norms"], ["ood_kth"]),
             helper.make_node("Relu", ["ood_kth"], ["ood_kth_clipped"]),  # cancellation can dip below 0
             helper.make_node("Sqrt", ["ood_kth_clipped"], [OOD_OUTPUT]),
         ]
     )
+    if projected:
+        graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, ["N", axes.shape[1]]))
     graph.output.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, ["N"]))
     onnx.checker.check_model(out)
     return out
@@ -169,21 +204,24 @@ def fit(
     test: np.ndarray,
     seed: int = 0,
     outside: np.ndarray | None = None,
+    features: str | None = None,
 ) -> tuple[onnx.ModelProto, ModelCard, DriftReference] | None:
     """``proto`` (with ``card`` in it, calibrated) with the head, its card with the kNN threshold and
     the head's figures, and the drift reference: all fitted on the uint8 ``held_out`` images, the
     run's validation split, and the head's share of ``test`` images accepted measured; and of
     ``outside`` images (reviewed captures labelled not_in_domain) flagged. Those never join the bank
     nor move the threshold, which is set by the share of in-distribution images the card promises to
-    accept (``id_acceptance``): they measure it. None, said
-    why on stdout, when the graph or the split cannot have one."""
+    accept (``id_acceptance``): they measure it. ``features``: the tensor of penultimate features
+    (default: :func:`feature_tensor`'s). None, said why on stdout, when the graph or the split
+    cannot have one."""
     proto = without_head(proto)
-    features = feature_tensor(proto)
+    named = features is not None
+    features = features or feature_tensor(proto)
     if card.calibration is None or features is None or len(held_out) < MIN_HELD_OUT:
         why = (
             "the card has no calibration"
             if card.calibration is None
-            else "its logits are not made by a Gemm"
+            else "its logits are not made by a Gemm or MatMul (name the features' tensor with --features)"
             if features is None
             else f"the run held out {len(held_out)} images, fewer than {MIN_HELD_OUT}"
         )
@@ -194,37 +232,44 @@ def fit(
     rest = order[len(order) // 2 :]
     plain = OnnxClassifier(serialize(with_outputs(proto, features)), device="cpu")
     bank_logits, bank = plain.run(held_out[banked], [plain.output_name, FEATURES_OUTPUT], BATCH)
-    headed = with_head(proto, features, bank)
+    if bank.shape[1] > MAX_FEATURES:
+        print(f"no OOD head: the features {features!r} number {bank.shape[1]:,}, more than {MAX_FEATURES:,}")
+        return None
+    width = bank.shape[1]
+    projected = width > MAX_DRIFT_FEATURES
+    headed = with_head(proto, features, bank, projected=projected)
     engine = OnnxClassifier(serialize(with_card(headed, card)), device="cpu")
     names = [engine.output_name, OOD_OUTPUT, FEATURES_OUTPUT]
     logits, distances, rest_features = engine.run(held_out[rest], names, BATCH)
+    if projected:  # the drift reference's features are what the graph's output now gives
+        bank = engine.run(held_out[banked], [FEATURES_OUTPUT], BATCH)[0]
     calibration = dataclasses.replace(
         card.calibration, knn_threshold=float(np.quantile(distances, card.calibration.id_acceptance, method="higher"))
     )
     probabilities, energies = scores(logits, calibration.temperature)
     codes = calibration.reason_codes(probabilities.max(axis=1), energies, distances)
-    reference = clamps = None
-    if bank.shape[1] <= MAX_DRIFT_FEATURES:
-        shares, gaussian = fit_reference(bank_logits.argmax(axis=1), bank, card.num_classes)
-        answers = (probabilities.argmax(axis=1), codes, distances, rest_features)
-        levels, early_levels, clamps = fit_all_levels(shares, gaussian, answers, DEFAULT_WINDOW, seed)
-        reference = DriftReference(
-            window=DEFAULT_WINDOW,
-            class_shares=tuple(shares.tolist()),
-            feature_mean=_rounded(gaussian.mean),
-            feature_cov=tuple(map(_rounded, gaussian.cov)),
-            levels=levels,
-            images=len(banked),
-            level_images=len(rest),
-            early_levels=early_levels,
-        )
+    shares, gaussian = fit_reference(bank_logits.argmax(axis=1), bank, card.num_classes)
+    answers = (probabilities.argmax(axis=1), codes, distances, rest_features)
+    levels, early_levels, clamps = fit_all_levels(shares, gaussian, answers, DEFAULT_WINDOW, seed)
+    reference = DriftReference(
+        window=DEFAULT_WINDOW,
+        class_shares=tuple(shares.tolist()),
+        feature_mean=_rounded(gaussian.mean),
+        feature_cov=tuple(map(_rounded, gaussian.cov)),
+        levels=levels,
+        images=len(banked),
+        level_images=len(rest),
+        early_levels=early_levels,
+    )
     test_distances = engine.run(test, [OOD_OUTPUT], BATCH)[0] if len(test) else np.zeros(0)
     record = {
         "score": f"euclidean distance of the penultimate features to the {K}th nearest of the bank, "
-        f"on the bank's first {min(DIMS, bank.shape[1])} principal axes",
+        f"on the bank's first {dims_of(headed)} principal axes",
         "k": K,
-        "features": bank.shape[1],
-        "dims": min(DIMS, bank.shape[1]),
+        "tensor": features if named else None,  # found: the Gemm's or MatMul's input, as always
+        "features": width,
+        "dims": dims_of(headed),
+        "drift_features": f"the first {dims_of(headed)} principal axes" if projected else None,
         "bank_images": len(banked),
         "threshold_images": len(rest),
         "test_flagged": float(np.mean(test_distances > calibration.knn_threshold)) if len(test) else None,
@@ -234,11 +279,13 @@ def fit(
         record["not_in_domain_flagged"] = float(np.mean(outside_distances > calibration.knn_threshold))
         record["not_in_domain_images"] = len(outside)
     network = card.export.get("output", "logits float32 [N, classes]").split(f", {FEATURES_OUTPUT} ")[0]  # a refit's
-    outputs = f"{network}, {FEATURES_OUTPUT} float32 [N, D], {OOD_OUTPUT} float32 [N]"
+    outputs = (
+        f"{network}, {FEATURES_OUTPUT} float32 [N, {dims_of(headed) if projected else 'D'}], {OOD_OUTPUT} float32 [N]"
+    )
     export = {**card.export, "output": outputs, "ood": _no_nulls(record)}
     card = ModelCard.from_dict({**card.to_dict(), "calibration": calibration, "export": export})
     print(
-        f"OOD head: {len(banked)} held-out feature vectors of {bank.shape[1]} in the graph; distance threshold "
+        f"OOD head: {len(banked)} held-out feature vectors of {width} in the graph; distance threshold "
         f"{calibration.knn_threshold:.3f} accepts {card.calibration.id_acceptance:.0%} of {len(rest)} others"
         + (f", flags {record['test_flagged']:.1%} of {len(test)} test images" if len(test) else "")
         + (
@@ -246,17 +293,17 @@ def fit(
             if "not_in_domain_flagged" in record
             else ""
         )
-        + (
-            f"; drift levels, for a window of {reference.window:,} answers: "
-            + ", ".join(f"{name} {level:.4g}" for name, level in reference.levels.items())
-            if reference is not None
-            else f"; no drift reference: {bank.shape[1]} features, more than the {MAX_DRIFT_FEATURES} whose "
-            "covariance the level fit and the service's window can afford (served unmonitored)"
-        )
+        + f"; drift on {record.get('drift_features', 'the features')}, levels for a window of {reference.window:,} answers: "
+        + ", ".join(f"{name} {level:.4g}" for name, level in reference.levels.items())
     )
-    if reference is not None:
-        warn_about_levels(reference, clamps)
+    warn_about_levels(reference, clamps)
     return headed, card, reference
+
+
+def dims_of(headed: onnx.ModelProto) -> int:
+    """How many principal axes the head of ``headed`` projects on."""
+    axes = next(init for init in headed.graph.initializer if init.name == "ood_axes")
+    return int(axes.dims[1])
 
 
 def warn_about_levels(reference: DriftReference, clamps: list[Clamp]) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -22,7 +24,9 @@ from tests.tolerance import PROB_ATOL
 
 CLASSES = ("hat", "scarf", "glove", "sock")
 SIZE = 64  # small enough for a test; the builders' own default (224) is checked on the card
+POOLED = "/avgpool/GlobalAveragePool_output_0"  # ResNet-18's pooled features, as torch.onnx.export names them
 CLASSES_FILE = ["--classes", "{dir}/classes.txt"]
+TIMM = "mobilenetv3_small_050"  # timm's own MobileNetV3, not torchvision's: its head ends in a 1x1 conv
 IMAGENET = ["--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]
 
 
@@ -56,6 +60,8 @@ def made(tmp_path_factory, fashion_test) -> dict:
     for name in ("resnet18", "mobilenet_v3_small"):
         nets[name] = torchvision.models.get_model(name, weights=None, num_classes=len(CLASSES)).eval()
         torch.save(nets[name].state_dict(), out / f"{name}.pt")
+    nets["timm"] = timm.create_model(TIMM, pretrained=False, num_classes=len(CLASSES)).eval()
+    torch.save(nets["timm"].state_dict(), out / "timm.pt")
     example = torch.zeros(1, 3, SIZE, SIZE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,6 +94,12 @@ def wrapped(made) -> dict[str, Path]:
         "onnx-plain": ["--from-onnx", str(theirs / "plain.onnx"), *IMAGENET],
         "onnx-softmax": ["--from-onnx", str(theirs / "softmax.onnx"), *IMAGENET],
         "onnx-nhwc": ["--from-onnx", str(theirs / "nhwc.onnx"), *IMAGENET],
+        "timm-mobilenet": ["--from-timm", TIMM, "--weights", str(theirs / "timm.pt"), "--size", str(SIZE)],
+        # the features found behind the wrapped Softmax (Log, Max, Softmax, Gemm), or named: a [N, 512, 1, 1] map
+        "onnx-softmax-calibrated": ["--from-onnx", str(theirs / "softmax.onnx"), *IMAGENET,
+                                    "--calibrate-on", str(theirs / "held-out")],
+        "onnx-named-features": ["--from-onnx", str(theirs / "plain.onnx"), *IMAGENET, "--calibrate-on",
+                                str(theirs / "held-out"), "--features", POOLED],
     }  # fmt: skip
     paths = {}
     for name, arguments in commands.items():
@@ -108,12 +120,22 @@ def test_the_cards_follow_the_builders_transforms_and_the_arguments(wrapped):
         (0.485, 0.456, 0.406),
         (0.229, 0.224, 0.225),
     )
-    assert (card.height, card.width, card.in_channels, card.resize, card.interpolation) == (
+    # ... and its framing: resize 256, crop 224, the share of the short side kept at any size
+    assert (card.height, card.width, card.in_channels, card.resize, card.interpolation, card.crop_fraction) == (
         SIZE,
         SIZE,
         3,
         "crop",
         "bilinear",
+        0.875,
+    )
+    # timm's pretrained config for the model: bicubic, crop_pct 0.875
+    timm_card = read_onnx_card(wrapped["timm-mobilenet"])
+    assert (timm_card.arch, timm_card.interpolation, timm_card.crop_fraction, timm_card.mean) == (
+        f"timm:{TIMM}",
+        "bicubic",
+        0.875,
+        (0.485, 0.456, 0.406),
     )
     assert card.calibration is None and card.export["source"] == "torchvision:resnet18"
     assert card.export["parity"]["max_abs_logit_diff"] <= 1e-4
@@ -125,6 +147,14 @@ def test_the_cards_follow_the_builders_transforms_and_the_arguments(wrapped):
     assert calibrated.calibration is not None and calibrated.calibration.validation_images == 80
     assert set(calibrated.metrics["calibration"]) >= {"validation", "test"}
     assert calibrated.export["ood"]["bank_images"] == 40
+    # 512 features, wider than a drift window's covariance affords: drift on the head's 32 principal axes
+    assert calibrated.export["ood"]["features"] == 512 and calibrated.export["ood"]["dims"] == 32
+    assert calibrated.export["ood"]["drift_features"] == "the first 32 principal axes"
+    # found behind the Softmax (Log, Max, Softmax, Gemm): a head at all; named: the tensor, in the card
+    found = read_onnx_card(wrapped["onnx-softmax-calibrated"]).export["ood"]
+    assert found["features"] == 512 and "tensor" not in found
+    named = read_onnx_card(wrapped["onnx-named-features"]).export["ood"]
+    assert (named["tensor"], named["features"]) == (POOLED, 512)
 
 
 def photo(image: np.ndarray) -> bytes:
@@ -161,7 +191,11 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
         "onnx-plain": (made["nets"]["resnet18"], False),
         "onnx-softmax": (made["nets"]["resnet18"], False),  # softmax of the same logits
         "onnx-nhwc": (ChannelsLast(made["nets"]["resnet18"]), True),
+        "timm-mobilenet": (made["nets"]["timm"], False),
+        "onnx-softmax-calibrated": (made["nets"]["resnet18"], False),
+        "onnx-named-features": (made["nets"]["resnet18"], False),
     }
+    calibrated = ("tv-calibrated", "onnx-softmax-calibrated", "onnx-named-features")
     images = [photo(image) for image in fashion_test[0][:6]]
     settings = {"SERVING_MODELS": ",".join(["fashion-lenet", *wrapped]), "SERVING_LOG_REQUESTS": "false"}
     log = tmp_path / "serve" / "serve.log"
@@ -169,7 +203,7 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
     with bentoml_serve(home, log, settings) as url:
         listed = {m["name"]: m for m in httpx.get(f"{url}/models", timeout=60).json()["models"]}
         assert set(wrapped) <= set(listed)
-        assert [n for n in wrapped if "calibration" in listed[n]["card"]] == ["tv-calibrated"]
+        assert tuple(n for n in wrapped if "calibration" in listed[n]["card"]) == calibrated
         for name, (net, channels_last) in originals.items():
             card = read_onnx_card(wrapped[name])
             for data in images:
@@ -181,7 +215,7 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
                 )
                 assert response.status_code == 200, response.text
                 answer = response.json()
-                assert (answer["unsure"] is None) == (name != "tv-calibrated") and answer["model"] == name
+                assert (answer["unsure"] is None) == (name not in calibrated) and answer["model"] == name
                 served = np.zeros(len(CLASSES))
                 for ranked in answer["top_k"]:
                     served[ranked["index"]] = ranked["probability"]
@@ -197,6 +231,16 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
             timeout=60,
         )
         assert explained.status_code == 422 and "has no class-activation map" in explained.json()["error"]
+        # Drift is watched on the 32 principal axes: figures from the 100th answer on (the 6 above count)
+        held_out = sorted((made["dir"] / "held-out").rglob("*.png"))[:100]
+        for start in range(0, len(held_out), 50):
+            files = [("images", (p.name, p.read_bytes(), "image/png")) for p in held_out[start : start + 50]]
+            response = httpx.post(f"{url}/classify_batch", files=files, data={"model": "tv-calibrated"}, timeout=120)
+            assert response.status_code == 200, response.text
+        monitored = {m["model"].split(":")[0]: m for m in httpx.get(f"{url}/monitor", timeout=60).json()["models"]}
+        assert [name for name in wrapped if monitored[name]["monitored"]] == list(calibrated)
+        figures = monitored["tv-calibrated"]["figures"]
+        assert monitored["tv-calibrated"]["answers"] == len(images) + 100 and np.isfinite(figures["feature_frechet"])
         v2 = httpx.get(f"{url}/v2/models/onnx-nhwc", timeout=60).json()
         assert v2["inputs"][0]["shape"] == [-1, 3, SIZE, SIZE] and v2["inputs"][0]["datatype"] == "UINT8"
 
@@ -209,10 +253,16 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
         (["--from-onnx", "{dir}/plain.onnx", *IMAGENET, "--classes", "{dir}/resnet18.pt"], "--classes {dir}/resnet18.pt"),
         (["--from-onnx", "{dir}/plain.onnx", *IMAGENET, *CLASSES_FILE, "--fp16"], "--fp16 and --float-input apply to --checkpoint and --from-torchvision"),
         (["--from-torchvision", "resnet18"], "--from-torchvision needs --weights"),
-        (["--from-torchvision", "resnet18", "--weights", "{dir}/mobilenet_v3_small.pt"], "does not fit torchvision's resnet18 with 4 classes: missing"),
+        (["--from-timm", "resnet99", "--weights", "{dir}/timm.pt"], "--from-timm 'resnet99' is not a timm model; e.g. resnet"),
+        (["--from-onnx", "{dir}/plain.onnx", *IMAGENET, *CLASSES_FILE, "--calibrate-on", "{dir}/held-out", "--features", "/avgpool"],
+         "--features '/avgpool' is no tensor the graph computes; e.g. ['/avgpool/GlobalAveragePool_output_0']"),
+        (["--from-onnx", "{dir}/plain.onnx", *IMAGENET, *CLASSES_FILE, "--features", POOLED], "--features names the tensor"),
+        (["--from-torchvision", "resnet18", "--weights", "{dir}/resnet18.pt", *CLASSES_FILE, "--resize", "fit", "--crop-fraction", "0.875"],
+         "--crop-fraction 0.875 goes with --resize crop, not --resize fit"),
+        (["--from-torchvision", "resnet18", "--weights", "{dir}/mobilenet_v3_small.pt"], "does not fit torchvision:resnet18 with 4 classes: missing"),
         (["--from-torchvision", "resnet99", "--weights", "{dir}/resnet18.pt"], "--from-torchvision 'resnet99' is not a torchvision classification builder"),
         (["--from-torchvision", "resnet18", "--weights", "{dir}/resnet18.pt"], "the model has 4 outputs: give their names with --classes FILE"),
-        ([], "give one of --checkpoint, --from-torchvision NAME or --from-onnx FILE; got none"),
+        ([], "give one of --checkpoint, --from-torchvision NAME, --from-timm NAME or --from-onnx FILE; got none"),
         (["--from-onnx", "{dir}/resnet18.pt", *IMAGENET, *CLASSES_FILE], "--from-onnx {dir}/resnet18.pt is not an ONNX model"),
     ],
 )  # fmt: skip
@@ -222,3 +272,25 @@ def test_what_cannot_be_wrapped_is_one_line_naming_why(made, tmp_path, arguments
     assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr[-2000:]
     assert message.format(dir=folder) in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_scorer_answers_with_a_foreign_model_as_the_original(made, wrapped, tmp_path):
+    """`python -m scoring` with a wrapped timm model and a calibrated torchvision one: the card's
+    decoding and temperature, the original network's probabilities, unsure said for the calibrated one."""
+    folder = made["dir"] / "held-out"
+    for name, net in (("timm-mobilenet", made["nets"]["timm"]), ("tv-calibrated", made["nets"]["resnet18"])):
+        output = tmp_path / name
+        result = run_cli(
+            "-m", "scoring", str(folder), "--output", str(output), "--onnx", str(wrapped[name]), timeout=300
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = pq.read_table(output).to_pylist()
+        card = read_onnx_card(wrapped[name])
+        temperature = card.calibration.temperature if card.calibration else 1.0
+        assert len(rows) == 160 and all(row["error"] is None for row in rows)
+        assert {type(row["unsure"]) for row in rows} == ({bool} if card.calibration else {type(None)})
+        for row in rows[:10]:
+            expected = torch_probabilities(net, card, (folder / row["path"]).read_bytes(), temperature=temperature)
+            # the scorer's top class: the original's most probable one, or one within rounding of it
+            assert row["probability"] == pytest.approx(expected[CLASSES.index(row["label"])], abs=10 * PROB_ATOL)
+            assert row["probability"] == pytest.approx(expected.max(), abs=10 * PROB_ATOL)
