@@ -69,6 +69,7 @@ class ServingConfig:
         False  # POST /v2/repository/...: load and unload models at run time (needs the token when one is set)
     )
     workers: int = 1  # service processes, each with its own copy of the models and its own batches
+    grpc_port: int = 8001  # the Open Inference Protocol over gRPC (serving.grpc_server), on HTTP's host; 0: off
     capture: str = ""  # where to keep unsure answers' images for review (serving.capture): a folder or s3://bucket/prefix; empty: off
     capture_sample: float = 0.01  # share of sure answers kept too, at random, so that labels measure live accuracy
     capture_rate: float = 10.0  # captures taken per second and worker, at most; past it they are dropped and counted
@@ -147,6 +148,10 @@ class ServingConfig:
             raise ValueError(
                 f"SERVING_MAX_BODY_MEMORY_MB ({self.max_body_memory_mb}) must hold at least one body of "
                 f"SERVING_MAX_BODY_BYTES ({self.max_body_bytes:,} bytes)"
+            )
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(
+                f"SERVING_GRPC_PORT must be a TCP port (1 to 65535), or 0 for no gRPC; got {self.grpc_port}"
             )
         if self.model_control and self.workers > 1:
             # A load or unload reaches one worker: the others would go on serving the old set.

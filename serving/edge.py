@@ -55,6 +55,7 @@ from serving.rollout import route as rollout_route
 
 if TYPE_CHECKING:
     from serving.config import ServingConfig
+    from serving.grpc_server import GrpcServer
     from serving.handlers import Handlers
 
 # Every route path of the service, defined once.
@@ -92,8 +93,17 @@ class Edge:
     """``Edge(app, config, handlers)``: ``app`` is BentoML's ASGI app; ``handlers()`` returns the
     service's :class:`~serving.handlers.Handlers` (they exist once BentoML has started the service)."""
 
-    def __init__(self, app, config: ServingConfig, handlers: Callable[[], Handlers], hot: bool = True):
+    def __init__(
+        self,
+        app,
+        config: ServingConfig,
+        handlers: Callable[[], Handlers],
+        hot: bool = True,
+        grpc: Callable[[Edge], GrpcServer] | None = None,
+    ):
         self.app, self.config, self.hot = app, config, hot
+        # The worker's gRPC server (serving.grpc_server), made, started and stopped with the ASGI lifespan.
+        self.make_grpc, self.grpc = grpc, None
         self._find_handlers, self._handlers = handlers, None
         self.token = config.auth_token.encode() if config.auth_token else None
         self.reviewers = {token.encode(): name for token, name in config.reviewers.items()}  # /review only
@@ -102,6 +112,8 @@ class Edge:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # lifespan, websockets
+            if scope["type"] == "lifespan" and self.make_grpc is not None:
+                send = self.with_grpc(send)
             return await self.app(scope, receive, send)
         path = scope["path"]
         if self.token is not None and not is_open(path):
@@ -123,6 +135,24 @@ class Edge:
         if scope["method"] != "POST":  # BentoML's answer: 405
             return await self.app(scope, receive, send)
         await self.admit(scope, receive, send, path, self.classify)
+
+    def with_grpc(self, send) -> Callable:
+        """``send`` for the lifespan: the gRPC server starts once BentoML's startup is complete (the
+        service and its handlers exist) and stops before its shutdown is reported complete. A port
+        that cannot be bound fails the startup, naming it."""
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.grpc = self.make_grpc(self)
+                try:
+                    await self.grpc.start()
+                except RuntimeError as err:
+                    message = {"type": "lifespan.startup.failed", "message": str(err)}
+            elif message["type"] == "lifespan.shutdown.complete" and self.grpc is not None:
+                await self.grpc.stop()
+            await send(message)
+
+        return sending
 
     async def admit(self, scope, receive, send, route: str, answer: Callable) -> None:
         """Read the body, then admit the request or refuse it; ``answer(scope, received, receive,

@@ -97,6 +97,30 @@ HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (TimeoutError, 504, "timeout"),
 )
 INTERNAL = (500, "internal")
+# The same table for gRPC (serving.grpc_server): each reason's status code, by grpc.StatusCode's
+# name. Overload is RESOURCE_EXHAUSTED, which gRPC clients retry with backoff; a model still
+# warming up or failed, UNAVAILABLE.
+GRPC_CODES = {
+    "unauthorized": "UNAUTHENTICATED",
+    "forbidden": "PERMISSION_DENIED",
+    "unknown_model": "NOT_FOUND",
+    "not_found": "NOT_FOUND",
+    "method_not_allowed": "UNIMPLEMENTED",
+    "slow_body": "DEADLINE_EXCEEDED",
+    "length_required": "INVALID_ARGUMENT",
+    "too_large": "RESOURCE_EXHAUSTED",
+    "unsupported_type": "INVALID_ARGUMENT",
+    "disconnected": "CANCELLED",
+    "not_explainable": "FAILED_PRECONDITION",
+    "conflict": "FAILED_PRECONDITION",
+    "bad_image": "INVALID_ARGUMENT",
+    "bad_request": "INVALID_ARGUMENT",
+    "overloaded": "RESOURCE_EXHAUSTED",
+    "decoders_unavailable": "UNAVAILABLE",
+    "model_unavailable": "UNAVAILABLE",
+    "timeout": "DEADLINE_EXCEEDED",
+    "internal": "INTERNAL",
+}
 
 
 def http_status(error: BaseException) -> tuple[int, str]:

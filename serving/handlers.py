@@ -139,21 +139,28 @@ class Handlers:
         model = self.models.get(route.tag)
         card = model.engine.card
         request = v2.parse_infer(body, headers, card, self.config.max_batch_images)
+        probabilities, version = await self.run_infer(model, route.tag, request, headers.get(KEY_HEADER))
+        return v2.encode_infer(request, probabilities, model.name, version, card.class_names)
+
+    async def run_infer(
+        self, model: ServedModel, tag: str, request: v2.InferRequest, rollout_key: bytes | None
+    ) -> tuple[np.ndarray, str]:
+        """A parsed v2 request's calibrated probabilities [N, classes] and the version that answered,
+        whichever protocol carried it (HTTP here, gRPC in ``serving.grpc_server``)."""
         if request.images is not None:
             inputs = await _all(self.decode_nth(i, data, model) for i, data in enumerate(request.images))
         else:
             inputs = request.pixels
-        rollout = self.rollouts.of(model, route.tag) if self.rollouts.active else None
+        rollout = self.rollouts.of(model, tag) if self.rollouts.active else None
         if rollout is None:
             rows = await _all(model.batcher.submit(pixels) for pixels in inputs)
             version = model.version
         else:  # one side for the request: its answer names one version
-            side = rollout.candidate_answers(headers.get(KEY_HEADER))
+            side = rollout.candidate_answers(rollout_key)
             scored = await _all(self.rollouts.score(rollout, model, pixels, side) for pixels in inputs)
             rows = [row for _, row in scored]
             version = scored[0][0].version if len({m.version for m, _ in scored}) == 1 else model.version
-        probabilities = np.stack([row.probabilities for row in rows])  # calibrated, as /classify's are
-        return v2.encode_infer(request, probabilities, model.name, version, card.class_names)
+        return np.stack([row.probabilities for row in rows]), version  # calibrated, as /classify's are
 
     async def repository(self, route: v2.Route, body: bytes) -> dict | v2.Encoded:
         """Triton's model-repository extension: the index, load (checked and warmed up before it

@@ -8,6 +8,9 @@ only where a request goes first changes.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import sys
 
 import bentoml
 from bentoml._internal.configuration.containers import BentoMLContainer
@@ -30,7 +33,9 @@ def lean_service(config: ServingConfig) -> type[bentoml.Service]:
             app.user_middleware = [_mended(m) for m in app.user_middleware]  # the stack is built at first call
             # Tracing and CORS live in BentoML's request layer: with either on, classify requests go through it.
             hot = not (config.tracing or BentoMLContainer.http.cors.enabled.get())
-            return Edge(app, config, _current_handlers, hot=hot)
+            return Edge(
+                app, config, _current_handlers, hot=hot, grpc=_grpc_server(config) if config.grpc_port else None
+            )
 
         @property
         def openapi_spec(self):
@@ -40,6 +45,17 @@ def lean_service(config: ServingConfig) -> type[bentoml.Service]:
             return spec
 
     return LeanService
+
+
+def _grpc_server(config: ServingConfig):
+    """The factory of the worker's gRPC server, imported only where it is on."""
+
+    def make(edge: Edge):
+        from serving.grpc_server import GrpcServer
+
+        return GrpcServer(config, edge, http_host())
+
+    return make
 
 
 def _current_handlers():
@@ -89,3 +105,19 @@ class CancelledTimeout(TimeoutMiddleware):
             await task
         finally:
             timer.cancel()
+
+
+def http_host() -> str:
+    """The address this worker's HTTP socket listens on, which gRPC listens on too: BentoML hands
+    the worker its socket as ``--fd N``. Loopback when that cannot be read (never wider than asked)."""
+    argv = sys.argv
+    try:
+        given = next(
+            arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
+            for i, arg in enumerate(argv)
+            if arg.split("=")[0] == "--fd"
+        )
+        with socket.socket(fileno=os.dup(int(given))) as sock:
+            return sock.getsockname()[0]
+    except (StopIteration, IndexError, ValueError, OSError):
+        return "127.0.0.1"

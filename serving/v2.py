@@ -187,8 +187,18 @@ def parse_infer(body: bytes, headers: dict[bytes, bytes], card, max_images: int)
     tensor = inputs[0]
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise RequestError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+        raise RequestError(f"input {shown(name)}: 'shape' must be a list of non-negative integers, got {shape!r}")
     data = _tensor_data(tensor, binary)
+    pixels, images = check_input(name, datatype, shape, data, tensor.get("parameters") or {}, card, max_images)
+    return InferRequest(request_id(request.get("id")), pixels, images, requested_outputs(request, card.num_classes))
+
+
+def check_input(
+    name, datatype, shape: list[int], data, parameters: dict, card, max_images: int
+) -> tuple[np.ndarray | None, list[bytes] | None]:
+    """(pixels, None) or (None, encoded images) of the request's one input, checked against the
+    model's ``card``, whichever protocol carried it: ``data`` is raw bytes, or the values of JSON
+    (lists of numbers, base64 strings) or of a gRPC message (numbers, or bytes: one per image)."""
     expected = [card.in_channels, card.height, card.width]
     if name == PIXELS:
         if datatype != "UINT8" or len(shape) != 4 or shape[1:] != expected:
@@ -202,13 +212,13 @@ def parse_infer(body: bytes, headers: dict[bytes, bytes], card, max_images: int)
         if datatype != "BYTES" or len(shape) not in (1, 2) or shape[1:] not in ([], [1]):
             raise RequestError(f"input {IMAGE!r} must be BYTES [N] (encoded images), got {datatype} {shape}")
         _check_count(shape[0], max_images)
-        pixels, images = None, _images(data, shape[0], tensor.get("parameters") or {})
+        pixels, images = None, _images(data, shape[0], parameters)
     else:
         raise RequestError(
-            f"unknown input {_shown(name)}; send {PIXELS!r} (UINT8 [N, {', '.join(map(str, expected))}]) "
+            f"unknown input {shown(name)}; send {PIXELS!r} (UINT8 [N, {', '.join(map(str, expected))}]) "
             f"or {IMAGE!r} (BYTES [N], encoded images)"
         )
-    return InferRequest(_request_id(request), pixels, images, _outputs(request, card.num_classes))
+    return pixels, images
 
 
 def _split(body: bytes, declared: bytes | None) -> tuple[bytes, bytes]:
@@ -249,17 +259,17 @@ def _tensor_data(tensor: dict, binary: bytes):
     """A tensor's ``data`` (JSON), or its bytes from the binary part."""
     parameters = tensor.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise RequestError(f"input {_shown(tensor.get('name'))}: 'parameters' must be an object")
+        raise RequestError(f"input {shown(tensor.get('name'))}: 'parameters' must be an object")
     size = parameters.get("binary_data_size")
     if size is None:
         if binary:
             raise RequestError(f"{len(binary):,} bytes follow the JSON header but no input has 'binary_data_size'")
         if "data" not in tensor:
-            raise RequestError(f"input {_shown(tensor.get('name'))} has neither 'data' nor 'binary_data_size'")
+            raise RequestError(f"input {shown(tensor.get('name'))} has neither 'data' nor 'binary_data_size'")
         return tensor["data"]
     if type(size) is not int or size != len(binary):
         raise RequestError(
-            f"input {_shown(tensor.get('name'))}: binary_data_size is {size!r} but {len(binary):,} bytes follow "
+            f"input {shown(tensor.get('name'))}: binary_data_size is {size!r} but {len(binary):,} bytes follow "
             "the JSON header"
         )
     return binary
@@ -293,6 +303,8 @@ def _pixels(data, shape: list[int]) -> np.ndarray:
 def _images(data, count: int, parameters: dict) -> list[bytes]:
     if isinstance(data, bytes):
         images = deserialize_bytes(data)
+    elif isinstance(data, list) and data and all(isinstance(item, bytes) for item in data):
+        images = data  # gRPC's bytes_contents: one element per image
     elif isinstance(data, list) and all(isinstance(item, str) for item in data):
         # JSON cannot carry raw bytes: images in 'data' are base64, as MLServer's content_type says.
         if parameters.get("content_type") != "base64":
@@ -330,8 +342,8 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-def _request_id(request: dict) -> str | None:
-    given = request.get("id")
+def request_id(given) -> str | None:
+    """The request's id, echoed in the answer; None when it sent none."""
     if given is None:
         return None
     if not isinstance(given, str) or len(given) > ID_MAX_CHARS:
@@ -339,7 +351,8 @@ def _request_id(request: dict) -> str | None:
     return given
 
 
-def _outputs(request: dict, num_classes: int) -> list[Output]:
+def requested_outputs(request: dict, num_classes: int) -> list[Output]:
+    """The outputs a request asks for (its "outputs", each with "parameters"), as JSON has them."""
     parameters = request.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError("'parameters' must be an object")
@@ -352,7 +365,7 @@ def _outputs(request: dict, num_classes: int) -> list[Output]:
     outputs = []
     for output in asked:
         if output.get("name") != PROBABILITIES:
-            raise RequestError(f"unknown output {_shown(output.get('name'))}; this model has {PROBABILITIES!r}")
+            raise RequestError(f"unknown output {shown(output.get('name'))}; this model has {PROBABILITIES!r}")
         options = output.get("parameters") or {}
         if not isinstance(options, dict):
             raise RequestError(f"output {PROBABILITIES!r}: 'parameters' must be an object")
@@ -363,7 +376,7 @@ def _outputs(request: dict, num_classes: int) -> list[Output]:
     return outputs
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 66 else text[:64] + "…"
 

@@ -201,7 +201,9 @@ def bentoml_serve(bentoml_home: Path, log: Path, env: dict[str, str]):
     home = log.parent / "bentoml"
     shutil.copytree(bentoml_home / "models", home / "models")
     command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    process = start(command, {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", **env}, log)
+    # gRPC (serving.grpc_server) on a port of its own in every test server: 8001 would be shared
+    grpc = {"SERVING_GRPC_PORT": str(free_port())}
+    process = start(command, {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", **grpc, **env}, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: ready(url, process, log), lambda: f"{url} ready:\n{log.read_text()[-4000:]}", 180, 0.2)

@@ -1,0 +1,320 @@
+"""The Open Inference Protocol over gRPC, in each service worker beside HTTP, so that Triton's and
+KServe's gRPC clients (``tritonclient.grpc``, sync and aio) work unchanged.
+
+It serves ``inference.GRPCInferenceService`` (``serving/protocol``: Triton's .proto, with its
+model-configuration and model-repository extensions), the standard ``grpc.health.v1.Health`` (for
+Kubernetes' gRPC probes) and server reflection (for ``grpcurl``), on ``SERVING_GRPC_PORT`` (8001,
+Triton's; 0: off), on the host HTTP was given. Each worker runs one ``grpc.aio`` server on its own
+event loop, started and stopped with the worker's ASGI lifespan (``serving.edge``); with several
+workers they share the port (SO_REUSEPORT), and the kernel spreads connections among them.
+
+A call goes through what an HTTP v2 request goes through: the same token (``authorization:
+Bearer`` metadata; the health service and ServerLive/ServerReady are open, as the HTTP probes
+are), the same admission (in-flight requests of both protocols count against
+``SERVING_MAX_CONCURRENCY``), the same handlers, batcher and models (``Handlers.run_infer``), the
+same deadline (``SERVING_TIMEOUT_S``, or the client's own when sooner), the same error table
+(``serving.errors.GRPC_CODES``) and metrics (``classify_requests_total{route="grpc:ModelInfer"}``).
+Bounds: a message is at most ``SERVING_MAX_BODY_BYTES``, as an HTTP body (gRPC answers
+RESOURCE_EXHAUSTED past it); and at most ``SERVING_MAX_BODY_MEMORY_MB`` of them are held at once, by
+allowing that many divided by the message bound of calls at a time (51 by default; gRPC answers
+RESOURCE_EXHAUSTED to the next). ModelStreamInfer and Triton's statistics, trace, logging and
+shared-memory calls answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving import metrics, v2, v2_grpc
+from serving.config import ServingConfig
+from serving.errors import GRPC_CODES, Overloaded, RequestError, Unauthorized, UnknownModel, http_status
+from serving.failures import error_answer
+from serving.logs import log_event, log_request
+from serving.protocol import grpc_service_pb2 as pb
+from serving.protocol import grpc_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from serving.edge import Edge
+    from serving.handlers import Handlers
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+OPEN_METHODS = frozenset(  # the probes, open as /livez, /readyz and /v2/health/* are
+    {f"/{HEALTH}/Check", f"/{HEALTH}/Watch", f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"}
+)
+STOP_GRACE_S = 5.0  # calls in flight at shutdown get this long to finish
+RETRY_AFTER_S = 1  # sent as trailing metadata "retry-after" with an overload's RESOURCE_EXHAUSTED
+
+
+class GrpcServer:
+    """One worker's gRPC server. ``edge``: the worker's HTTP edge, whose handlers, token and
+    in-flight count the calls share; ``host``: the address HTTP listens on."""
+
+    def __init__(self, config: ServingConfig, edge: Edge, host: str):
+        self.config, self.edge, self.host = config, edge, host
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        memory_calls = max(1, config.max_body_memory_mb * 2**20 // config.max_body_bytes)
+        options = [
+            ("grpc.max_receive_message_length", config.max_body_bytes),
+            ("grpc.max_send_message_length", config.max_body_bytes),
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),  # one port for the workers, never a stranger's
+        ]
+        server = grpc.aio.server(
+            interceptors=[Gate(config)],
+            options=options,
+            maximum_concurrent_rpcs=min(memory_calls, config.max_concurrency),
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(Health(self), server)
+        reflection.enable_server_reflection((SERVICE, HEALTH, reflection.SERVICE_NAME), server)
+        address = f"[{self.host}]:{config.grpc_port}" if ":" in self.host else f"{self.host}:{config.grpc_port}"
+        try:
+            server.add_insecure_port(address)
+        except RuntimeError as err:  # grpc says only "Failed to bind"
+            raise RuntimeError(f"SERVING_GRPC_PORT: cannot listen on {address} ({err}); is the port taken?") from None
+        await server.start()
+        self.server = server
+        log_event("grpc", address=address, max_message_bytes=config.max_body_bytes, max_calls=memory_calls)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(STOP_GRACE_S)
+
+    def handlers(self) -> Handlers:
+        return self.edge.handlers()
+
+    async def call(self, context: grpc.aio.ServicerContext, rpc: str, work: Callable[[Handlers], Awaitable]):
+        """``work(handlers)``'s answer, or the call aborted with the status code of the error's row
+        in the error table; counted, timed and logged as an HTTP request is, under ``grpc:<rpc>``.
+        ``rpc`` is admitted against SERVING_MAX_CONCURRENCY with the HTTP requests in flight."""
+        route, start = f"grpc:{rpc}", time.perf_counter()
+        edge, config = self.edge, self.config
+        remaining = context.time_remaining()
+        timeout = config.timeout_s if remaining is None else min(config.timeout_s, remaining)
+        code, images, model, message = "OK", 0, None, None
+        admitted = False
+        try:
+            if edge.in_flight >= config.max_concurrency:
+                raise Overloaded(
+                    f"server busy: {config.max_concurrency} requests already in flight; retry after {RETRY_AFTER_S} s"
+                )
+            edge.in_flight += 1
+            admitted = True
+            metrics.in_flight.inc()
+            async with asyncio.timeout(timeout):
+                answer = await work(self.handlers())
+            if isinstance(answer, pb.ModelInferResponse):
+                model, images = answer.model_name, answer.outputs[0].shape[0] if answer.outputs else 0
+            return answer
+        except Exception as err:
+            setting = "SERVING_TIMEOUT_S" if remaining is None or remaining >= config.timeout_s else None
+            _, body = error_answer(err, route, timeout, setting)
+            code, message = GRPC_CODES[http_status(err)[1]], body["error"]
+            if isinstance(err, Overloaded):
+                context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
+        finally:
+            if admitted:
+                edge.in_flight -= 1
+                metrics.in_flight.dec()
+            seconds = time.perf_counter() - start
+            metrics.requests.labels(route=route, status=code).inc()
+            metrics.request_seconds.labels(route=route).observe(seconds)
+            if config.log_requests or code == "INTERNAL":
+                level = logging.WARNING if code == "INTERNAL" else logging.INFO
+                fields = {"error": message} if message else {}
+                log_request(
+                    level, route=route, status=code, ms=round(seconds * 1000, 2), model=model, images=images, **fields
+                )
+        await context.abort(grpc.StatusCode[code], message)
+
+
+class Inference(pb_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService``: each call is the HTTP v2 route's, through :meth:`GrpcServer.call`."""
+
+    def __init__(self, server: GrpcServer):
+        self.server = server
+
+    async def ServerLive(self, request, context):
+        return await self.server.call(context, "ServerLive", _answer(pb.ServerLiveResponse(live=True)))
+
+    async def ServerReady(self, request, context):
+        async def work(handlers: Handlers):
+            return pb.ServerReadyResponse(ready=handlers.models.ready)
+
+        return await self.server.call(context, "ServerReady", work)
+
+    async def ServerMetadata(self, request, context):
+        async def work(handlers: Handlers):
+            return pb.ServerMetadataResponse(**handlers.v2_info(v2.Route("server")))
+
+        return await self.server.call(context, "ServerMetadata", work)
+
+    async def ModelReady(self, request, context):
+        async def work(handlers: Handlers):
+            handlers.models.get(_tag(request.name, request.version))  # NOT_FOUND for a model it does not serve
+            return pb.ModelReadyResponse(ready=handlers.models.ready)
+
+        return await self.server.call(context, "ModelReady", work)
+
+    async def ModelMetadata(self, request, context):
+        async def work(handlers: Handlers):
+            model = handlers.models.get(_tag(request.name, request.version))
+            return v2_grpc.model_metadata(model.name, model.version, model.engine.card)
+
+        return await self.server.call(context, "ModelMetadata", work)
+
+    async def ModelConfig(self, request, context):
+        async def work(handlers: Handlers):
+            model = handlers.models.get(_tag(request.name, request.version))
+            config = handlers.config
+            return v2_grpc.model_config(model.name, model.engine.card, config.max_batch_images, model.engine.provider)
+
+        return await self.server.call(context, "ModelConfig", work)
+
+    async def ModelInfer(self, request, context):
+        async def work(handlers: Handlers):
+            tag = _tag(request.model_name, request.model_version)
+            model = handlers.models.get(tag)
+            card = model.engine.card
+            parsed = v2_grpc.parse_infer(request, card, handlers.config.max_batch_images)
+            key = dict(context.invocation_metadata() or ()).get("x-rollout-key")
+            probabilities, version = await handlers.run_infer(model, tag, parsed, key.encode() if key else None)
+            return v2_grpc.encode_infer(parsed, probabilities, model.name, version, card.class_names)
+
+        return await self.server.call(context, "ModelInfer", work)
+
+    async def RepositoryIndex(self, request, context):
+        async def work(handlers: Handlers):
+            body = b'{"ready": true}' if request.ready else b"{}"
+            encoded = await handlers.repository(v2.Route("index"), body)
+            return v2_grpc.repository_index(_json(encoded))
+
+        return await self.server.call(context, "RepositoryIndex", work)
+
+    async def RepositoryModelLoad(self, request, context):
+        async def work(handlers: Handlers):
+            await handlers.repository(v2.Route("load", request.model_name), b"{}")
+            return pb.RepositoryModelLoadResponse()
+
+        return await self.server.call(context, "RepositoryModelLoad", work)
+
+    async def RepositoryModelUnload(self, request, context):
+        async def work(handlers: Handlers):
+            await handlers.repository(v2.Route("unload", request.model_name), b"{}")
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self.server.call(context, "RepositoryModelUnload", work)
+
+
+class Health(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1.Health``: SERVING once the models are warm (as /readyz), for "" and the inference service."""
+
+    def __init__(self, server: GrpcServer):
+        self.server = server
+
+    async def Check(self, request, context):
+        if request.service not in ("", SERVICE):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:128]!r}; ask for {SERVICE!r} or ''"
+            )
+        handlers = self.server.handlers()
+        ready = handlers.models.ready and handlers.decoders.start_error is None
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+
+class Gate(grpc.aio.ServerInterceptor):
+    """Before a method runs: with SERVING_AUTH_TOKEN set, every method but :data:`OPEN_METHODS`
+    needs ``authorization: Bearer <token>`` metadata, reflection included (UNAUTHENTICATED, counted
+    as HTTP's 401); and a unary request is parsed here, so that bytes that are no such message are
+    INVALID_ARGUMENT naming it, where gRPC would answer UNKNOWN."""
+
+    def __init__(self, config: ServingConfig):
+        self.expected = f"Bearer {config.auth_token}".encode() if config.auth_token else None
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
+            return None
+        route = "grpc:" + details.method.rsplit("/", 1)[-1]
+        if self.expected is not None and details.method not in OPEN_METHODS:
+            sent = dict(details.invocation_metadata or ()).get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), self.expected):
+                error = Unauthorized("missing or wrong bearer token; send metadata 'authorization: Bearer <token>'")
+                return _refusing(handler, route, error)
+        return _parsing(handler, route) if handler.unary_unary else handler
+
+
+def _parsing(handler: grpc.RpcMethodHandler, route: str) -> grpc.RpcMethodHandler:
+    """``handler`` taking the request's bytes and parsing them itself."""
+    parse, run = handler.request_deserializer, handler.unary_unary
+
+    async def unary(data: bytes, context):
+        try:
+            request = parse(data)
+        except DecodeError:
+            error = RequestError(
+                f"the request is no {route.removeprefix('grpc:')} request message: {len(data):,} bytes that do not parse"
+            )
+            _, body = error_answer(error, route)
+            metrics.requests.labels(route=route, status="INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, body["error"])
+        return await run(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, route: str, error: Exception) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that refuses every call with ``error``'s code, counted."""
+    _, body = error_answer(error, route)
+    code = GRPC_CODES[http_status(error)[1]]
+    metrics.requests.labels(route=route, status=code).inc()
+
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode[code], body["error"])
+
+    async def streaming(requests, context):
+        await context.abort(grpc.StatusCode[code], body["error"])
+        yield  # never reached: makes this an async generator, as a streaming handler is
+
+    options = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **options)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **options)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **options)
+    return grpc.stream_stream_rpc_method_handler(streaming, **options)
+
+
+def _tag(name: str, version: str) -> str:
+    """What ``ModelSet.get`` takes from a request's model name and version; the protocol has no
+    default model, so an empty name is no model (HTTP's path cannot be empty either)."""
+    if not name:
+        raise UnknownModel("the model name is empty; name a model (RepositoryIndex lists them)")
+    return f"{name}:{version}" if version else name
+
+
+def _answer(value):
+    async def work(handlers):
+        return value
+
+    return work
+
+
+def _json(encoded: v2.Encoded):
+    return json.loads(encoded.data)

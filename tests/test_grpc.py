@@ -1,0 +1,224 @@
+"""The Open Inference Protocol over gRPC against a real `bentoml serve`, driven by the unmodified
+`tritonclient.grpc` client (sync and aio), the standard health and reflection clients, and raw
+channels sending what no client would."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import InferenceServerException
+
+from benchmarks.servers import free_port
+from tests.conftest import REPO, bentoml_serve, png_bytes, run_cli
+from tests.tolerance import PROB_ATOL, assert_ranked_as
+
+SERVICE = "inference.GRPCInferenceService"
+TOKEN = "grpc-test-token"
+
+
+@pytest.fixture(scope="module")
+def served(bentoml_home, tmp_path_factory) -> dict:
+    """One server, its gRPC port known; the shipped LeNet, with model control on."""
+    grpc_port = free_port()
+    log = tmp_path_factory.mktemp("grpc") / "serve.log"
+    env = {"SERVING_GRPC_PORT": str(grpc_port), "SERVING_MODEL_CONTROL": "true", "SERVING_LOG_REQUESTS": "false"}
+    with bentoml_serve(bentoml_home, log, env) as url:
+        yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}"}
+
+
+def classify(url: str, image: bytes) -> dict:
+    response = httpx.post(
+        f"{url}/classify", files={"image": ("x.png", image, "image/png")}, data={"top_k": "10"}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def code_of(call) -> grpc.StatusCode:
+    """The status code a tritonclient call ended in (it raises InferenceServerException)."""
+    with pytest.raises(InferenceServerException) as raised:
+        call()
+    return raised.value.status(), raised.value.message()
+
+
+def test_tritonclient_grpc_health_metadata_and_config(served):
+    client = triton.InferenceServerClient(served["grpc"])
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("fashion-lenet")
+    metadata = client.get_server_metadata()
+    assert metadata.name == "classic-cnns" and "classification" in metadata.extensions
+    model = client.get_model_metadata("fashion-lenet", as_json=True)
+    assert model["inputs"] == [{"name": "pixels", "datatype": "UINT8", "shape": ["-1", "1", "28", "28"]}]
+    config = client.get_model_config("fashion-lenet", as_json=True)["config"]
+    assert config["max_batch_size"] == 64 and config["input"][0]["format"] == "FORMAT_NCHW"
+    index = {m["name"]: m.get("state") for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert index == {"fashion-lenet": "READY", "fashion-resnet20": "READY"}  # the shipped models, both served
+    status, message = code_of(lambda: client.get_model_metadata("no-such-model"))
+    assert status == "StatusCode.NOT_FOUND" and "no-such-model" in message
+
+
+def test_tritonclient_grpc_answers_as_classify_does(served, fashion_test):
+    """Encoded images (BYTES) and raw pixels (UINT8, raw_input_contents), with and without the
+    classification extension: /classify's probabilities and ranking for the same images."""
+    client = triton.InferenceServerClient(served["grpc"])
+    images = fashion_test[0][:8]
+    encoded = [png_bytes(image) for image in images]
+    as_bytes = triton.InferInput("image", [len(encoded)], "BYTES")
+    as_bytes.set_data_from_numpy(np.array(encoded, dtype=np.object_))
+    as_pixels = triton.InferInput("pixels", [len(images), 1, 28, 28], "UINT8")
+    as_pixels.set_data_from_numpy(np.ascontiguousarray(images[:, None]))
+    top = [triton.InferRequestedOutput("probabilities", class_count=3)]
+    answers = [classify(served["url"], data) for data in encoded]
+    for tensor in (as_bytes, as_pixels):
+        result = client.infer("fashion-lenet", [tensor], request_id="r-1")
+        probabilities = result.as_numpy("probabilities")
+        assert probabilities.shape == (8, 10) and result.get_response().id == "r-1"
+        ranked = client.infer("fashion-lenet", [tensor], outputs=top).as_numpy("probabilities")
+        for row, strings, answer in zip(probabilities, ranked, answers):
+            indices = [r["index"] for r in answer["top_k"]]
+            np.testing.assert_allclose(row[indices], [r["probability"] for r in answer["top_k"]], atol=PROB_ATOL)
+            assert_ranked_as(list(strings), answer["top_k"])
+
+
+def test_tritonclient_grpc_aio_answers_concurrent_calls(served, fashion_test):
+    images = fashion_test[0][100:132]
+
+    async def run() -> list[np.ndarray]:
+        client = triton_aio.InferenceServerClient(served["grpc"])
+        try:
+            calls = []
+            for image in images:
+                tensor = triton_aio.InferInput("image", [1], "BYTES")
+                tensor.set_data_from_numpy(np.array([png_bytes(image)], dtype=np.object_))
+                calls.append(client.infer("fashion-lenet", [tensor]))
+            return [result.as_numpy("probabilities")[0] for result in await asyncio.gather(*calls)]
+        finally:
+            await client.close()
+
+    rows = asyncio.run(run())
+    sync = triton.InferenceServerClient(served["grpc"])
+    pixels = triton.InferInput("pixels", [len(images), 1, 28, 28], "UINT8")
+    pixels.set_data_from_numpy(np.ascontiguousarray(images[:, None]))
+    np.testing.assert_allclose(
+        np.stack(rows), sync.infer("fashion-lenet", [pixels]).as_numpy("probabilities"), atol=PROB_ATOL
+    )
+
+
+def test_errors_are_status_codes_from_the_one_table(served, fashion_test):
+    client = triton.InferenceServerClient(served["grpc"])
+    broken = triton.InferInput("image", [2], "BYTES")
+    broken.set_data_from_numpy(np.array([png_bytes(fashion_test[0][0]), b"not an image"], dtype=np.object_))
+    status, message = code_of(lambda: client.infer("fashion-lenet", [broken]))
+    assert (
+        status == "StatusCode.INVALID_ARGUMENT"
+        and message.startswith("image 1: ")
+        and "not a supported image" in message
+    )
+    wrong = triton.InferInput("pixels", [1, 3, 28, 28], "UINT8")
+    wrong.set_data_from_numpy(np.zeros((1, 3, 28, 28), np.uint8))
+    status, message = code_of(lambda: client.infer("fashion-lenet", [wrong]))
+    assert (
+        status == "StatusCode.INVALID_ARGUMENT"
+        and "must be UINT8 [N, 1, 28, 28] for this model, got UINT8 [1, 3, 28, 28]" in message
+    )
+    status, message = code_of(lambda: client.infer("no-such-model", [wrong]))
+    assert status == "StatusCode.NOT_FOUND" and "no-such-model" in message
+    status, _ = code_of(lambda: client.load_model("no-such-model"))
+    assert status == "StatusCode.NOT_FOUND"
+    metrics = httpx.get(f"{served['url']}/metrics", timeout=60).text
+    assert 'route="grpc:ModelInfer",status="INVALID_ARGUMENT"' in metrics
+    assert 'route="grpc:ModelInfer",status="OK"' in metrics
+
+
+def raw_call(target: str, method: str, payload: bytes, timeout: float = 60) -> grpc.RpcError | bytes:
+    """``payload`` sent as the request of ``method``, unparsed: what no client library would send."""
+    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 * 2**20)]) as channel:
+        call = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
+        try:
+            return call(payload, timeout=timeout)
+        except grpc.RpcError as error:
+            return error
+
+
+def infer_message(shape: list[int], raw: bytes | None = None, inputs: int = 1, datatype: str = "UINT8") -> bytes:
+    request = pb.ModelInferRequest(model_name="fashion-lenet")
+    for _ in range(inputs):
+        request.inputs.add(name="pixels", datatype=datatype, shape=shape)
+    if raw is not None:
+        request.raw_input_contents.append(raw)
+    return request.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "payload, code, message",
+    [
+        (b"\xff\xfe not protobuf \x00" * 10, grpc.StatusCode.INVALID_ARGUMENT, "is no ModelInfer request message"),
+        (infer_message([2**40, 1, 28, 28], b""), grpc.StatusCode.INVALID_ARGUMENT, "a request carries 1 to 64 images"),
+        (infer_message([2**40], None, datatype="BYTES"), grpc.StatusCode.INVALID_ARGUMENT, "needs 1,099,511,627,776 values"),
+        (infer_message([2, 1, 28, 28], b"\x00" * 100), grpc.StatusCode.INVALID_ARGUMENT, "takes 1,568 bytes, got 100"),
+        (infer_message([1, 1, 28, 28], b"\x00" * 784, inputs=10_000), grpc.StatusCode.INVALID_ARGUMENT, "got 10000"),
+        (infer_message([1, 1, 28, 28], b"\x00" * (11 * 2**20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    ],
+    ids=["not-protobuf", "shape-2^40", "bytes-2^40", "raw-size-disagrees", "10000-inputs", "over-the-limit"],
+)  # fmt: skip
+def test_hostile_messages_end_in_a_status_code_and_the_server_stays_up(served, payload, code, message):
+    error = raw_call(served["grpc"], "ModelInfer", payload)
+    assert isinstance(error, grpc.RpcError) and error.code() == code, error
+    assert message in (error.details() or "")
+    client = triton.InferenceServerClient(served["grpc"])
+    assert client.is_server_ready()  # and it still answers
+    pixels = triton.InferInput("pixels", [1, 1, 28, 28], "UINT8")
+    pixels.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.uint8))
+    assert client.infer("fashion-lenet", [pixels]).as_numpy("probabilities").shape == (1, 10)
+
+
+def test_health_and_reflection_for_operators(served):
+    with grpc.insecure_channel(served["grpc"]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        asked = reflection_pb2.ServerReflectionRequest(list_services="")
+        listed = next(reflection.ServerReflectionInfo(iter([asked]), timeout=30))
+        names = {service.name for service in listed.list_services_response.service}
+        assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+def test_the_token_guards_every_method_but_the_probes(bentoml_home, tmp_path):
+    grpc_port = free_port()
+    env = {"SERVING_GRPC_PORT": str(grpc_port), "SERVING_AUTH_TOKEN": TOKEN, "SERVING_LOG_REQUESTS": "false"}
+    with bentoml_serve(bentoml_home, tmp_path / "serve.log", env):
+        target = f"127.0.0.1:{grpc_port}"
+        anonymous = triton.InferenceServerClient(target)
+        assert anonymous.is_server_live() and anonymous.is_server_ready()  # probes are open
+        status, message = code_of(lambda: anonymous.get_model_metadata("fashion-lenet"))
+        assert status == "StatusCode.UNAUTHENTICATED" and "authorization: Bearer" in message
+        wrong = {"authorization": "Bearer nope"}
+        status, _ = code_of(lambda: anonymous.get_model_metadata("fashion-lenet", headers=wrong))
+        assert status == "StatusCode.UNAUTHENTICATED"
+        right = {"authorization": f"Bearer {TOKEN}"}
+        assert anonymous.get_model_metadata("fashion-lenet", headers=right).name == "fashion-lenet"
+        with grpc.insecure_channel(target) as channel:  # reflection too: it describes what the token guards
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            asked = reflection_pb2.ServerReflectionRequest(list_services="")
+            with pytest.raises(grpc.RpcError) as refused:
+                next(reflection.ServerReflectionInfo(iter([asked]), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_shipped_generated_code_is_what_protoc_writes():
+    result = run_cli("-m", "serving.protocol.generate", "--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (REPO / "serving/protocol/grpc_service.proto").read_text().count("service GRPCInferenceService") == 1
