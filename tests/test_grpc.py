@@ -5,6 +5,7 @@ channels sending what no client would."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import grpc
 import httpx
@@ -222,3 +223,26 @@ def test_the_shipped_generated_code_is_what_protoc_writes():
     result = run_cli("-m", "serving.protocol.generate", "--check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (REPO / "serving/protocol/grpc_service.proto").read_text().count("service GRPCInferenceService") == 1
+
+
+def test_a_stream_left_open_is_answered_and_the_server_stays_up(served):
+    """ModelStreamInfer is not served: a stream opened and never written to again, nor read until
+    its answer, ends UNIMPLEMENTED at once; the server is not left holding it."""
+    hold = threading.Event()
+
+    def requests():
+        yield infer_message([1, 1, 28, 28], b"\x00" * 784)
+        hold.wait(120)  # the client never sends more, nor closes its side, until the test ends
+
+    try:
+        with grpc.insecure_channel(served["grpc"]) as channel:
+            stream = channel.stream_stream(
+                f"/{SERVICE}/ModelStreamInfer", request_serializer=None, response_deserializer=None
+            )
+            call = stream(requests(), timeout=60)
+            with pytest.raises(grpc.RpcError) as ended:
+                next(call)
+            assert ended.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        hold.set()
+    assert triton.InferenceServerClient(served["grpc"]).is_server_ready()

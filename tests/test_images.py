@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as triton
 import yaml
 
 from model_store.store import DEFAULT_MODEL_FILE, read_onnx_card
@@ -144,7 +145,7 @@ def test_cpu_image_is_lean_and_has_no_build_tools(engine, cpu_image):
     found = engine_run(engine, "run", "--rm", "--entrypoint", "python3", cpu_image, "-c", probe).stdout.strip()
     assert found == "[]"
     config = json.loads(engine_run(engine, "image", "inspect", "--format", "{{json .Config}}", cpu_image).stdout)
-    assert config["User"] == "bentoml" and "3000/tcp" in config["ExposedPorts"]
+    assert config["User"] == "bentoml" and {"3000/tcp", "8001/tcp"} <= set(config["ExposedPorts"])
     assert {"SERVING_DEVICE=cpu", "SERVING_MODEL_CONTROL=false"} <= set(config["Env"])  # the bento's envs
     assert "SERVING_MODELS=fashion-lenet:latest,fashion-resnet20:latest" in config["Env"]  # what it holds
 
@@ -202,11 +203,12 @@ def port_in_use(port: int) -> bool:
 
 def test_kubernetes_manifest_plays_as_written_and_classifies(engine, cpu_image, server, fashion_test):
     """`podman kube play deploy/kubernetes.yaml`, the file unchanged: podman publishes its
-    containerPort, 3000, on the host."""
+    containerPorts, 3000 (HTTP) and 8001 (gRPC), on the host."""
     if engine != "podman":
         pytest.skip("kube play is podman's; docker has no way to run a Kubernetes manifest")
     manifest = REPO / "deploy" / "kubernetes.yaml"
-    assert not port_in_use(3000), "port 3000 is taken: podman kube play publishes the manifest's containerPort there"
+    for port in (3000, 8001):
+        assert not port_in_use(port), f"port {port} is taken: podman kube play publishes the manifest's containerPorts"
     # --replace: a pod left by a run that was killed before its cleanup (a running one holds port 3000, checked above)
     played = engine_run(engine, "kube", "play", "--replace", str(manifest))
     pod = played.stdout.split("Pod:")[1].split()[0]
@@ -217,6 +219,8 @@ def test_kubernetes_manifest_plays_as_written_and_classifies(engine, cpu_image, 
         wait_until(lambda: serving(engine, cid, url), lambda: f"pod ready:\n{logs(engine, cid)}", 180, 0.2)
         images, _ = fashion_test
         assert_same_answers(answers(url, images[:4]), answers(server, images[:4]), SHIPPED_CALIBRATION)
+        grpc_client = triton.InferenceServerClient("127.0.0.1:8001")  # the manifest's gRPC port, through the pod
+        assert grpc_client.is_server_ready() and grpc_client.is_model_ready("fashion-lenet")
         host = json.loads(engine_run(engine, "inspect", "--format", "{{json .HostConfig}}", cid).stdout)
         assert host["ReadonlyRootfs"] is True
         assert {uid for uid, _, _ in processes(engine, cid)} == {1034}, processes(engine, cid)
