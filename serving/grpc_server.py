@@ -42,7 +42,6 @@ from serving.errors import GRPC_CODES, Overloaded, RequestError, Unauthorized, U
 from serving.failures import error_answer
 from serving.logs import log_event, log_request
 from serving.protocol import grpc_service_pb2 as pb
-from serving.protocol import grpc_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from serving.edge import Edge
@@ -74,11 +73,12 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),  # one port for the workers, never a stranger's
         ]
         server = grpc.aio.server(
-            interceptors=[Gate(config)],
+            # Only with a token: an interceptor costs every call (BENCHMARKS.md, "The v2 protocol over gRPC")
+            interceptors=[Authorization(config.auth_token)] if config.auth_token else None,
             options=options,
             maximum_concurrent_rpcs=min(memory_calls, config.max_concurrency),
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(self), server)
+        server.add_generic_rpc_handlers((inference_handler(Inference(self)),))
         health_pb2_grpc.add_HealthServicer_to_server(Health(self), server)
         reflection.enable_server_reflection((SERVICE, HEALTH, reflection.SERVICE_NAME), server)
         address = f"[{self.host}]:{config.grpc_port}" if ":" in self.host else f"{self.host}:{config.grpc_port}"
@@ -142,8 +142,9 @@ class GrpcServer:
         await context.abort(grpc.StatusCode[code], message)
 
 
-class Inference(pb_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService``: each call is the HTTP v2 route's, through :meth:`GrpcServer.call`."""
+class Inference:
+    """``inference.GRPCInferenceService``'s methods (:func:`inference_handler` serves them): each
+    is the HTTP v2 route's, through :meth:`GrpcServer.call`."""
 
     def __init__(self, server: GrpcServer):
         self.server = server
@@ -237,45 +238,56 @@ class Health(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
 
-class Gate(grpc.aio.ServerInterceptor):
-    """Before a method runs: with SERVING_AUTH_TOKEN set, every method but :data:`OPEN_METHODS`
-    needs ``authorization: Bearer <token>`` metadata, reflection included (UNAUTHENTICATED, counted
-    as HTTP's 401); and a unary request is parsed here, so that bytes that are no such message are
-    INVALID_ARGUMENT naming it, where gRPC would answer UNKNOWN."""
+class Authorization(grpc.aio.ServerInterceptor):
+    """Every method but :data:`OPEN_METHODS` needs ``authorization: Bearer <token>`` metadata,
+    reflection included: UNAUTHENTICATED otherwise, counted as HTTP's 401."""
 
-    def __init__(self, config: ServingConfig):
-        self.expected = f"Bearer {config.auth_token}".encode() if config.auth_token else None
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}".encode()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
-            return None
-        route = "grpc:" + details.method.rsplit("/", 1)[-1]
-        if self.expected is not None and details.method not in OPEN_METHODS:
-            sent = dict(details.invocation_metadata or ()).get("authorization", "")
-            if not hmac.compare_digest(sent.encode(), self.expected):
-                error = Unauthorized("missing or wrong bearer token; send metadata 'authorization: Bearer <token>'")
-                return _refusing(handler, route, error)
-        return _parsing(handler, route) if handler.unary_unary else handler
+        if handler is None or details.method in OPEN_METHODS:  # None: unknown, gRPC answers UNIMPLEMENTED
+            return handler
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(sent.encode(), self.expected):
+            return handler
+        error = Unauthorized("missing or wrong bearer token; send metadata 'authorization: Bearer <token>'")
+        return _refusing(handler, "grpc:" + details.method.rsplit("/", 1)[-1], error)
 
 
-def _parsing(handler: grpc.RpcMethodHandler, route: str) -> grpc.RpcMethodHandler:
-    """``handler`` taking the request's bytes and parsing them itself."""
-    parse, run = handler.request_deserializer, handler.unary_unary
+def inference_handler(servicer: Inference) -> grpc.GenericRpcHandler:
+    """The servicer's unary methods as ``inference.GRPCInferenceService``'s, each parsing its own
+    request: bytes that are no such message are INVALID_ARGUMENT naming it (gRPC's own parse
+    answers UNKNOWN). The service's other methods are left out, so gRPC answers UNIMPLEMENTED."""
+    methods = {}
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        run = getattr(type(servicer), method.name, None)
+        if run is None or method.client_streaming or method.server_streaming:
+            continue
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        methods[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsing(getattr(servicer, method.name), request, method.name),
+            response_serializer=response.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+def _parsing(run, message: type, method: str):
+    """``run`` taking the request's bytes and parsing them as ``message`` first."""
+    route = f"grpc:{method}"
 
     async def unary(data: bytes, context):
         try:
-            request = parse(data)
+            request = message.FromString(data)
         except DecodeError:
-            error = RequestError(
-                f"the request is no {route.removeprefix('grpc:')} request message: {len(data):,} bytes that do not parse"
-            )
+            error = RequestError(f"the request is no {method} request message: {len(data):,} bytes that do not parse")
             _, body = error_answer(error, route)
             metrics.requests.labels(route=route, status="INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, body["error"])
         return await run(request, context)
 
-    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
+    return unary
 
 
 def _refusing(handler: grpc.RpcMethodHandler, route: str, error: Exception) -> grpc.RpcMethodHandler:

@@ -1,0 +1,165 @@
+"""The Open Inference Protocol over gRPC against HTTP v2 and /classify: one `bentoml serve` of the
+shipped LeNet, loaded in turn with each way of asking it the same question.
+
+    python -m benchmarks.grpc_compare                          # c=1 and 32, 10 s, 3 rounds
+    python -m benchmarks.grpc_compare --write BENCHMARKS.md
+
+Ways (real Fashion-MNIST test images, one per request):
+
+- classify, v2-pixels, v2-png, v2-json: as ``benchmarks.protocol_compare`` sends them, by wrk;
+- grpc-pixels: ``ModelInfer`` with UINT8 [1, 1, 28, 28] in ``raw_input_contents`` (tritonclient.grpc's
+  encoding), by h2load (nghttp2's C load generator: a gRPC call is an HTTP/2 POST of a 5-byte
+  prefixed message, with ``te: trailers``);
+- grpc-png: the PNG as a BYTES tensor in ``raw_input_contents``, decoded by the server.
+
+h2load sends one body over and over, so each gRPC way asks about one image where wrk cycles through
+``--images``; the LeNet's work does not depend on which. h2load counts HTTP statuses, and a failed
+gRPC call is HTTP 200 with a grpc-status trailer: the server's own count of calls answered OK
+(``classify_requests_total{route="grpc:ModelInfer"}`` by status) must grow by every call h2load
+finished, and by no call answered otherwise, or the run stops. wrk and h2load share the 2 cores with the server alike (C clients of at
+most 2 threads); server CPU per request is read from /proc for the server's process tree.
+Triton's own server cannot run here (no container registry, no GPU): the same comparison against
+it is not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from benchmarks.images import fashion_images, fashion_pngs
+from benchmarks.load import figures, measured, run_wrk
+from benchmarks.protocol_compare import write_ways
+from benchmarks.report import write_section
+from benchmarks.servers import free_port, process
+from benchmarks.turns import get_args_parser, service, ways_table
+from serving.protocol import grpc_service_pb2 as pb
+from serving.v2 import serialize_bytes
+
+SECTION = "## The v2 protocol over gRPC against HTTP v2 and /classify"
+HTTP_WAYS = ("classify", "v2-pixels", "v2-png", "v2-json")
+GRPC_WAYS = ("grpc-pixels", "grpc-png")
+WAYS = (*HTTP_WAYS, *GRPC_WAYS)
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+MODEL = "fashion-lenet"
+
+
+def grpc_bodies(workdir: Path) -> dict[str, Path]:
+    """One framed ModelInfer message per gRPC way: a 0 byte (not compressed), its length, the message."""
+    image, png = fashion_images(1)[0], fashion_pngs(1)[0]
+    pixels = pb.ModelInferRequest(model_name=MODEL)
+    pixels.inputs.add(name="pixels", datatype="UINT8", shape=[1, 1, *image.shape])
+    pixels.raw_input_contents.append(np.ascontiguousarray(image).tobytes())
+    encoded = pb.ModelInferRequest(model_name=MODEL)
+    encoded.inputs.add(name="image", datatype="BYTES", shape=[1])
+    encoded.raw_input_contents.append(serialize_bytes([png]))
+    bodies = {}
+    for way, message in (("grpc-pixels", pixels), ("grpc-png", encoded)):
+        data = message.SerializeToString()
+        bodies[way] = workdir / f"{way}.bin"
+        bodies[way].write_bytes(b"\x00" + len(data).to_bytes(4, "big") + data)
+    return bodies
+
+
+def grpc_answers(base: str) -> dict[str, float]:
+    """The server's count of ModelInfer calls by status code."""
+    counts = {}
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        if line.startswith("classify_requests_total{") and 'route="grpc:ModelInfer"' in line:
+            counts[line.split('status="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def run_h2load(target: str, body: Path, concurrency: int, seconds: float, pid: int, base: str, log: Path) -> dict:
+    """One closed-loop h2load run of gRPC calls: :func:`benchmarks.load.figures`' row."""
+    if shutil.which("h2load") is None:
+        raise SystemExit("error: h2load is not installed; run 'apt-get install nghttp2-client'")
+    command = [
+        "h2load", f"-c{concurrency}", "-m1", f"-t{min(concurrency, 2)}", f"-D{seconds:g}",
+        "-H", "content-type: application/grpc", "-H", "te: trailers",
+        "-d", str(body), "--log-file", str(log), target + METHOD,
+    ]  # fmt: skip
+    log.unlink(missing_ok=True)  # h2load appends to it
+    before = grpc_answers(base)
+    with measured(pid) as cost:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"h2load failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    durations = np.array([int(row[2]) for row in rows if row[1] == "200"]) / 1000.0
+    done, errors = len(durations), sum(row[1] != "200" for row in rows)
+    after = grpc_answers(base)
+    answered = {code: count - before.get(code, 0) for code, count in after.items()}
+    failed = {code: count for code, count in answered.items() if code != "OK" and count}
+    # h2load logs no call still in flight when its time is up; the server may have answered those
+    if failed or answered.get("OK", 0) < done:
+        raise SystemExit(f"error: h2load finished {done} calls; the server answered {answered}")
+    latencies = (float(np.percentile(durations, 50)), float(np.percentile(durations, 99)), float(durations.max()))
+    return figures(concurrency, done, errors, cost.seconds, latencies, cost)
+
+
+def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="grpc-compare-") as folder, contextlib.ExitStack() as stack:
+        workdir = Path(folder)
+        http_bodies, grpc_files = write_ways(workdir, args.images), grpc_bodies(workdir)
+        server = service(workdir / "bentoml", {})
+        port, grpc_port = free_port(), free_port()
+        base, target = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{grpc_port}"
+        env = {**server.env, "SERVING_GRPC_PORT": str(grpc_port)}
+        pid = stack.enter_context(
+            process("service", [*server.command, "--port", str(port)], env, base + server.ready, workdir, server.cwd)
+        )
+        paths = {way: "/classify" if way == "classify" else f"/v2/models/{MODEL}/infer" for way in HTTP_WAYS}
+
+        def run(way: str, concurrency: int, seconds: float) -> dict:
+            if way in GRPC_WAYS:
+                return run_h2load(target, grpc_files[way], concurrency, seconds, pid, base, workdir / "h2load.log")
+            return run_wrk(base + paths[way], http_bodies[way], concurrency, seconds, pid)
+
+        for way in WAYS:  # warm: each way's first requests
+            run(way, 4, 1)
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for round_ in range(args.rounds):
+            for concurrency in args.concurrency:
+                for way in WAYS:
+                    result = run(way, concurrency, args.seconds)
+                    if result["errors"]:
+                        raise SystemExit(f"error: {way} at c={concurrency}: {result['errors']} failed requests")
+                    runs.setdefault((way, concurrency), []).append(result)
+                    print(json.dumps({"way": way, "round": round_, **result}), flush=True)
+    text = report(runs, args)
+    print(f"{SECTION}\n\n{text}")
+    if args.write:
+        write_section(args.write, "grpc-compare", text, SECTION)
+
+
+def report(runs: dict, args: argparse.Namespace) -> str:
+    about = (
+        "One `bentoml serve` of the shipped models (SERVING_LOG_REQUESTS=false), the default LeNet asked, one "
+        "image per request; HTTP ways by wrk, gRPC ways by h2load, both C clients in a closed loop; each way in "
+        "turn at each level in each round, the median round by requests/s shown. Ratios are to /classify in the "
+        "same round set."
+    )
+    table = ways_table(runs, args, "grpc_compare", about, WAYS, "classify", "/classify")
+    cpu = {
+        way: statistics.median(r["server_cpu_ms"] for r in runs[(way, max(args.concurrency))])
+        for way in ("classify", "grpc-pixels")
+    }
+    return table + (
+        f"\nAt concurrency {max(args.concurrency)}, gRPC raw pixels cost the server {cpu['grpc-pixels']:.3f} ms of "
+        f"CPU a request against /classify's {cpu['classify']:.3f} (medians of the rounds).\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser(__doc__.splitlines()[0]).parse_args()))
