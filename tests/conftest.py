@@ -226,7 +226,14 @@ def server_log(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(bentoml_home, served_models, server_log) -> str:
+def server_grpc_port() -> int:
+    """The gRPC port of :func:`server`."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def server(bentoml_home, served_models, server_log, server_grpc_port) -> str:
     """The service with default settings, serving two models."""
-    with bentoml_serve(bentoml_home, server_log, {"SERVING_MODELS": served_models}) as url:
+    env = {"SERVING_MODELS": served_models, "SERVING_GRPC_PORT": str(server_grpc_port)}
+    with bentoml_serve(bentoml_home, server_log, env) as url:
         yield url

@@ -1,8 +1,10 @@
 """`bentoml build`, offline, for both flavours: what goes into the deployable image."""
 
+import grpc
 import httpx
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.config import ENV, ServingConfig
 from tests.conftest import run_cli
@@ -53,11 +55,16 @@ def test_bento_is_torch_free_and_packages_every_served_model(bentoml_home, serve
     assert not [s for s in sources if s.startswith(("training/", "export/", "tests/"))]
 
 
-def test_kubernetes_manifest_probes_and_scales_on_what_the_service_exposes(server):
+def test_kubernetes_manifest_probes_and_scales_on_what_the_service_exposes(server, server_grpc_port):
     deployment, _, autoscaler = yaml.safe_load_all(open("deploy/kubernetes.yaml"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert httpx.get(f"{server}{container[probe]['httpGet']['path']}", timeout=60).status_code == 200
+    assert httpx.get(f"{server}{container['livenessProbe']['httpGet']['path']}", timeout=60).status_code == 200
+    # readiness: gRPC's health service, on the port the manifest names grpc (the test server's own port here)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"]} and ports["grpc"] == 8001
+    with grpc.insecure_channel(f"127.0.0.1:{server_grpc_port}") as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
     metric = autoscaler["spec"]["metrics"][0]["pods"]["metric"]["name"]
     exposed = {
         line.split("{")[0].split(" ")[0] for line in httpx.get(f"{server}/metrics", timeout=60).text.splitlines()

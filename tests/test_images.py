@@ -252,8 +252,8 @@ def test_kubernetes_manifest_is_valid_against_the_api_schema(variant):
     container = documents[0]["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == f"classic-cnns:{variant}"
     assert ("nvidia.com/gpu" in container["resources"]["limits"]) == (variant == "gpu")
-    # Probes on the numeric port the container listens on: the kubelet asks over HTTP itself.
+    # Probes on the numeric ports the container listens on: the kubelet asks over HTTP and gRPC itself.
     ports = {p["containerPort"] for p in container["ports"]}
-    assert {container[p]["httpGet"]["port"] for p in ("readinessProbe", "livenessProbe")} <= ports
+    assert {container["livenessProbe"]["httpGet"]["port"], container["readinessProbe"]["grpc"]["port"]} <= ports
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}  # BENTOML_HOME in the image
