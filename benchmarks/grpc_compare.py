@@ -39,10 +39,10 @@ import numpy as np
 
 from benchmarks.images import fashion_images, fashion_pngs
 from benchmarks.load import figures, measured, run_wrk
-from benchmarks.protocol_compare import write_ways
 from benchmarks.report import write_section
 from benchmarks.servers import free_port, process
 from benchmarks.turns import get_args_parser, service, ways_table
+from benchmarks.v2_bodies import write_ways
 from serving.protocol import grpc_service_pb2 as pb
 from serving.v2 import serialize_bytes
 
