@@ -194,7 +194,10 @@ class ServingConfig:
         make it hold is bounded by the body budget and, per decoder, the decode limit."""
         decoder = DECODER_START_MB + KEPT_MB + self.max_decode_mb
         capture = self.capture_queue_mb if self.capture else 0  # bodies kept past their request, for the writer
-        return WORKER_START_MB + KEPT_MB + self.max_body_memory_mb + capture + self.decode_workers * decoder
+        # gRPC calls: at most max_body_memory_mb of messages at once (serving.grpc_server), each held
+        # twice while it is parsed (gRPC's buffer, then the message)
+        grpc = 2 * self.max_body_memory_mb if self.grpc_port else 0
+        return WORKER_START_MB + KEPT_MB + self.max_body_memory_mb + grpc + capture + self.decode_workers * decoder
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServingConfig:
