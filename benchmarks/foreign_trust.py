@@ -20,6 +20,7 @@ benchmarks/ood_sets.py (digits, photographs, noise, blank). Goals (issue 38): su
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -30,14 +31,18 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
+import onnx
+import onnxruntime
 import torch
 from PIL import Image
 
 from benchmarks.ood_sets import not_clothes
 from benchmarks.report import device, publish
 from benchmarks.servers import REPO
+from export.ood_head import DIMS, K
+from model_store import ModelCard
 from model_store.captures import folder_name
-from model_store.engine import OnnxClassifier, unsure_reasons
+from model_store.engine import FEATURES_OUTPUT, OOD_OUTPUT, OnnxClassifier, unsure_reasons
 from model_store.preprocess import image_bytes_to_input, to_input
 from training.fashion_mnist_files import FASHION_MNIST_CLASSES, load_fashion_mnist
 
@@ -53,6 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train", type=int, default=20000, help="training images (default: 20000)")
     parser.add_argument("--epochs", type=int, default=6, help="epochs (default: 6)")
     parser.add_argument("--write", type=Path, default=None, help="write the section into this markdown file")
+    parser.add_argument(
+        "--heads", action="store_true", help="also measure other OOD heads on the same weights and calibration"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="also save the trained state_dict to this file")
     parser.add_argument(
         "--weights", type=Path, default=None, help="a state_dict --keep saved: export and measure it, no training"
@@ -131,40 +139,90 @@ def run(args) -> dict:
         command += ["--output", str(graph)]
         printed = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
         engine = OnnxClassifier(graph, device="cpu")
+        proto = onnx.load(graph)
     card = engine.card
     names = [FASHION_MNIST_CLASSES[label] for label in test_labels[MEASURED.start : MEASURED.stop]]
     truth = np.array([card.class_names.index(name) for name in names])
-    pixels = np.stack([image_bytes_to_input(png(test_images[i]), card) for i in MEASURED])
-    outcomes = engine.outcomes(pixels)
-    right = outcomes.probabilities.argmax(axis=1) == truth
-    sure = np.array([r is None for r in unsure_reasons(outcomes, card.calibration)])
-    sets, counts = {}, {}
-    for name, others in not_clothes(np.random.default_rng(0)).items():
-        inputs = np.stack([to_input(image, card) for image in others])
-        reasons = unsure_reasons(engine.outcomes(inputs), card.calibration)
-        sets[name], counts[name] = float(np.mean([r is not None for r in reasons])), len(others)
-    everything = sum(counts.values())
+    measured = np.stack([image_bytes_to_input(png(test_images[i]), card) for i in MEASURED])
+    others = {name: np.stack([to_input(image, card) for image in them]) for name, them in not_clothes(RNG()).items()}
+    held_out = np.stack([image_bytes_to_input(png(test_images[i]), card) for i in HELD_OUT])
     return {
         "train_seconds": trained["seconds"],
+        **measure(engine, card.calibration, measured, truth, others),
+        "export": [line for line in printed.splitlines() if line.startswith(("calibrated", "OOD head", "warning"))],
+        "heads": compare_heads(proto, card, held_out, measured, truth, others) if args.heads else None,
+    }
+
+
+def RNG() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def measure(engine: OnnxClassifier, calibration, measured, truth, others: dict[str, np.ndarray]) -> dict:
+    """The measured test images' accuracy, sure share and sure answers' accuracy, and the share of
+    each set of images that are not clothes answered unsure."""
+    outcomes = engine.outcomes(measured)
+    right = outcomes.probabilities.argmax(axis=1) == truth
+    sure = np.array([r is None for r in unsure_reasons(outcomes, calibration)])
+    sets = {
+        name: float(np.mean([r is not None for r in unsure_reasons(engine.outcomes(inputs), calibration)]))
+        for name, inputs in others.items()
+    }
+    everything = sum(len(inputs) for inputs in others.values())
+    return {
         "accuracy": float(right.mean()),
         "sure_share": float(sure.mean()),
         "sure_accuracy": float(right[sure].mean()) if sure.any() else float("nan"),
         "sets": sets,
-        "flagged": sum(sets[name] * counts[name] for name in sets) / everything,
+        "flagged": sum(sets[name] * len(others[name]) for name in sets) / everything,
         "everything": everything,
-        "export": [line for line in printed.splitlines() if line.startswith(("calibrated", "OOD head", "warning"))],
     }
 
 
+def compare_heads(proto, card: ModelCard, held_out, measured, truth, others) -> dict[str, dict]:
+    """The same weights and calibration with other OOD heads, each built by export.ood_head on 1,000
+    held-out images and thresholded, as export does, to accept 95% of 1,000 others."""
+    from export.onnx_export import serialize, with_card
+    from export.ood_head import feature_tensor, with_head, with_outputs, with_residual_head, without_head
+
+    proto = without_head(proto)
+    features = feature_tensor(proto)
+    order = RNG().permutation(len(held_out))
+    banked, rest = held_out[order[:1000]], held_out[order[1000:2000]]
+    plain = onnxruntime.InferenceSession(serialize(with_outputs(proto, features)), providers=["CPUExecutionProvider"])
+    bank = plain.run([FEATURES_OUTPUT], {plain.get_inputs()[0].name: banked})[0]  # the graph normalizes
+    heads = {
+        f"{K}th nearest of the bank on {DIMS} principal axes (the shipped models' head)": with_head(
+            proto, features, bank
+        )
+    }
+    for axes in (32, 64, 128, 256):
+        heads[f"residual off {axes} principal axes"] = with_residual_head(proto, features, bank, span_axes=axes)
+    figures = {}
+    for name, headed in heads.items():
+        engine = OnnxClassifier(serialize(with_card(headed, card)), device="cpu")
+        distances = engine.run(rest, [OOD_OUTPUT])[0]
+        threshold = float(np.quantile(distances, card.calibration.id_acceptance, method="higher"))
+        calibration = dataclasses.replace(card.calibration, knn_threshold=threshold)
+        figures[name] = measure(engine, calibration, measured, truth, others)
+    return figures
+
+
 def table(result: dict, args) -> str:
+    flags = [f"--weights {args.weights}" if args.weights else "", "--heads" if args.heads else ""]
+    flags += [f"--write {args.write}" if args.write else ""]
+    trained = (
+        f"trained by an earlier run of this benchmark (`--keep`), read back with `--weights` ({args.epochs} epochs"
+        if args.weights
+        else f"trained from an image folder in {result['train_seconds']:.0f} s ({args.epochs} epochs"
+    )
     lines = [
         f"Device: {device()}. Date: {time.strftime('%Y-%m-%d')}. Command: "
-        f"`python -m benchmarks.foreign_trust{' --write ' + str(args.write) if args.write else ''}`.",
+        f"`python -m benchmarks.foreign_trust {' '.join(f for f in flags if f)}`.",
         "",
-        f"torchvision ResNet-18 trained from an image folder in {result['train_seconds']:.0f} s ({args.epochs} epochs "
-        f"on {args.train:,} images at {SIZE} px); accuracy on test images {MEASURED.start:,}-{MEASURED.stop - 1:,} "
-        f"{result['accuracy']:.4f}. Calibrated on test images {HELD_OUT.start:,}-{HELD_OUT.stop - 1:,} "
-        "(`--calibrate-on`).",
+        f"torchvision ResNet-18 {trained} on {args.train:,} images at {SIZE} px); accuracy on test images "
+        f"{MEASURED.start:,}-{MEASURED.stop - 1:,} {result['accuracy']:.4f}. Calibrated on test images "
+        f"{HELD_OUT.start:,}-{HELD_OUT.stop - 1:,} (`--calibrate-on`).",
         "",
         "| what | figure | goal |",
         "|---|---:|---:|",
@@ -175,6 +233,22 @@ def table(result: dict, args) -> str:
         "",
         "Export said: " + " ".join(result["export"]),
     ]
+    if result["heads"]:
+        sets = list(result["sets"])
+        lines += [
+            "",
+            "The same weights and calibration with other OOD heads (`--heads`: each fitted on 1,000 held-out "
+            "images, its threshold accepting 95% of 1,000 others); the share of each set answered unsure:",
+            "",
+            "| OOD head | answered sure | sure answers right | " + " | ".join(sets) + " | all not clothes |",
+            "|---|" + "---:|" * (len(sets) + 3),
+            *(
+                f"| {name} | {f['sure_share']:.3f} | {f['sure_accuracy']:.4f} | "
+                + " | ".join(f"{f['sets'][s]:.3f}" for s in sets)
+                + f" | {f['flagged']:.3f} |"
+                for name, f in result["heads"].items()
+            ),
+        ]
     return "\n".join(lines)
 
 

@@ -150,11 +150,44 @@ def test_the_cards_follow_the_builders_transforms_and_the_arguments(wrapped):
     # 512 features, wider than a drift window's covariance affords: drift on the head's 32 principal axes
     assert calibrated.export["ood"]["features"] == 512 and calibrated.export["ood"]["dims"] == 32
     assert calibrated.export["ood"]["drift_features"] == "the first 32 principal axes"
+    # scored by the residual off the bank's principal subspace, of a quarter of its 40 images' axes
+    assert calibrated.export["ood"]["residual_axes"] == 10 and "k" not in calibrated.export["ood"]
     # found behind the Softmax (Log, Max, Softmax, Gemm): a head at all; named: the tensor, in the card
     found = read_onnx_card(wrapped["onnx-softmax-calibrated"]).export["ood"]
     assert found["features"] == 512 and "tensor" not in found
     named = read_onnx_card(wrapped["onnx-named-features"]).export["ood"]
     assert (named["tensor"], named["features"]) == (POOLED, 512)
+
+
+def test_a_wide_network_s_ood_distance_is_its_features_residual_off_the_bank_s_axes(made, wrapped):
+    """The 512 features of a ResNet-18, taken from the PyTorch model: the graph's distance is their
+    length off the principal axes it carries, and its features output their projection on the first
+    32; the bank's rows are not in the graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    from model_store.engine import FEATURES_OUTPUT, OOD_OUTPUT, OnnxClassifier
+
+    path = wrapped["tv-calibrated"]
+    weights = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in onnx.load(path).graph.initializer}
+    mean, span, axes = weights["ood_mean"], weights["ood_span"], weights["ood_axes"]
+    assert span.shape == (512, 10) and axes.shape == (512, 32) and not any("bank" in name for name in weights)
+    assert np.allclose(span.T @ span, np.eye(10), atol=1e-5) and np.allclose(axes[:, :10], span, atol=1e-6)
+    engine = OnnxClassifier(path, device="cpu")
+    files = sorted((made["dir"] / "held-out").rglob("*.png"))[::8]
+    pixels = np.stack([image_bytes_to_input(f.read_bytes(), engine.card) for f in files])
+    noise = np.random.default_rng(0).integers(0, 256, (8, *pixels.shape[1:]), dtype=np.uint8)
+    pixels = np.concatenate([pixels, noise])
+    distances, projected = engine.run(pixels, [OOD_OUTPUT, FEATURES_OUTPUT])
+    net = made["nets"]["resnet18"]
+    x = torch.from_numpy(pixels).float() / 255.0
+    x = (x - torch.tensor(engine.card.mean).view(1, -1, 1, 1)) / torch.tensor(engine.card.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        features = torch.flatten(torch.nn.Sequential(*list(net.children())[:-1])(x), 1).double().numpy()
+    centred = features - mean
+    residual = np.linalg.norm(centred - centred @ span @ span.T, axis=1)
+    assert np.allclose(distances, residual, rtol=1e-3, atol=1e-3 * np.abs(residual).max())
+    assert np.allclose(projected, centred @ axes, rtol=1e-3, atol=1e-3 * np.abs(centred @ axes).max())
 
 
 def photo(image: np.ndarray) -> bytes:
