@@ -10,7 +10,9 @@ Ways (real Fashion-MNIST test images, one per request):
 - grpc-pixels: ``ModelInfer`` with UINT8 [1, 1, 28, 28] in ``raw_input_contents`` (tritonclient.grpc's
   encoding), by h2load (nghttp2's C load generator: a gRPC call is an HTTP/2 POST of a 5-byte
   prefixed message, with ``te: trailers``);
-- grpc-png: the PNG as a BYTES tensor in ``raw_input_contents``, decoded by the server.
+- grpc-png: the PNG as a BYTES tensor in ``raw_input_contents``, decoded by the server;
+- grpc-floor: grpc-pixels' calls to ``benchmarks.grpc_floor``, a bare grpc.aio server that parses
+  each and answers a fixed reply: what the Python gRPC server costs before any work of ours.
 
 h2load sends one body over and over, so each gRPC way asks about one image where wrk cycles through
 ``--images``; the LeNet's work does not depend on which. h2load counts HTTP statuses, and a failed
@@ -28,10 +30,12 @@ import argparse
 import contextlib
 import json
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -40,7 +44,7 @@ import numpy as np
 from benchmarks.images import fashion_images, fashion_pngs
 from benchmarks.load import figures, measured, run_wrk
 from benchmarks.report import write_section
-from benchmarks.servers import free_port, process
+from benchmarks.servers import free_port, process, start, stop
 from benchmarks.turns import get_args_parser, service, ways_table
 from benchmarks.v2_bodies import write_ways
 from serving.protocol import grpc_service_pb2 as pb
@@ -49,7 +53,8 @@ from serving.v2 import serialize_bytes
 SECTION = "## The v2 protocol over gRPC against HTTP v2 and /classify"
 HTTP_WAYS = ("classify", "v2-pixels", "v2-png", "v2-json")
 GRPC_WAYS = ("grpc-pixels", "grpc-png")
-WAYS = (*HTTP_WAYS, *GRPC_WAYS)
+FLOOR = "grpc-floor"  # benchmarks.grpc_floor, sent grpc-pixels' calls
+WAYS = (*HTTP_WAYS, *GRPC_WAYS, FLOOR)
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MODEL = "fashion-lenet"
 
@@ -80,8 +85,11 @@ def grpc_answers(base: str) -> dict[str, float]:
     return counts
 
 
-def run_h2load(target: str, body: Path, concurrency: int, seconds: float, pid: int, base: str, log: Path) -> dict:
-    """One closed-loop h2load run of gRPC calls: :func:`benchmarks.load.figures`' row."""
+def run_h2load(
+    target: str, body: Path, concurrency: int, seconds: float, pid: int, base: str | None, log: Path
+) -> dict:
+    """One closed-loop h2load run of gRPC calls: :func:`benchmarks.load.figures`' row. ``base``: the
+    service's URL, whose count of calls answered is checked (None: the floor, which answers all)."""
     if shutil.which("h2load") is None:
         raise SystemExit("error: h2load is not installed; run 'apt-get install nghttp2-client'")
     command = [
@@ -90,7 +98,7 @@ def run_h2load(target: str, body: Path, concurrency: int, seconds: float, pid: i
         "-d", str(body), "--log-file", str(log), target + METHOD,
     ]  # fmt: skip
     log.unlink(missing_ok=True)  # h2load appends to it
-    before = grpc_answers(base)
+    before = grpc_answers(base) if base else {}
     with measured(pid) as cost:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -98,7 +106,7 @@ def run_h2load(target: str, body: Path, concurrency: int, seconds: float, pid: i
     rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
     durations = np.array([int(row[2]) for row in rows if row[1] == "200"]) / 1000.0
     done, errors = len(durations), sum(row[1] != "200" for row in rows)
-    after = grpc_answers(base)
+    after = grpc_answers(base) if base else {"OK": done}
     answered = {code: count - before.get(code, 0) for code, count in after.items()}
     failed = {code: count for code, count in answered.items() if code != "OK" and count}
     # h2load logs no call still in flight when its time is up; the server may have answered those
@@ -106,6 +114,23 @@ def run_h2load(target: str, body: Path, concurrency: int, seconds: float, pid: i
         raise SystemExit(f"error: h2load finished {done} calls; the server answered {answered}")
     latencies = (float(np.percentile(durations, 50)), float(np.percentile(durations, 99)), float(durations.max()))
     return figures(concurrency, done, errors, cost.seconds, latencies, cost)
+
+
+@contextlib.contextmanager
+def grpc_floor(port: int, workdir: Path):
+    """``benchmarks.grpc_floor`` on ``port``; yields its pid once the port takes connections."""
+    child = start([sys.executable, "-m", "benchmarks.grpc_floor", str(port)], {}, workdir / "grpc-floor.log")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"error: the gRPC floor did not start:\n{(workdir / 'grpc-floor.log').read_text()}")
+            time.sleep(0.2)
+        yield child.pid
+    finally:
+        stop(child)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -120,8 +145,13 @@ def main(args: argparse.Namespace) -> None:
             process("service", [*server.command, "--port", str(port)], env, base + server.ready, workdir, server.cwd)
         )
         paths = {way: "/classify" if way == "classify" else f"/v2/models/{MODEL}/infer" for way in HTTP_WAYS}
+        floor_port = free_port()
+        floor = stack.enter_context(grpc_floor(floor_port, workdir))
 
         def run(way: str, concurrency: int, seconds: float) -> dict:
+            if way == FLOOR:
+                floor_target, log = f"http://127.0.0.1:{floor_port}", workdir / "h2load.log"
+                return run_h2load(floor_target, grpc_files["grpc-pixels"], concurrency, seconds, floor, None, log)
             if way in GRPC_WAYS:
                 return run_h2load(target, grpc_files[way], concurrency, seconds, pid, base, workdir / "h2load.log")
             return run_wrk(base + paths[way], http_bodies[way], concurrency, seconds, pid)
@@ -153,11 +183,13 @@ def report(runs: dict, args: argparse.Namespace) -> str:
     table = ways_table(runs, args, "grpc_compare", about, WAYS, "classify", "/classify")
     cpu = {
         way: statistics.median(r["server_cpu_ms"] for r in runs[(way, max(args.concurrency))])
-        for way in ("classify", "grpc-pixels")
+        for way in ("classify", "grpc-pixels", FLOOR)
     }
     return table + (
         f"\nAt concurrency {max(args.concurrency)}, gRPC raw pixels cost the server {cpu['grpc-pixels']:.3f} ms of "
-        f"CPU a request against /classify's {cpu['classify']:.3f} (medians of the rounds).\n"
+        f"CPU a request against /classify's {cpu['classify']:.3f} (medians of the rounds); a bare grpc.aio server "
+        f"that parses the call and answers a fixed reply ({FLOOR}, `benchmarks/grpc_floor.py`, its own process) "
+        f"{cpu[FLOOR]:.3f}.\n"
     )
 
 

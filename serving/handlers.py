@@ -243,7 +243,11 @@ class Handlers:
 
 async def _all(awaitables) -> list:
     """Await all; the first error, in order, is raised once every one has ended, so none is left
-    running unwatched."""
+    running unwatched. One is awaited as it is: gather would wrap it in a task of its own, a
+    loop turn and a task's cost for every one-image request."""
+    awaitables = list(awaitables)
+    if len(awaitables) == 1:
+        return [await awaitables[0]]
     results = await asyncio.gather(*awaitables, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):

@@ -5,35 +5,69 @@ channels sending what no client would."""
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from benchmarks.servers import free_port
-from tests.conftest import REPO, bentoml_serve, png_bytes, run_cli
+from serving.config import KEPT_MB
+from tests.conftest import REPO, bentoml_serve, png_bytes, run_cli, wait_until
 from tests.tolerance import PROB_ATOL, assert_ranked_as
 
 SERVICE = "inference.GRPCInferenceService"
 TOKEN = "grpc-test-token"
+LIMIT_MB, BUDGET_MB = 8, 64  # the test server's message limit and budget of messages held at once
 
 
 @pytest.fixture(scope="module")
 def served(bentoml_home, tmp_path_factory) -> dict:
-    """One server, its gRPC port known; the shipped LeNet, with model control on."""
+    """One server, its gRPC port known; the shipped LeNet, with model control on; messages of at
+    most 8 MB, 64 MB of them at once, so that its memory bound is tight enough to test. Its worker's
+    memory when it is ready, for that test."""
     grpc_port = free_port()
     log = tmp_path_factory.mktemp("grpc") / "serve.log"
-    env = {"SERVING_GRPC_PORT": str(grpc_port), "SERVING_MODEL_CONTROL": "true", "SERVING_LOG_REQUESTS": "false"}
+    env = {
+        "SERVING_GRPC_PORT": str(grpc_port),
+        "SERVING_MODEL_CONTROL": "true",
+        "SERVING_LOG_REQUESTS": "false",
+        "SERVING_MAX_BODY_BYTES": str(LIMIT_MB * 2**20),
+        "SERVING_MAX_BODY_MEMORY_MB": str(BUDGET_MB),
+    }
     with bentoml_serve(bentoml_home, log, env) as url:
-        yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}"}
+        worker = listener(grpc_port)
+        yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}", "worker": worker, "start": worker.memory_info().rss}
+
+
+def listener(port: int) -> psutil.Process:
+    """The process listening on ``port``: the service worker that serves gRPC."""
+    (pid,) = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.pid}
+    return psutil.Process(pid)
+
+
+def peak_rss(process: psutil.Process) -> int:
+    return next(
+        int(line.split()[1]) * 1024 for line in open(f"/proc/{process.pid}/status") if line.startswith("VmHWM:")
+    )
+
+
+def memory_bound(start: int) -> int:
+    """README, "Limits": a worker holds at most its memory at start, what the allocator keeps
+    (KEPT_MB), the body budget, and twice that again for gRPC's messages while they are parsed."""
+    return start + (KEPT_MB + 3 * BUDGET_MB) * 2**20
 
 
 def classify(url: str, image: bytes) -> dict:
@@ -167,7 +201,7 @@ def infer_message(shape: list[int], raw: bytes | None = None, inputs: int = 1, d
         (infer_message([2**40], None, datatype="BYTES"), grpc.StatusCode.INVALID_ARGUMENT, "needs 1,099,511,627,776 values"),
         (infer_message([2, 1, 28, 28], b"\x00" * 100), grpc.StatusCode.INVALID_ARGUMENT, "takes 1,568 bytes, got 100"),
         (infer_message([1, 1, 28, 28], b"\x00" * 784, inputs=10_000), grpc.StatusCode.INVALID_ARGUMENT, "got 10000"),
-        (infer_message([1, 1, 28, 28], b"\x00" * (11 * 2**20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        (infer_message([1, 1, 28, 28], b"\x00" * ((LIMIT_MB + 1) * 2**20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     ],
     ids=["not-protobuf", "shape-2^40", "bytes-2^40", "raw-size-disagrees", "10000-inputs", "over-the-limit"],
 )  # fmt: skip
@@ -247,3 +281,69 @@ def test_a_stream_left_open_is_answered_and_the_server_stays_up(served):
     finally:
         hold.set()
     assert triton.InferenceServerClient(served["grpc"]).is_server_ready()
+
+
+def metric_count(url: str, route: str, status: str) -> float:
+    """The server's count of calls of ``route`` answered with ``status``."""
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
+        if line.startswith("classify_requests_total{") and f'route="{route}",status="{status}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_the_client_s_deadline_ends_the_server_s_work_too(served):
+    """A call whose deadline passes while the server decodes its image (a 40-megapixel RGB PNG of
+    1.2 MB, 0.65 s to decode here, against a 50 ms deadline: a margin of 13 on this machine, more on
+    a faster one) ends DEADLINE_EXCEEDED for the client, and the server counts it so: it stopped
+    waiting for the decode then, rather than answering a call nobody waits for."""
+    side = np.arange(6300, dtype=np.uint32)
+    gradient = ((side[:, None] * 7 + side[None, :] * 3) % 256).astype(np.uint8)  # compresses: under the body limit
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([gradient, gradient[::-1], gradient.T], axis=2)).save(buffer, "PNG")
+    image = triton.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([buffer.getvalue()], dtype=np.object_))
+    client = triton.InferenceServerClient(served["grpc"])
+    before = metric_count(served["url"], "grpc:ModelInfer", "DEADLINE_EXCEEDED")
+    status, _ = code_of(lambda: client.infer("fashion-lenet", [image], client_timeout=0.05))
+    assert status == "StatusCode.DEADLINE_EXCEEDED"
+    wait_until(
+        lambda: metric_count(served["url"], "grpc:ModelInfer", "DEADLINE_EXCEEDED") == before + 1,
+        lambda: "the server never counted the call DEADLINE_EXCEEDED",
+        60,
+        0.2,
+    )
+    assert client.is_server_ready()
+
+
+def test_the_hostile_messages_left_the_worker_within_its_memory_bound(served):
+    """After every hostile message above (they run first, in file order) and the other calls of
+    this module's server, its worker's peak memory is within README's bound."""
+    peak, bound = peak_rss(served["worker"]), memory_bound(served["start"])
+    assert peak <= bound, f"peak {peak / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB"
+
+
+def test_messages_at_the_limit_by_the_dozen_keep_the_worker_within_its_memory_bound(bentoml_home, tmp_path):
+    """Thirty-two calls at once, each a message just under the limit, with eight messages' worth
+    allowed at once: each ends in a status code, and the worker's peak memory stays within README's
+    bound. Holding all 32 (256 MB, more while parsed) would exceed it, as would keeping what the
+    refused calls held: ending them with context.abort did (serving.grpc_server._ended)."""
+    grpc_port = free_port()
+    env = {
+        "SERVING_GRPC_PORT": str(grpc_port),
+        "SERVING_MAX_BODY_BYTES": str(LIMIT_MB * 2**20),
+        "SERVING_MAX_BODY_MEMORY_MB": str(BUDGET_MB),
+        "SERVING_LOG_REQUESTS": "false",
+    }
+    with bentoml_serve(bentoml_home, tmp_path / "serve.log", env):
+        target = f"127.0.0.1:{grpc_port}"
+        worker = listener(grpc_port)
+        start = worker.memory_info().rss
+        payload = infer_message([1, 1, 28, 28], b"\x00" * (LIMIT_MB * 2**20 - 4096))
+        with ThreadPoolExecutor(32) as pool:
+            ended = list(pool.map(lambda _: raw_call(target, "ModelInfer", payload), range(32)))
+        codes = Counter(error.code() for error in ended if isinstance(error, grpc.RpcError))
+        assert sum(codes.values()) == 32, codes
+        assert set(codes) <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert triton.InferenceServerClient(target).is_server_ready()
+        peak, bound = peak_rss(worker), memory_bound(start)
+        assert peak <= bound, f"peak {peak / 2**20:.0f} MB, start {start / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB"
