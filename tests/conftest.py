@@ -237,3 +237,33 @@ def server(bentoml_home, served_models, server_log, server_grpc_port) -> str:
     env = {"SERVING_MODELS": served_models, "SERVING_GRPC_PORT": str(server_grpc_port)}
     with bentoml_serve(bentoml_home, server_log, env) as url:
         yield url
+
+
+# Headless Chromium for /ui (tests/test_ui_browser.py, test_foreign.py): Debian's chromium and chromedriver
+# (`make browser`), by their paths, so Selenium never looks for a driver on the network. Missing, they fail
+# the test under CI and skip it only on a dev box. Session scope, and first in each test's arguments: a box
+# without a browser skips before the server starts.
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("the selenium package (the test extra)")
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have a browser to test /ui: missing {', '.join(missing)}")
+        pytest.skip(f"no browser to test /ui: missing {', '.join(missing)} (make browser)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,760"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, CSP violations among them
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()

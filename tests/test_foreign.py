@@ -278,6 +278,54 @@ def test_each_is_registered_served_and_answers_as_the_original(made, wrapped, be
         assert v2["inputs"][0]["shape"] == [-1, 3, SIZE, SIZE] and v2["inputs"][0]["datatype"] == "UINT8"
 
 
+def test_the_page_shows_a_foreign_model_s_card_and_its_answers(browser, made, wrapped, bentoml_home, tmp_path):
+    """/ui with a torchvision model calibrated on the user's images and an uncalibrated timm one:
+    each one's card (architecture, framing, normalization) and the answer /classify gives."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tests.test_ui_browser import SURENESS, open_page, text, upload, wait_for
+
+    home = tmp_path / "bentoml"
+    import shutil
+
+    shutil.copytree(bentoml_home / "models", home / "models")
+    shown = ("tv-calibrated", "timm-mobilenet")
+    for name in shown:
+        result = run_cli(
+            "-m", "model_store", "register", str(wrapped[name]), "--name", name, env={"BENTOML_HOME": str(home)}
+        )
+        assert result.returncode == 0, result.stderr
+    image = tmp_path / "glove.png"
+    image.write_bytes(photo(np.asarray(Image.open(sorted((made["dir"] / "held-out" / "glove").glob("*.png"))[0]))))
+    log = tmp_path / "serve" / "serve.log"
+    log.parent.mkdir()
+    settings = {"SERVING_MODELS": ",".join(["fashion-lenet", *shown]), "SERVING_LOG_REQUESTS": "false"}
+    with bentoml_serve(home, log, settings) as url:
+        browser.get_log("browser")  # drop what earlier pages logged
+        open_page(browser, url)
+        models = Select(browser.find_element(By.ID, "model"))
+        wait_for(browser, lambda d: len(models.options) == 1 + len(shown), "every model listed")
+        tags = {m["name"]: m["tag"] for m in httpx.get(f"{url}/models", timeout=60).json()["models"]}
+        for name, arch in zip(shown, ("torchvision:resnet18", f"timm:{TIMM}")):
+            models.select_by_value(tags[name])
+            wait_for(browser, lambda d: arch in text(d, "card-fields"), f"{name}'s card")
+            card = text(browser, "card-fields")
+            assert f"{SIZE} × {SIZE} px, resize crop, keeps 87.5 % of the short side" in card
+            assert "3 (RGB)" in card and "mean 0.485, 0.456, 0.406, std 0.229, 0.224, 0.225" in card
+            assert ", ".join(CLASSES) in card and "test accuracy" not in card  # a foreign card has none
+            answer = httpx.post(
+                f"{url}/classify", files={"image": ("glove.png", image.read_bytes(), "image/png")},
+                data={"model": name}, timeout=60,
+            ).json()  # fmt: skip
+            upload(browser, image)
+            wait_for(browser, lambda d: name in text(d, "answered-by"), f"an answer from {name}")
+            assert text(browser, "label") == answer["label"]
+            assert text(browser, "unsure") == SURENESS[(answer["unsure"], answer["unsure_reason"])]
+            assert (answer["unsure"] is None) == (name == "timm-mobilenet")
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

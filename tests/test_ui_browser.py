@@ -15,33 +15,8 @@ import pytest
 
 from tests.conftest import REPO, bentoml_serve, png_bytes, run_cli
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 TOKEN = "ui-test-token"
 WAIT_S = 30
-
-
-# Session scope and first in each test's arguments: a box without a browser skips before the server starts.
-@pytest.fixture(scope="session")
-def browser():
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing.append("the selenium package (the test extra)")
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must have a browser to test /ui: missing {', '.join(missing)}")
-        pytest.skip(f"no browser to test /ui: missing {', '.join(missing)} (make browser)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,760"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, CSP violations among them
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    driver.implicitly_wait(0)
-    yield driver
-    driver.quit()
 
 
 def wait_for(driver, condition, what: str):
