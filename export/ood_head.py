@@ -219,8 +219,8 @@ def with_residual_head(
     on the bank's first ``dims`` principal axes [N, dims] (what the drift window holds), and
     "ood_distance" [N], the length of what is left of the centred features off the bank's first
     :func:`residual_axes` principal axes: how far an image's features lie from the subspace the
-    held-out images' features span (``span_axes`` of them to measure others: the benchmark's). The
-    bank itself is not in the graph, only its mean and axes.
+    held-out images' features span (``span_axes`` of them when given). The bank itself is not in
+    the graph, only its mean and axes.
 
     Why not the shipped models' k-th neighbour: measured on a torchvision ResNet-18's 512 features
     (BENCHMARKS.md, "A model trained elsewhere"), the distance to the 10th nearest of the bank on 32
@@ -228,8 +228,9 @@ def with_residual_head(
     clothes do from each other), taken in the full space too; off the clothes' principal subspace,
     noise, photographs and blank images all lie far. The residual is computed as ``c - (c A) A^T``,
     not ``|c|^2 - |c A|^2``, which float32 cancellation would blur for images near the subspace."""
-    mean, span = principal_axes(bank, span_axes or residual_axes(np.shape(bank)[1], len(bank)))
-    axes = principal_axes(bank, dims)[1]
+    spanned = span_axes or residual_axes(np.shape(bank)[1], len(bank))
+    mean, principal = principal_axes(bank, max(dims, spanned))  # one SVD for both
+    span, axes = principal[:, :spanned], principal[:, :dims]
     out = with_outputs(proto, features, "ood_features")
     out.graph.initializer.extend(
         [
@@ -301,7 +302,8 @@ def fit(
         return None
     width = bank.shape[1]
     wide = width > MAX_DRIFT_FEATURES
-    headed = with_residual_head(proto, features, bank) if wide else with_head(proto, features, bank)
+    spanned = residual_axes(width, len(banked)) if wide else None  # what with_residual_head takes
+    headed = with_residual_head(proto, features, bank, span_axes=spanned) if wide else with_head(proto, features, bank)
     engine = OnnxClassifier(serialize(with_card(headed, card)), device="cpu")
     names = [engine.output_name, OOD_OUTPUT, FEATURES_OUTPUT]
     logits, distances, rest_features = engine.run(held_out[rest], names, BATCH)
@@ -328,14 +330,13 @@ def fit(
     test_distances = engine.run(test, [OOD_OUTPUT], BATCH)[0] if len(test) else np.zeros(0)
     record = {
         "score": (
-            f"euclidean distance of the penultimate features off the first {residual_axes(width, len(banked))} "
-            "principal axes of the bank's"
+            f"euclidean distance of the penultimate features off the first {spanned} principal axes of the bank's"
             if wide
             else f"euclidean distance of the penultimate features to the {K}th nearest of the bank, "
             f"on the bank's first {dims_of(headed)} principal axes"
         ),
         "k": None if wide else K,
-        "residual_axes": residual_axes(width, len(banked)) if wide else None,
+        "residual_axes": spanned,
         "tensor": features if named else None,  # found: the Gemm's or MatMul's input, as always
         "features": width,
         "dims": dims_of(headed),

@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 from benchmarks.servers import free_port
 from serving.config import KEPT_MB
 from tests.conftest import REPO, bentoml_serve, png_bytes, run_cli, wait_until
+from tests.test_service_api import metric
 from tests.tolerance import PROB_ATOL, assert_ranked_as
 
 SERVICE = "inference.GRPCInferenceService"
@@ -285,14 +286,6 @@ def test_a_stream_left_open_is_answered_and_the_server_stays_up(served):
     assert triton.InferenceServerClient(served["grpc"]).is_server_ready()
 
 
-def metric_count(url: str, route: str, status: str) -> float:
-    """The server's count of calls of ``route`` answered with ``status``."""
-    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
-        if line.startswith("classify_requests_total{") and f'route="{route}",status="{status}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_the_client_s_deadline_ends_the_server_s_work_too(served):
     """A call whose deadline passes while the server decodes its image (a 40-megapixel RGB PNG of
     1.2 MB, 0.65 s to decode here, against a 50 ms deadline: a margin of 13 on this machine, more on
@@ -305,11 +298,14 @@ def test_the_client_s_deadline_ends_the_server_s_work_too(served):
     image = triton.InferInput("image", [1], "BYTES")
     image.set_data_from_numpy(np.array([buffer.getvalue()], dtype=np.object_))
     client = triton.InferenceServerClient(served["grpc"])
-    before = metric_count(served["url"], "grpc:ModelInfer", "DEADLINE_EXCEEDED")
+    before = metric(served["url"], "classify_requests_total", route="grpc:ModelInfer", status="DEADLINE_EXCEEDED")
     status, _ = code_of(lambda: client.infer("fashion-lenet", [image], client_timeout=0.05))
     assert status == "StatusCode.DEADLINE_EXCEEDED"
     wait_until(
-        lambda: metric_count(served["url"], "grpc:ModelInfer", "DEADLINE_EXCEEDED") == before + 1,
+        lambda: (
+            metric(served["url"], "classify_requests_total", route="grpc:ModelInfer", status="DEADLINE_EXCEEDED")
+            == before + 1
+        ),
         lambda: "the server never counted the call DEADLINE_EXCEEDED",
         60,
         0.2,
