@@ -46,7 +46,8 @@ class ServingConfig:
     models: tuple[str, ...] = tuple(f"{name}:latest" for name in SHIPPED_MODELS)  # store tags; the first is the default
     device: str = "auto"  # auto: CUDA when this onnxruntime build has it; cuda: the same, but a fallback is an error in the logs and /models
     max_batch_size: int = 64  # images per ONNX Runtime call
-    batch_wait_ms: float = 0.0  # extra time a batch waits to fill; 0: run with whatever queued meanwhile
+    batch_wait_ms: float = 0.0  # extra time every batch waits to fill; 0: run with whatever queued meanwhile (or fill, below)
+    batch_fill_ms: float = 5.0  # longest a small batch waits to fill while the loop is saturated and requests overlap (serving.batching); 0: never
     max_body_bytes: int = 10 * 1024 * 1024  # request body limit -> 413
     max_pixels: int = 40_000_000  # width x height limit, checked from the header before decoding -> 400
     max_decode_mb: int = 512  # estimated peak memory of one decode, checked from the header -> 400; also each decoder's hard memory limit
@@ -138,8 +139,8 @@ class ServingConfig:
                 CaptureStore(self.capture)  # opens no connection: a store that is down is counted, not fatal
             except UsageError as err:
                 raise ValueError(f"SERVING_CAPTURE: {err}") from None
-        for name in ("batch_wait_ms", "ort_threads"):
-            if getattr(self, name) < 0:
+        for name in ("batch_wait_ms", "batch_fill_ms", "ort_threads"):
+            if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{ENV[name]} must be 0 or more, got {getattr(self, name)}")
         for name in ("timeout_s", "decode_timeout_s"):
             if not 0 < getattr(self, name) < math.inf:  # inf would turn the limit off; nan fails any comparison

@@ -204,8 +204,8 @@ class Inference:
             model = handlers.models.get(tag)
             card = model.engine.card
             parsed = v2_grpc.parse_infer(request, card, handlers.config.max_batch_images)
-            key = dict(context.invocation_metadata() or ()).get("x-rollout-key")
-            probabilities, version = await handlers.run_infer(model, tag, parsed, key.encode() if key else None)
+            key = _rollout_key(context) if handlers.rollouts.active else None
+            probabilities, version = await handlers.run_infer(model, tag, parsed, key)
             return v2_grpc.encode_infer(parsed, probabilities, model.name, version, card.class_names)
 
         return await self.server.call(context, "ModelInfer", work)
@@ -341,6 +341,12 @@ def _or_nothing(serialize: Callable | None) -> Callable:
     if serialize is None:
         return lambda answer: b"" if answer is None else answer
     return lambda answer: b"" if answer is None else serialize(answer)
+
+
+def _rollout_key(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The ``x-rollout-key`` metadata (``serving.rollout``: which side of a canary answers)."""
+    key = dict(context.invocation_metadata() or ()).get("x-rollout-key")
+    return key.encode() if key else None
 
 
 def _tag(name: str, version: str) -> str:

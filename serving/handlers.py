@@ -160,7 +160,9 @@ class Handlers:
             scored = await _all(self.rollouts.score(rollout, model, pixels, side) for pixels in inputs)
             rows = [row for _, row in scored]
             version = scored[0][0].version if len({m.version for m, _ in scored}) == 1 else model.version
-        return np.stack([row.probabilities for row in rows]), version  # calibrated, as /classify's are
+        # calibrated, as /classify's are
+        probabilities = rows[0].probabilities[None] if len(rows) == 1 else np.stack([row.probabilities for row in rows])
+        return probabilities, version
 
     async def repository(self, route: v2.Route, body: bytes) -> dict | v2.Encoded:
         """Triton's model-repository extension: the index, load (checked and warmed up before it

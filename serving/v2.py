@@ -25,6 +25,7 @@ import base64
 import binascii
 import importlib.metadata
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -281,7 +282,7 @@ def _check_count(count: int, max_images: int) -> None:
 
 
 def _pixels(data, shape: list[int]) -> np.ndarray:
-    size = int(np.prod(shape))
+    size = math.prod(shape)  # exact: np.prod wraps around past 2**63
     if isinstance(data, bytes):
         if len(data) != size:
             raise RequestError(f"input {PIXELS!r} of shape {shape} takes {size:,} bytes, got {len(data):,}")
