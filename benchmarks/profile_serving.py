@@ -3,6 +3,7 @@
     python -m benchmarks.profile_serving                          # the shipped model, c=32, 15 s
     python -m benchmarks.profile_serving --env SERVING_TRACING=true --concurrency 1
     python -m benchmarks.profile_serving --photos --concurrency 1  # 12 MP JPEGs, not test PNGs
+    python -m benchmarks.profile_serving --grpc                   # gRPC ModelInfer, raw pixels, by h2load
 
 Starts ``bentoml serve`` (one worker, a private BentoML home), loads it with wrk like
 benchmarks/serving_compare.py, and meanwhile samples the worker with py-spy. Prints the worker's
@@ -24,9 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.grpc_compare import grpc_bodies, run_h2load
 from benchmarks.images import fashion_photos, fashion_pngs
 from benchmarks.load import TICKS, run_wrk, write_bodies
-from benchmarks.servers import process
+from benchmarks.servers import free_port, process
 
 REPO = Path(__file__).resolve().parents[1]
 PY_SPY = (
@@ -61,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env", nargs="*", default=[], help="SERVING_*=value settings for the service")
     parser.add_argument("--top", type=int, default=15, help="functions to list (default: 15)")
     parser.add_argument("--photos", action="store_true", help="send 16 12 MP JPEGs (phone photos), not test PNGs")
+    parser.add_argument(
+        "--grpc", action="store_true", help="call gRPC ModelInfer with raw pixels (h2load), as grpc_compare does"
+    )
     parser.add_argument(
         "--metrics-cost",
         action="store_true",
@@ -152,9 +157,28 @@ def main(args: argparse.Namespace) -> None:
         images, image_type = (fashion_photos(16), "image/jpeg") if args.photos else (fashion_pngs(256), "image/png")
         bodies = write_bodies(workdir / "bodies", images, image_type)
         command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "3917"]
-        with process("service", command, {**home, **env}, "http://127.0.0.1:3917/readyz", workdir) as pid:
+        grpc_port = free_port()
+        with process(
+            "service",
+            command,
+            {**home, **env, "SERVING_GRPC_PORT": str(grpc_port)},
+            "http://127.0.0.1:3917/readyz",
+            workdir,
+        ) as pid:
             url = "http://127.0.0.1:3917/classify"
-            run_wrk(url, bodies, 4, 2, pid)  # warm-up
+            if args.grpc:  # the same closed loop, of gRPC calls; each is checked answered OK by the server's count
+                call = grpc_bodies(workdir)["grpc-pixels"]
+
+                def load(concurrency: int, seconds: float) -> dict:
+                    target, base = f"http://127.0.0.1:{grpc_port}", "http://127.0.0.1:3917"
+                    return run_h2load(target, call, concurrency, seconds, pid, base, workdir / "h2load.log")
+
+            else:
+
+                def load(concurrency: int, seconds: float) -> dict:
+                    return run_wrk(url, bodies, concurrency, seconds, pid)
+
+            load(4, 2)  # warm-up
             worker = int(
                 subprocess.run(
                     ["pgrep", "-P", str(pid), "-f", "_bentoml_impl.worker"], capture_output=True, text=True
@@ -182,7 +206,7 @@ def main(args: argparse.Namespace) -> None:
                 stderr=subprocess.DEVNULL,
             )
             before = thread_ticks(worker)
-            result = run_wrk(url, bodies, args.concurrency, args.seconds, pid)
+            result = load(args.concurrency, args.seconds)
             after = thread_ticks(worker)
             spy.wait(timeout=60)
             time.sleep(0.5)

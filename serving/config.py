@@ -46,7 +46,7 @@ class ServingConfig:
     models: tuple[str, ...] = tuple(f"{name}:latest" for name in SHIPPED_MODELS)  # store tags; the first is the default
     device: str = "auto"  # auto: CUDA when this onnxruntime build has it; cuda: the same, but a fallback is an error in the logs and /models
     max_batch_size: int = 64  # images per ONNX Runtime call
-    batch_wait_ms: float = 0.0  # extra time every batch waits to fill; 0: run with whatever queued meanwhile (or fill, below)
+    batch_wait_ms: float = 0.0  # extra time every batch waits to fill; 0: none (but see batch_fill_ms)
     batch_fill_ms: float = 5.0  # longest a small batch waits to fill while the loop is saturated and requests overlap (serving.batching); 0: never
     max_body_bytes: int = 10 * 1024 * 1024  # request body limit -> 413
     max_pixels: int = 40_000_000  # width x height limit, checked from the header before decoding -> 400

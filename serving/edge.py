@@ -165,20 +165,30 @@ class Edge:
             # The rest of the body is not wanted: close, rather than wait on the socket for it.
             return await self.refuse(send, error, [(b"connection", b"close")], route=route, start=start)
         try:
-            if self.in_flight >= self.config.max_concurrency:
-                limit = self.config.max_concurrency
-                message = f"server busy: {limit} requests already in flight; retry after {RETRY_AFTER_S} s"
+            try:
+                self.take_slot()
+            except Overloaded as error:
                 retry = [(b"retry-after", str(RETRY_AFTER_S).encode())]
-                return await self.refuse(send, Overloaded(message), retry, route=route, start=start)
-            self.in_flight += 1
-            metrics.in_flight.inc()
+                return await self.refuse(send, error, retry, route=route, start=start)
             try:
                 await answer(scope, received, receive, send)
             finally:
-                self.in_flight -= 1
-                metrics.in_flight.dec()
+                self.free_slot()
         finally:
             self.body_bytes -= len(received.body)
+
+    def take_slot(self) -> None:
+        """Admit one request, of either protocol (gRPC's calls too: ``serving.grpc_server``), against
+        SERVING_MAX_CONCURRENCY; :class:`Overloaded` when that many are in flight. Pair with :meth:`free_slot`."""
+        if self.in_flight >= self.config.max_concurrency:
+            limit = self.config.max_concurrency
+            raise Overloaded(f"server busy: {limit} requests already in flight; retry after {RETRY_AFTER_S} s")
+        self.in_flight += 1
+        metrics.in_flight.inc()
+
+    def free_slot(self) -> None:
+        self.in_flight -= 1
+        metrics.in_flight.dec()
 
     async def classify(self, scope, received: Received, receive, send) -> None:
         if self.hot:

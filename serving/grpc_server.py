@@ -38,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving import metrics, v2, v2_grpc
 from serving.config import ServingConfig
+from serving.edge import RETRY_AFTER_S  # sent as trailing metadata "retry-after" with an overload's RESOURCE_EXHAUSTED
 from serving.errors import GRPC_CODES, Overloaded, RequestError, Unauthorized, UnknownModel, http_status
 from serving.failures import error_answer
 from serving.logs import log_event, log_request
@@ -53,7 +54,6 @@ OPEN_METHODS = frozenset(  # the probes, open as /livez, /readyz and /v2/health/
     {f"/{HEALTH}/Check", f"/{HEALTH}/Watch", f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"}
 )
 STOP_GRACE_S = 5.0  # calls in flight at shutdown get this long to finish
-RETRY_AFTER_S = 1  # sent as trailing metadata "retry-after" with an overload's RESOURCE_EXHAUSTED
 
 
 class GrpcServer:
@@ -115,13 +115,8 @@ class GrpcServer:
         code, images, model, message = "OK", 0, None, None
         admitted = False
         try:
-            if edge.in_flight >= config.max_concurrency:
-                raise Overloaded(
-                    f"server busy: {config.max_concurrency} requests already in flight; retry after {RETRY_AFTER_S} s"
-                )
-            edge.in_flight += 1
+            edge.take_slot()
             admitted = True
-            metrics.in_flight.inc()
             async with asyncio.timeout(timeout):
                 answer = await work(self.handlers())
             if isinstance(answer, pb.ModelInferResponse):
@@ -140,8 +135,7 @@ class GrpcServer:
                 context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
         finally:
             if admitted:
-                edge.in_flight -= 1
-                metrics.in_flight.dec()
+                edge.free_slot()
             seconds = time.perf_counter() - start
             metrics.requests.labels(route=route, status=code).inc()
             metrics.request_seconds.labels(route=route).observe(seconds)

@@ -24,22 +24,27 @@ CONTENTS = {"UINT8": "uint_contents", "BYTES": "bytes_contents"}  # the typed fi
 
 
 def parse_infer(request: pb.ModelInferRequest, card, max_images: int) -> v2.InferRequest:
-    """A ModelInferRequest as :class:`serving.v2.InferRequest`, checked against the model's ``card``."""
-    if len(request.inputs) != 1:
+    """A ModelInferRequest as :class:`serving.v2.InferRequest`, checked against the model's ``card``.
+    Each field is read once: a read of a protobuf field costs as much as a check (this runs on
+    every call, on the event loop)."""
+    inputs = request.inputs
+    if len(inputs) != 1:
         raise RequestError(
-            f"'inputs' must be one tensor: {v2.PIXELS!r} (UINT8) or {v2.IMAGE!r} (BYTES); got {len(request.inputs)}"
+            f"'inputs' must be one tensor: {v2.PIXELS!r} (UINT8) or {v2.IMAGE!r} (BYTES); got {len(inputs)}"
         )
-    tensor = request.inputs[0]
+    tensor = inputs[0]
     shape = list(tensor.shape)
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise RequestError(f"input {v2.shown(tensor.name)}: 'shape' must be non-negative integers, got {shape}")
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
-            raise RequestError(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
-        data = request.raw_input_contents[0]
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != 1:
+            raise RequestError(f"raw_input_contents has {len(raw)} entries for 1 input")
+        data = raw[0]
     else:
         data = _typed_contents(tensor, shape)
-    parameters = {key: _value(value) for key, value in tensor.parameters.items()}
+    given = tensor.parameters
+    parameters = {key: _value(value) for key, value in given.items()} if given else {}
     pixels, images = v2.check_input(tensor.name, tensor.datatype, shape, data, parameters, card, max_images)
     asked = [
         {"name": output.name, "parameters": {key: _value(value) for key, value in output.parameters.items()}}
