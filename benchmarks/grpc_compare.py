@@ -29,92 +29,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import numpy as np
-
-from benchmarks.images import fashion_images, fashion_pngs
-from benchmarks.load import figures, measured, run_wrk
+from benchmarks.grpc_load import MODEL, grpc_bodies, run_h2load
+from benchmarks.load import run_wrk
 from benchmarks.report import write_section
 from benchmarks.servers import free_port, process, start, stop
 from benchmarks.turns import get_args_parser, service, ways_table
 from benchmarks.v2_bodies import write_ways
-from serving.protocol import grpc_service_pb2 as pb
-from serving.v2 import serialize_bytes
 
 SECTION = "## The v2 protocol over gRPC against HTTP v2 and /classify"
 HTTP_WAYS = ("classify", "v2-pixels", "v2-png", "v2-json")
 GRPC_WAYS = ("grpc-pixels", "grpc-png")
 FLOOR = "grpc-floor"  # benchmarks.grpc_floor, sent grpc-pixels' calls
 WAYS = (*HTTP_WAYS, *GRPC_WAYS, FLOOR)
-METHOD = "/inference.GRPCInferenceService/ModelInfer"
-MODEL = "fashion-lenet"
-
-
-def grpc_bodies(workdir: Path) -> dict[str, Path]:
-    """One framed ModelInfer message per gRPC way: a 0 byte (not compressed), its length, the message."""
-    image, png = fashion_images(1)[0], fashion_pngs(1)[0]
-    pixels = pb.ModelInferRequest(model_name=MODEL)
-    pixels.inputs.add(name="pixels", datatype="UINT8", shape=[1, 1, *image.shape])
-    pixels.raw_input_contents.append(np.ascontiguousarray(image).tobytes())
-    encoded = pb.ModelInferRequest(model_name=MODEL)
-    encoded.inputs.add(name="image", datatype="BYTES", shape=[1])
-    encoded.raw_input_contents.append(serialize_bytes([png]))
-    bodies = {}
-    for way, message in (("grpc-pixels", pixels), ("grpc-png", encoded)):
-        data = message.SerializeToString()
-        bodies[way] = workdir / f"{way}.bin"
-        bodies[way].write_bytes(b"\x00" + len(data).to_bytes(4, "big") + data)
-    return bodies
-
-
-def grpc_answers(base: str) -> dict[str, float]:
-    """The server's count of ModelInfer calls by status code."""
-    counts = {}
-    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
-        if line.startswith("classify_requests_total{") and 'route="grpc:ModelInfer"' in line:
-            counts[line.split('status="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-    return counts
-
-
-def run_h2load(
-    target: str, body: Path, concurrency: int, seconds: float, pid: int, base: str | None, log: Path
-) -> dict:
-    """One closed-loop h2load run of gRPC calls: :func:`benchmarks.load.figures`' row. ``base``: the
-    service's URL, whose count of calls answered is checked (None: the floor, which answers all)."""
-    if shutil.which("h2load") is None:
-        raise SystemExit("error: h2load is not installed; run 'apt-get install nghttp2-client'")
-    command = [
-        "h2load", f"-c{concurrency}", "-m1", f"-t{min(concurrency, 2)}", f"-D{seconds:g}",
-        "-H", "content-type: application/grpc", "-H", "te: trailers",
-        "-d", str(body), "--log-file", str(log), target + METHOD,
-    ]  # fmt: skip
-    log.unlink(missing_ok=True)  # h2load appends to it
-    before = grpc_answers(base) if base else {}
-    with measured(pid) as cost:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"h2load failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
-    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
-    durations = np.array([int(row[2]) for row in rows if row[1] == "200"]) / 1000.0
-    done, errors = len(durations), sum(row[1] != "200" for row in rows)
-    after = grpc_answers(base) if base else {"OK": done}
-    answered = {code: count - before.get(code, 0) for code, count in after.items()}
-    # h2load logs no call still in flight when its time is up, and closes its connections on them:
-    # the server may have answered those, or counted them CANCELLED, at most one a connection
-    failed = {code: count for code, count in answered.items() if code not in ("OK", "CANCELLED") and count}
-    if failed or answered.get("OK", 0) < done or answered.get("CANCELLED", 0) > concurrency:
-        raise SystemExit(f"error: h2load finished {done} calls; the server answered {answered}")
-    latencies = (float(np.percentile(durations, 50)), float(np.percentile(durations, 99)), float(durations.max()))
-    return figures(concurrency, done, errors, cost.seconds, latencies, cost)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.grpc_compare import grpc_bodies, run_h2load
+from benchmarks.grpc_load import grpc_bodies, run_h2load
 from benchmarks.images import fashion_photos, fashion_pngs
 from benchmarks.load import TICKS, run_wrk, write_bodies
 from benchmarks.servers import free_port, process
