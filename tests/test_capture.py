@@ -331,7 +331,8 @@ def test_a_failing_store_costs_no_request_and_is_counted(bentoml_home, tmp_path)
         "SERVING_CAPTURE": str(blocker / "captures"),
         "SERVING_CAPTURE_RATE": "100000",
         # sure answers are not drawn: each of the 1% drawn would be one store error more than the
-        # unsure answers counted below (this test failed so in CI, 16 against 15)
+        # unsure answers it waits for (one CI run failed here, waiting for 15: 5 sure answers were
+        # each drawn at 1%, a 5% chance a run)
         "SERVING_CAPTURE_SAMPLE": "0",
         "SERVING_LOG_REQUESTS": "false",
     }
