@@ -190,15 +190,32 @@ class ServingConfig:
         return self.ort_threads or max(1, available_cpus() // self.workers)
 
     @property
+    def grpc_calls(self) -> int:
+        """gRPC calls at once per worker (``serving.grpc_server``): as many messages at the body
+        limit as the body budget holds, at least one, at most SERVING_MAX_CONCURRENCY."""
+        return min(max(1, self.max_body_memory_mb * 2**20 // self.max_body_bytes), self.max_concurrency)
+
+    @property
+    def grpc_stream_window(self) -> int:
+        """Bytes of messages a ModelStreamInfer stream may have in flight before it reads another
+        (``serving.grpc_server.StreamWindow``): an eighth of the message limit, so that a stream,
+        one of the calls, holds at most that much more than a call does."""
+        return max(1, self.max_body_bytes // 8)
+
+    @property
     def memory_bound_mb(self) -> int:
         """Peak memory of one service worker and its decoders (README, "Limits"): what clients can
         make it hold is bounded by the body budget and, per decoder, the decode limit."""
         decoder = DECODER_START_MB + KEPT_MB + self.max_decode_mb
         capture = self.capture_queue_mb if self.capture else 0  # bodies kept past their request, for the writer
         # gRPC calls: at most max_body_memory_mb of messages at once (serving.grpc_server), each held
-        # twice while it is parsed (gRPC's buffer, then the message)
-        grpc = 2 * self.max_body_memory_mb if self.grpc_port else 0
-        return WORKER_START_MB + KEPT_MB + self.max_body_memory_mb + grpc + capture + self.decode_workers * decoder
+        # twice while it is parsed (gRPC's buffer, then the message); a call that is a stream holds
+        # its window more, also twice: at most 2.25 times the budget in all
+        streams = self.grpc_calls * self.grpc_stream_window / 2**20
+        grpc = 2 * (self.max_body_memory_mb + streams) if self.grpc_port else 0
+        return (
+            WORKER_START_MB + KEPT_MB + self.max_body_memory_mb + round(grpc) + capture + self.decode_workers * decoder
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServingConfig:

@@ -14,11 +14,13 @@ are), the same admission (in-flight requests of both protocols count against
 ``SERVING_MAX_CONCURRENCY``), the same handlers, batcher and models (``Handlers.run_infer``), the
 same deadline (``SERVING_TIMEOUT_S``, or the client's own when sooner), the same error table
 (``serving.errors.GRPC_CODES``) and metrics (``classify_requests_total{route="grpc:ModelInfer"}``).
+ModelStreamInfer serves each message of a stream as such a call (:meth:`GrpcServer.stream`), several
+at once, so that one stream fills batches and pays no call's set-up a message.
 Bounds: a message is at most ``SERVING_MAX_BODY_BYTES``, as an HTTP body (gRPC answers
 RESOURCE_EXHAUSTED past it); and at most ``SERVING_MAX_BODY_MEMORY_MB`` of them are held at once, by
 allowing that many divided by the message bound of calls at a time (51 by default; gRPC answers
-RESOURCE_EXHAUSTED to the next). ModelStreamInfer and Triton's statistics, trace, logging and
-shared-memory calls answer UNIMPLEMENTED.
+RESOURCE_EXHAUSTED to the next), a stream being one call that holds its window more (an eighth of a
+message's bound). Triton's statistics, trace, logging and shared-memory calls answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ OPEN_METHODS = frozenset(  # the probes, open as /livez, /readyz and /v2/health/
     {f"/{HEALTH}/Check", f"/{HEALTH}/Watch", f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"}
 )
 STOP_GRACE_S = 5.0  # calls in flight at shutdown get this long to finish
+STREAM_WINDOW = 64  # messages a ModelStreamInfer stream has in flight at most: enough to fill a batch
 
 
 class GrpcServer:
@@ -66,7 +69,6 @@ class GrpcServer:
 
     async def start(self) -> None:
         config = self.config
-        memory_calls = max(1, config.max_body_memory_mb * 2**20 // config.max_body_bytes)
         options = [
             ("grpc.max_receive_message_length", config.max_body_bytes),
             ("grpc.max_send_message_length", config.max_body_bytes),
@@ -81,7 +83,7 @@ class GrpcServer:
             # Only with a token: an interceptor costs every call (BENCHMARKS.md, "The v2 protocol over gRPC")
             interceptors=[Authorization(config.auth_token)] if config.auth_token else None,
             options=options,
-            maximum_concurrent_rpcs=min(memory_calls, config.max_concurrency),
+            maximum_concurrent_rpcs=config.grpc_calls,
         )
         server.add_generic_rpc_handlers((inference_handler(Inference(self)),))
         health_pb2_grpc.add_HealthServicer_to_server(Health(self), server)
@@ -93,7 +95,13 @@ class GrpcServer:
             raise RuntimeError(f"SERVING_GRPC_PORT: cannot listen on {address} ({err}); is the port taken?") from None
         await server.start()
         self.server = server
-        log_event("grpc", address=address, max_message_bytes=config.max_body_bytes, max_calls=memory_calls)
+        log_event(
+            "grpc",
+            address=address,
+            max_message_bytes=config.max_body_bytes,
+            max_calls=config.grpc_calls,
+            stream_window_bytes=config.grpc_stream_window,
+        )
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -104,24 +112,42 @@ class GrpcServer:
 
     async def call(self, context: grpc.aio.ServicerContext, rpc: str, work: Callable[[Handlers], Awaitable]):
         """``work(handlers)``'s answer, or the call ended with the status code of the error's row
-        in the error table; counted, timed and logged as an HTTP request is, under ``grpc:<rpc>``.
-        ``rpc`` is admitted against SERVING_MAX_CONCURRENCY with the HTTP requests in flight. A call
-        gRPC cancels (its client went, or its deadline passed first in gRPC's own clock) is counted
-        CANCELLED or DEADLINE_EXCEEDED, and the cancellation goes on."""
-        route, start = f"grpc:{rpc}", time.perf_counter()
+        in the error table (:meth:`serve`)."""
+        answer, code, message, overloaded = await self.serve(context, f"grpc:{rpc}", work)
+        if code == "OK":
+            return answer
+        if overloaded:
+            context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
+        return _ended(context, code, message)
+
+    async def serve(
+        self, context: grpc.aio.ServicerContext, route: str, work: Callable[[Handlers], Awaitable], admit=True
+    ):
+        """``(answer, "OK", None, False)`` for ``work(handlers)``'s answer, or ``(None, code,
+        message, overloaded)`` with the status code of the error's row in the error table (and
+        whether it was overload, which a retry hint answers; not the error itself, whose traceback
+        would hold the request's frames, its message among them, until a garbage collection); counted,
+        timed and logged as an HTTP request is, under ``route``. Admitted against
+        SERVING_MAX_CONCURRENCY with the HTTP requests in flight (unless ``admit`` is false: a
+        stream's message, admitted with its stream), and given SERVING_TIMEOUT_S, or
+        the client's deadline when sooner. A call gRPC cancels (its client went, or its deadline
+        passed first in gRPC's own clock) is counted CANCELLED or DEADLINE_EXCEEDED, and the
+        cancellation goes on."""
+        start = time.perf_counter()
         edge, config = self.edge, self.config
         remaining = context.time_remaining()
         timeout = config.timeout_s if remaining is None else min(config.timeout_s, remaining)
         code, images, model, message = "OK", 0, None, None
         admitted = False
         try:
-            edge.take_slot()
-            admitted = True
+            if admit:
+                edge.take_slot()
+                admitted = True
             async with asyncio.timeout(timeout):
                 answer = await work(self.handlers())
             if isinstance(answer, pb.ModelInferResponse):
                 model, images = answer.model_name, answer.outputs[0].shape[0] if answer.outputs else 0
-            return answer
+            return answer, code, None, False
         except asyncio.CancelledError:
             passed = remaining is not None and (context.time_remaining() or 0.0) <= 0
             code = "DEADLINE_EXCEEDED" if passed else "CANCELLED"
@@ -131,8 +157,7 @@ class GrpcServer:
             setting = "SERVING_TIMEOUT_S" if remaining is None or remaining >= config.timeout_s else None
             _, body = error_answer(err, route, timeout, setting)
             code, message = GRPC_CODES[http_status(err)[1]], body["error"]
-            if isinstance(err, Overloaded):
-                context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
+            return None, code, message, isinstance(err, Overloaded)
         finally:
             if admitted:
                 edge.free_slot()
@@ -145,7 +170,92 @@ class GrpcServer:
                 log_request(
                     level, route=route, status=code, ms=round(seconds * 1000, 2), model=model, images=images, **fields
                 )
-        return _ended(context, code, message)
+
+    async def stream(self, context: grpc.aio.ServicerContext, work_of: Callable[[bytes], Callable]) -> None:
+        """ModelStreamInfer: each message the client writes is a call of its own, ``work_of(message)``,
+        served as :meth:`serve` serves a call (under ``grpc:ModelStreamInfer``), and answered on the
+        stream as soon as it is done, in the order answers finish (the client matches them by their
+        ``id``); an error goes back in-band, as ``error_message``, and the stream goes on, as Triton
+        does. The stream is admitted as one request for as long as it is open (SERVING_MAX_CONCURRENCY
+        with the HTTP requests; past it, it ends RESOURCE_EXHAUSTED with the retry hint), and its
+        messages are served concurrently, so that one stream fills batches: at most
+        :data:`STREAM_WINDOW` at once and under ``config.grpc_stream_window`` bytes of them (an
+        eighth of the message limit) when the next is read (:class:`StreamWindow`); past that the
+        stream reads no more until answers are written, and gRPC's flow control holds the client
+        back. A stream is one of the calls ``maximum_concurrent_rpcs`` admits."""
+        route = "grpc:ModelStreamInfer"
+        try:
+            self.edge.take_slot()
+        except Overloaded as error:
+            _, body = error_answer(error, route)
+            metrics.requests.labels(route=route, status="RESOURCE_EXHAUSTED").inc()
+            context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
+            _ended(context, "RESOURCE_EXHAUSTED", body["error"])
+            return
+        window = StreamWindow(STREAM_WINDOW, self.config.grpc_stream_window)
+        answers: asyncio.Queue[tuple[pb.ModelStreamInferResponse, int] | None] = asyncio.Queue()
+        serving: set[asyncio.Task] = set()
+
+        async def one(message: bytes) -> None:
+            answer, code, error_message, _ = await self.serve(context, route, work_of(message), admit=False)
+            if code == "OK":
+                answers.put_nowait((pb.ModelStreamInferResponse(infer_response=answer), len(message)))
+            else:  # the code first: the message's only way to carry it (RESOURCE_EXHAUSTED: retry)
+                response = pb.ModelStreamInferResponse(error_message=f"{code}: {error_message}")
+                answers.put_nowait((response, len(message)))
+
+        async def read() -> None:
+            try:
+                while True:
+                    await window.room()
+                    message = await context.read()
+                    if message is grpc.aio.EOF:
+                        break
+                    window.take(len(message))
+                    task = asyncio.create_task(one(message))
+                    serving.add(task)
+                    task.add_done_callback(serving.discard)
+                while serving:
+                    await asyncio.wait(serving)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                await context.write(answer[0])
+                window.give(answer[1])
+            await reader  # what ended the reading (a cancelled read raises here)
+        finally:
+            self.edge.free_slot()
+            reader.cancel()
+            for task in serving:
+                task.cancel()
+
+
+class StreamWindow:
+    """What one stream holds in flight: messages read and not yet answered on the stream. The next
+    is read only while fewer than ``count`` are and their bytes are under ``size``, so that their
+    bytes stay under ``size`` plus one message's."""
+
+    def __init__(self, count: int, size: int):
+        self.count, self.size = count, size
+        self.held = self.bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def room(self) -> None:
+        await self._room.wait()
+
+    def take(self, size: int) -> None:
+        self.held, self.bytes = self.held + 1, self.bytes + size
+        if self.held >= self.count or self.bytes >= self.size:
+            self._room.clear()
+
+    def give(self, size: int) -> None:
+        self.held, self.bytes = self.held - 1, self.bytes - size
+        if self.held < self.count and self.bytes < self.size:
+            self._room.set()
 
 
 class Inference:
@@ -194,15 +304,21 @@ class Inference:
 
     async def ModelInfer(self, request, context):
         async def work(handlers: Handlers):
-            tag = _tag(request.model_name, request.model_version)
-            model = handlers.models.get(tag)
-            card = model.engine.card
-            parsed = v2_grpc.parse_infer(request, card, handlers.config.max_batch_images)
-            key = _rollout_key(context) if handlers.rollouts.active else None
-            probabilities, version = await handlers.run_infer(model, tag, parsed, key)
-            return v2_grpc.encode_infer(parsed, probabilities, model.name, version, card.class_names)
+            return await _infer(handlers, request, _rollout_key(context) if handlers.rollouts.active else None)
 
         return await self.server.call(context, "ModelInfer", work)
+
+    async def ModelStreamInfer(self, requests, context):
+        key = _rollout_key(context)  # the stream's metadata, the same for each of its messages
+
+        def work_of(message: bytes):
+            async def work(handlers: Handlers):
+                request = _parse(pb.ModelInferRequest, message, "ModelStreamInfer")
+                return await _infer(handlers, request, key if handlers.rollouts.active else None)
+
+            return work
+
+        await self.server.stream(context, work_of)
 
     async def RepositoryIndex(self, request, context):
         async def work(handlers: Handlers):
@@ -262,21 +378,45 @@ class Authorization(grpc.aio.ServerInterceptor):
         return _refusing(handler, "grpc:" + details.method.rsplit("/", 1)[-1], error)
 
 
+async def _infer(handlers: Handlers, request: pb.ModelInferRequest, key: bytes | None) -> pb.ModelInferResponse:
+    """ModelInfer's answer, a ModelStreamInfer message's too; ``key``: the rollout key (``serving.rollout``)."""
+    tag = _tag(request.model_name, request.model_version)
+    model = handlers.models.get(tag)
+    card = model.engine.card
+    parsed = v2_grpc.parse_infer(request, card, handlers.config.max_batch_images)
+    probabilities, version = await handlers.run_infer(model, tag, parsed, key)
+    return v2_grpc.encode_infer(parsed, probabilities, model.name, version, card.class_names)
+
+
 def inference_handler(servicer: Inference) -> grpc.GenericRpcHandler:
-    """The servicer's unary methods as ``inference.GRPCInferenceService``'s, each parsing its own
-    request: bytes that are no such message are INVALID_ARGUMENT naming it (gRPC's own parse
+    """The servicer's methods as ``inference.GRPCInferenceService``'s, each parsing its own
+    requests: bytes that are no such message are INVALID_ARGUMENT naming it (gRPC's own parse
     answers UNKNOWN). The service's other methods are left out, so gRPC answers UNIMPLEMENTED."""
     methods = {}
     for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         run = getattr(type(servicer), method.name, None)
-        if run is None or method.client_streaming or method.server_streaming:
+        if run is None:
             continue
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        methods[method.name] = grpc.unary_unary_rpc_method_handler(
-            _parsing(getattr(servicer, method.name), request, method.name),
-            response_serializer=_or_nothing(response.SerializeToString),
-        )
+        serializer = _or_nothing(response.SerializeToString)
+        if method.client_streaming and method.server_streaming:  # ModelStreamInfer parses each message itself
+            handler = grpc.stream_stream_rpc_method_handler(getattr(servicer, method.name), None, serializer)
+        else:
+            handler = grpc.unary_unary_rpc_method_handler(
+                _parsing(getattr(servicer, method.name), request, method.name), response_serializer=serializer
+            )
+        methods[method.name] = handler
     return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+def _parse(message: type, data: bytes, method: str):
+    """``data`` parsed as a ``message``; a RequestError naming the method when it is none."""
+    try:
+        return message.FromString(data)
+    except DecodeError:
+        raise RequestError(
+            f"the request is no {method} request message: {len(data):,} bytes that do not parse"
+        ) from None
 
 
 def _parsing(run, message: type, method: str):
@@ -285,9 +425,8 @@ def _parsing(run, message: type, method: str):
 
     async def unary(data: bytes, context):
         try:
-            request = message.FromString(data)
-        except DecodeError:
-            error = RequestError(f"the request is no {method} request message: {len(data):,} bytes that do not parse")
+            request = _parse(message, data, method)
+        except RequestError as error:
             _, body = error_answer(error, route)
             metrics.requests.labels(route=route, status="INVALID_ARGUMENT").inc()
             return _ended(context, "INVALID_ARGUMENT", body["error"])

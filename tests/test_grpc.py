@@ -5,8 +5,12 @@ channels sending what no client would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import queue
+import socket
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +28,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from benchmarks.servers import free_port
-from serving.config import KEPT_MB
+from serving.config import KEPT_MB, ServingConfig
 from tests.conftest import REPO, bentoml_serve, png_bytes, run_cli, wait_until
 from tests.test_service_api import metric
 from tests.tolerance import PROB_ATOL, assert_ranked_as
@@ -67,10 +71,12 @@ def peak_rss(process: psutil.Process) -> int:
     )
 
 
-def memory_bound(start: int, budget_mb: int = BUDGET_MB) -> int:
+def memory_bound(start: int, budget_mb: int = BUDGET_MB, limit_mb: int = LIMIT_MB) -> int:
     """README, "Limits": a worker holds at most its memory at start, what the allocator keeps
-    (KEPT_MB), the body budget, and twice that again for gRPC's messages while they are parsed."""
-    return start + (KEPT_MB + 3 * budget_mb) * 2**20
+    (KEPT_MB), the body budget, and twice that again for gRPC's messages while they are parsed, with
+    each call's stream window (ServingConfig.memory_bound_mb's terms)."""
+    config = ServingConfig(max_body_bytes=limit_mb * 2**20, max_body_memory_mb=budget_mb)
+    return start + (KEPT_MB + 3 * budget_mb) * 2**20 + 2 * config.grpc_calls * config.grpc_stream_window
 
 
 def classify(url: str, image: bytes) -> dict:
@@ -255,6 +261,9 @@ def test_the_token_guards_every_method_but_the_probes(bentoml_home, tmp_path):
             with pytest.raises(grpc.RpcError) as refused:
                 next(reflection.ServerReflectionInfo(iter([asked]), timeout=30))
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as refused:  # and a stream
+                stream_raw(channel, [infer_message([1, 1, 28, 28], b"\x00" * 784)])
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_the_shipped_generated_code_is_what_protoc_writes():
@@ -263,40 +272,221 @@ def test_the_shipped_generated_code_is_what_protoc_writes():
     assert (REPO / "serving/protocol/grpc_service.proto").read_text().count("service GRPCInferenceService") == 1
 
 
-def test_a_stream_left_open_is_answered_and_the_server_stays_up(served):
-    """ModelStreamInfer is not served: a stream opened and never written to again, nor read until
-    its answer, ends UNIMPLEMENTED at once; the server is not left holding it."""
-    hold = threading.Event()
+def pixels_input(images: np.ndarray, module=triton) -> triton.InferInput:
+    tensor = module.InferInput("pixels", [len(images), 1, 28, 28], "UINT8")
+    tensor.set_data_from_numpy(np.ascontiguousarray(images[:, None]))
+    return tensor
 
-    def requests():
-        yield infer_message([1, 1, 28, 28], b"\x00" * 784)
-        hold.wait(120)  # the client never sends more, nor closes its side, until the test ends
 
+def test_tritonclient_grpc_stream_answers_as_classify_does_and_errors_in_band(served, fashion_test):
+    """ModelStreamInfer with tritonclient's stream (start_stream, async_stream_infer): each
+    message answered with /classify's probabilities, matched by its id; a bad message answered in
+    the stream with its status code and the error table's message, and the stream goes on."""
+    client = triton.InferenceServerClient(served["grpc"])
+    images = fashion_test[0][200:216]
+    answers = [classify(served["url"], png_bytes(image)) for image in images]
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
-        with grpc.insecure_channel(served["grpc"]) as channel:
-            stream = channel.stream_stream(
-                f"/{SERVICE}/ModelStreamInfer", request_serializer=None, response_deserializer=None
-            )
-            call = stream(requests(), timeout=60)
-            with pytest.raises(grpc.RpcError) as ended:
-                next(call)
-            assert ended.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        for i in range(8):
+            client.async_stream_infer("fashion-lenet", [pixels_input(images[i : i + 1])], request_id=f"m-{i}")
+        wrong = triton.InferInput("pixels", [1, 3, 28, 28], "UINT8")
+        wrong.set_data_from_numpy(np.zeros((1, 3, 28, 28), np.uint8))
+        client.async_stream_infer("fashion-lenet", [wrong], request_id="wrong")
+        client.async_stream_infer("no-such-model", [pixels_input(images[:1])], request_id="unknown")
+        for i in range(8, 16):
+            client.async_stream_infer("fashion-lenet", [pixels_input(images[i : i + 1])], request_id=f"m-{i}")
+        got = [results.get(timeout=60) for _ in range(18)]
     finally:
-        hold.set()
+        client.stop_stream()
+    errors = sorted(str(error) for _, error in got if error is not None)
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("INVALID_ARGUMENT: ") and "must be UINT8 [N, 1, 28, 28] for this model" in errors[0]
+    assert errors[1].startswith("NOT_FOUND: ") and "no-such-model" in errors[1]
+    rows = {result.get_response().id: result.as_numpy("probabilities")[0] for result, error in got if error is None}
+    assert sorted(rows) == sorted(f"m-{i}" for i in range(16))
+    for i, answer in enumerate(answers):
+        indices = [r["index"] for r in answer["top_k"]]
+        np.testing.assert_allclose(rows[f"m-{i}"][indices], [r["probability"] for r in answer["top_k"]], atol=PROB_ATOL)
+    metrics = httpx.get(f"{served['url']}/metrics", timeout=60).text
+    assert 'route="grpc:ModelStreamInfer",status="NOT_FOUND"' in metrics
+
+
+def test_tritonclient_grpc_aio_stream_answers_as_model_infer_does(served, fashion_test):
+    images = fashion_test[0][300:332]
+
+    async def run() -> dict[str, np.ndarray]:
+        client = triton_aio.InferenceServerClient(served["grpc"])
+
+        async def requests():
+            for i, image in enumerate(images):
+                yield {
+                    "model_name": "fashion-lenet",
+                    "inputs": [pixels_input(image[None], triton_aio)],
+                    "request_id": str(i),
+                }
+
+        try:
+            rows = {}
+            async for result, error in client.stream_infer(requests()):
+                assert error is None, error
+                rows[result.get_response().id] = result.as_numpy("probabilities")[0]
+                if len(rows) == len(images):
+                    break
+            return rows
+        finally:
+            await client.close()
+
+    rows = asyncio.run(run())
+    whole = triton.InferenceServerClient(served["grpc"]).infer("fashion-lenet", [pixels_input(images)])
+    np.testing.assert_allclose(
+        np.stack([rows[str(i)] for i in range(len(images))]), whole.as_numpy("probabilities"), atol=PROB_ATOL
+    )
+
+
+def slow_png() -> bytes:
+    """A 40-megapixel RGB PNG of 135 KB (one colour, striped), 0.65 s to decode here: slow to
+    answer, yet under a stream's window (an eighth of the module server's 2 MB message limit)."""
+    pixels = np.full((6300, 6300, 3), 128, np.uint8)
+    pixels[::7, :, 0] = 3
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_stream_s_messages_are_served_at_once_and_answered_as_they_finish(served):
+    """A slow message (an image that takes 0.65 s to decode here) then a fast one (raw pixels, a
+    millisecond): the fast one is answered first, so the stream did not wait for the slow one
+    before reading and serving the next. Bytes that are no request are answered in the stream."""
+    slow = pb.ModelInferRequest(model_name="fashion-lenet", id="slow")
+    slow.inputs.add(name="image", datatype="BYTES", shape=[1])
+    slow.inputs[0].contents.bytes_contents.append(slow_png())
+    fast = pb.ModelInferRequest(model_name="fashion-lenet", id="fast")
+    fast.inputs.add(name="pixels", datatype="UINT8", shape=[1, 1, 28, 28])
+    fast.raw_input_contents.append(b"\x00" * 784)
+    with grpc.insecure_channel(served["grpc"]) as channel:
+        stream = channel.stream_stream(
+            f"/{SERVICE}/ModelStreamInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        answers = [(a.infer_response.id, a.error_message) for a in stream(iter([slow, fast]), timeout=60)]
+        assert answers == [("fast", ""), ("slow", "")]
+        junk = stream_raw(channel, [b"\xff\xfe not protobuf \x00" * 10, fast.SerializeToString()])
+    assert junk[0].error_message.startswith("INVALID_ARGUMENT: the request is no ModelStreamInfer request message")
+    assert junk[1].infer_response.id == "fast"
+
+
+def stream_raw(channel: grpc.Channel, messages: list[bytes]) -> list:
+    """``messages`` sent as a ModelStreamInfer stream, unparsed; its answers in the order they came."""
+    stream = channel.stream_stream(
+        f"/{SERVICE}/ModelStreamInfer",
+        request_serializer=None,
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    return list(stream(iter(messages), timeout=60))
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    """An HTTP/2 frame (RFC 9113, 4.1)."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+class NeverReadingStream:
+    """A ModelStreamInfer stream from a client that grants no flow-control window for answers
+    (SETTINGS_INITIAL_WINDOW_SIZE 0, and never a WINDOW_UPDATE), so the server cannot send it one
+    byte of them: HTTP/2 by hand (RFC 9113), which no gRPC client library lets one do. It writes
+    ``messages`` on a thread as fast as the server's own flow-control windows let it, and
+    acknowledges the server's SETTINGS and PINGs, as a live client does; ``sent``: messages written."""
+
+    def __init__(self, target: str, messages: list[bytes]):
+        host, port = target.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=60)
+        self.credit = {0: 65535, 1: 65535}  # bytes the server lets us send: the connection, stream 1
+        self.changed = threading.Condition()
+        self.sent = 0
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/ModelStreamInfer"),
+                   (":authority", target), ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
+        # HPACK: each a literal without indexing, new name, no Huffman (all shorter than 127 bytes)
+        block = b"".join(b"\x00" + bytes([len(k)]) + k.encode() + bytes([len(v)]) + v.encode() for k, v in headers)
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, (4).to_bytes(2, "big") + bytes(4)))
+        self.sock.sendall(frame(1, 0x4, 1, block))  # HEADERS, END_HEADERS, stream 1
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._write, args=(messages,), daemon=True).start()
+
+    def _read(self) -> None:
+        buffer = b""
+        with contextlib.suppress(OSError):
+            while chunk := self.sock.recv(65536):
+                buffer += chunk
+                while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+                    size, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+                    stream, payload = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF, buffer[9 : 9 + size]
+                    buffer = buffer[9 + size :]
+                    if kind == 4 and not flags & 1:  # SETTINGS: its initial window, then ACK
+                        for i in range(0, len(payload), 6):
+                            if int.from_bytes(payload[i : i + 2], "big") == 4:
+                                with self.changed:
+                                    self.credit[1] += int.from_bytes(payload[i + 2 : i + 6], "big") - 65535
+                                    self.changed.notify()
+                        self.sock.sendall(frame(4, 1, 0))
+                    elif kind == 6 and not flags & 1:  # PING: ACK with its payload
+                        self.sock.sendall(frame(6, 1, 0, payload))
+                    elif kind == 8 and stream in self.credit:  # WINDOW_UPDATE
+                        with self.changed:
+                            self.credit[stream] += int.from_bytes(payload, "big") & 0x7FFFFFFF
+                            self.changed.notify()
+
+    def _write(self, messages: list[bytes]) -> None:
+        with contextlib.suppress(OSError):  # closed by the test while the server holds it back
+            for message in messages:
+                data = b"\x00" + len(message).to_bytes(4, "big") + message
+                with self.changed:
+                    self.changed.wait_for(lambda: min(self.credit.values()) >= len(data))
+                    self.credit[0] -= len(data)
+                    self.credit[1] -= len(data)
+                self.sock.sendall(frame(0, 0, 1, data))
+                self.sent += 1
+
+    def close(self) -> None:
+        self.sock.close()
+        with self.changed:
+            self.credit = {0: 2**31, 1: 2**31}  # the writer's wait ends; its send fails
+            self.changed.notify()
+
+
+def test_a_stream_left_open_and_never_read_is_held_back_and_the_server_stays_up(served):
+    """A client that writes 2,000 messages on a stream and never reads an answer: the server
+    serves only a window of them (64) ahead of answers it could write, and reads no more, so
+    gRPC's flow control holds the client back; meanwhile other calls are answered, and the memory
+    test below checks the worker's peak. Where time is the subject: once the window is served, the
+    rest get 5 s more; a server that read without bound serves all 2,000 LeNet images in well under
+    a second, one that holds back never does, however slow the machine."""
+    message = infer_message([1, 1, 28, 28], b"\x00" * 784)
+    count = lambda: metric(served["url"], "classify_requests_total", route="grpc:ModelStreamInfer", status="OK")  # noqa: E731
+    before = count()
+    stream = NeverReadingStream(served["grpc"], [message] * 2000)
+    try:
+        wait_until(lambda: count() >= before + 64, "the stream's first 64 messages were never answered")
+        client = triton.InferenceServerClient(served["grpc"])
+        zeros = pixels_input(np.zeros((1, 28, 28), np.uint8))
+        assert client.infer("fashion-lenet", [zeros]).as_numpy("probabilities").shape == (1, 10)
+        time.sleep(5)
+        served_then = count() - before
+        assert served_then < 200, f"the server served {served_then:.0f} of the stream's messages, none of them read"
+        assert stream.sent < 2000, "the server read every message"
+    finally:
+        stream.close()
     assert triton.InferenceServerClient(served["grpc"]).is_server_ready()
 
 
 def test_the_client_s_deadline_ends_the_server_s_work_too(served):
-    """A call whose deadline passes while the server decodes its image (a 40-megapixel RGB PNG of
-    1.2 MB, 0.65 s to decode here, against a 50 ms deadline: a margin of 13 on this machine, more on
+    """A call whose deadline passes while the server decodes its image (:func:`slow_png`, 0.65 s
+    to decode here, against a 50 ms deadline: a margin of 13 on this machine, more on
     a faster one) ends DEADLINE_EXCEEDED for the client, and the server counts it so: it stopped
     waiting for the decode then, rather than answering a call nobody waits for."""
-    side = np.arange(6300, dtype=np.uint32)
-    gradient = ((side[:, None] * 7 + side[None, :] * 3) % 256).astype(np.uint8)  # compresses: under the body limit
-    buffer = io.BytesIO()
-    Image.fromarray(np.stack([gradient, gradient[::-1], gradient.T], axis=2)).save(buffer, "PNG")
     image = triton.InferInput("image", [1], "BYTES")
-    image.set_data_from_numpy(np.array([buffer.getvalue()], dtype=np.object_))
+    image.set_data_from_numpy(np.array([slow_png()], dtype=np.object_))
     client = triton.InferenceServerClient(served["grpc"])
     before = metric(served["url"], "classify_requests_total", route="grpc:ModelInfer", status="DEADLINE_EXCEEDED")
     status, _ = code_of(lambda: client.infer("fashion-lenet", [image], client_timeout=0.05))
@@ -343,5 +533,5 @@ def test_messages_at_the_limit_by_the_dozen_keep_the_worker_within_its_memory_bo
         assert sum(codes.values()) == 32, codes
         assert set(codes) <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
         assert triton.InferenceServerClient(target).is_server_ready()
-        peak, bound = peak_rss(worker), memory_bound(start, 64)
+        peak, bound = peak_rss(worker), memory_bound(start, 64, 8)
         assert peak <= bound, f"peak {peak / 2**20:.0f} MB, start {start / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB"
