@@ -11,6 +11,10 @@ Ways (real Fashion-MNIST test images, one per request):
   encoding), by h2load (nghttp2's C load generator: a gRPC call is an HTTP/2 POST of a 5-byte
   prefixed message, with ``te: trailers``);
 - grpc-png: the PNG as a BYTES tensor in ``raw_input_contents``, decoded by the server;
+- grpc-stream: ``ModelStreamInfer``, grpc-pixels' message 100 times in each stream, all written at
+  once (tritonclient's ``async_stream_infer`` in a loop; the server serves up to 64 a stream at
+  once): its concurrency is streams, its requests messages, its latencies not measured (h2load
+  times a stream, not its messages);
 - grpc-floor: grpc-pixels' calls to ``benchmarks.grpc_floor``, a bare grpc.aio server that parses
   each and answers a fixed reply: what the Python gRPC server costs before any work of ours.
 
@@ -36,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.grpc_load import MODEL, grpc_bodies, run_h2load
+from benchmarks.grpc_load import MODEL, STREAM_MESSAGES, grpc_bodies, method, run_h2load
 from benchmarks.load import run_wrk
 from benchmarks.report import write_section
 from benchmarks.servers import free_port, process, start, stop
@@ -45,7 +49,7 @@ from benchmarks.v2_bodies import write_ways
 
 SECTION = "## The v2 protocol over gRPC against HTTP v2 and /classify"
 HTTP_WAYS = ("classify", "v2-pixels", "v2-png", "v2-json")
-GRPC_WAYS = ("grpc-pixels", "grpc-png")
+GRPC_WAYS = ("grpc-pixels", "grpc-png", "grpc-stream")
 FLOOR = "grpc-floor"  # benchmarks.grpc_floor, sent grpc-pixels' calls
 WAYS = (*HTTP_WAYS, *GRPC_WAYS, FLOOR)
 
@@ -87,7 +91,8 @@ def main(args: argparse.Namespace) -> None:
                 floor_target, log = f"http://127.0.0.1:{floor_port}", workdir / "h2load.log"
                 return run_h2load(floor_target, grpc_files["grpc-pixels"], concurrency, seconds, floor, None, log)
             if way in GRPC_WAYS:
-                return run_h2load(target, grpc_files[way], concurrency, seconds, pid, base, workdir / "h2load.log")
+                log = workdir / "h2load.log"
+                return run_h2load(target, grpc_files[way], concurrency, seconds, pid, base, log, method(way))
             return run_wrk(base + paths[way], http_bodies[way], concurrency, seconds, pid)
 
         for way in WAYS:  # warm: each way's first requests
@@ -117,13 +122,14 @@ def report(runs: dict, args: argparse.Namespace) -> str:
     table = ways_table(runs, args, "grpc_compare", about, WAYS, "classify", "/classify")
     cpu = {
         way: statistics.median(r["server_cpu_ms"] for r in runs[(way, max(args.concurrency))])
-        for way in ("classify", "grpc-pixels", FLOOR)
+        for way in ("classify", "grpc-pixels", "grpc-stream", FLOOR)
     }
     return table + (
         f"\nAt concurrency {max(args.concurrency)}, gRPC raw pixels cost the server {cpu['grpc-pixels']:.3f} ms of "
-        f"CPU a request against /classify's {cpu['classify']:.3f} (medians of the rounds); a bare grpc.aio server "
+        f"CPU a request against /classify's {cpu['classify']:.3f} (medians of the rounds), and a ModelStreamInfer "
+        f"message {cpu['grpc-stream']:.3f} ({STREAM_MESSAGES} a stream, as many streams); a bare grpc.aio server "
         f"that parses the call and answers a fixed reply ({FLOOR}, `benchmarks/grpc_floor.py`, its own process) "
-        f"{cpu[FLOOR]:.3f}.\n"
+        f"{cpu[FLOOR]:.3f}. grpc-stream's latencies are not measured: h2load times a stream, not its messages.\n"
     )
 
 

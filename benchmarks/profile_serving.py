@@ -4,6 +4,7 @@
     python -m benchmarks.profile_serving --env SERVING_TRACING=true --concurrency 1
     python -m benchmarks.profile_serving --photos --concurrency 1  # 12 MP JPEGs, not test PNGs
     python -m benchmarks.profile_serving --grpc                   # gRPC ModelInfer, raw pixels, by h2load
+    python -m benchmarks.profile_serving --grpc grpc-stream       # ModelStreamInfer: 100 messages a stream
 
 Starts ``bentoml serve`` (one worker, a private BentoML home), loads it with wrk like
 benchmarks/serving_compare.py, and meanwhile samples the worker with py-spy. Prints the worker's
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.grpc_load import grpc_bodies, run_h2load
+from benchmarks.grpc_load import grpc_bodies, method, run_h2load
 from benchmarks.images import fashion_photos, fashion_pngs
 from benchmarks.load import TICKS, run_wrk, write_bodies
 from benchmarks.servers import free_port, process
@@ -64,7 +65,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top", type=int, default=15, help="functions to list (default: 15)")
     parser.add_argument("--photos", action="store_true", help="send 16 12 MP JPEGs (phone photos), not test PNGs")
     parser.add_argument(
-        "--grpc", action="store_true", help="call gRPC ModelInfer with raw pixels (h2load), as grpc_compare does"
+        "--grpc",
+        nargs="?",
+        const="grpc-pixels",
+        choices=("grpc-pixels", "grpc-stream"),
+        help="call gRPC with raw pixels (h2load), as grpc_compare's way of that name does (default grpc-pixels)",
     )
     parser.add_argument(
         "--metrics-cost",
@@ -167,11 +172,11 @@ def main(args: argparse.Namespace) -> None:
         ) as pid:
             url = "http://127.0.0.1:3917/classify"
             if args.grpc:  # the same closed loop, of gRPC calls; each is checked answered OK by the server's count
-                call = grpc_bodies(workdir)["grpc-pixels"]
+                call = grpc_bodies(workdir)[args.grpc]
 
                 def load(concurrency: int, seconds: float) -> dict:
-                    target, base = f"http://127.0.0.1:{grpc_port}", "http://127.0.0.1:3917"
-                    return run_h2load(target, call, concurrency, seconds, pid, base, workdir / "h2load.log")
+                    target, base, log = f"http://127.0.0.1:{grpc_port}", "http://127.0.0.1:3917", workdir / "h2load.log"
+                    return run_h2load(target, call, concurrency, seconds, pid, base, log, method(args.grpc))
 
             else:
 

@@ -121,8 +121,9 @@ def ways_table(
         for way in ways:
             results = sorted(runs[(way, concurrency)], key=lambda r: r["rps"])
             r = results[len(results) // 2]
+            p50, p99 = (f"{r[p]:.2f}" if r[p] == r[p] else "n/a" for p in ("p50", "p99"))  # NaN: not measured
             lines.append(
-                f"| {way} | {concurrency} | {r['rps']:,.0f} | {r['rps'] / base:.2f}x | {r['p50']:.2f} | "
-                f"{r['p99']:.2f} | {r['server_cpu_ms']:.3f} |"
+                f"| {way} | {concurrency} | {r['rps']:,.0f} | {r['rps'] / base:.2f}x | {p50} | {p99} | "
+                f"{r['server_cpu_ms']:.3f} |"
             )
     return "\n".join(lines) + "\n"
