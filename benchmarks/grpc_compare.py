@@ -12,9 +12,10 @@ Ways (real Fashion-MNIST test images, one per request):
   prefixed message, with ``te: trailers``);
 - grpc-png: the PNG as a BYTES tensor in ``raw_input_contents``, decoded by the server;
 - grpc-stream: ``ModelStreamInfer``, grpc-pixels' message 100 times in each stream, all written at
-  once (tritonclient's ``async_stream_infer`` in a loop; the server serves up to 64 a stream at
-  once): its concurrency is streams, its requests messages, its latencies not measured (h2load
-  times a stream, not its messages);
+  once (tritonclient's ``async_stream_infer`` in a loop), served one at a time
+  (SERVING_GRPC_STREAM_WINDOW=1; 64 by default): at concurrency c, c streams have c messages in
+  flight, as c clients of every other way have c requests. Its requests are messages; its
+  latencies are not measured (h2load times a stream, not its messages);
 - grpc-floor: grpc-pixels' calls to ``benchmarks.grpc_floor``, a bare grpc.aio server that parses
   each and answers a fixed reply: what the Python gRPC server costs before any work of ours.
 
@@ -78,7 +79,9 @@ def main(args: argparse.Namespace) -> None:
         server = service(workdir / "bentoml", {})
         port, grpc_port = free_port(), free_port()
         base, target = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{grpc_port}"
-        env = {**server.env, "SERVING_GRPC_PORT": str(grpc_port)}
+        # a stream serves one message at a time, so that grpc-stream at concurrency c has c requests
+        # in flight, as every other way has
+        env = {**server.env, "SERVING_GRPC_PORT": str(grpc_port), "SERVING_GRPC_STREAM_WINDOW": "1"}
         pid = stack.enter_context(
             process("service", [*server.command, "--port", str(port)], env, base + server.ready, workdir, server.cwd)
         )
@@ -127,7 +130,8 @@ def report(runs: dict, args: argparse.Namespace) -> str:
     return table + (
         f"\nAt concurrency {max(args.concurrency)}, gRPC raw pixels cost the server {cpu['grpc-pixels']:.3f} ms of "
         f"CPU a request against /classify's {cpu['classify']:.3f} (medians of the rounds), and a ModelStreamInfer "
-        f"message {cpu['grpc-stream']:.3f} ({STREAM_MESSAGES} a stream, as many streams); a bare grpc.aio server "
+        f"message {cpu['grpc-stream']:.3f} (as many streams, {STREAM_MESSAGES} messages each, served one at a "
+        f"time); a bare grpc.aio server "
         f"that parses the call and answers a fixed reply ({FLOOR}, `benchmarks/grpc_floor.py`, its own process) "
         f"{cpu[FLOOR]:.3f}. grpc-stream's latencies are not measured: h2load times a stream, not its messages.\n"
     )

@@ -71,6 +71,7 @@ class ServingConfig:
     )
     workers: int = 1  # service processes, each with its own copy of the models and its own batches
     grpc_port: int = 8001  # the Open Inference Protocol over gRPC (serving.grpc_server), on HTTP's host; 0: off
+    grpc_stream_window: int = 64  # messages a ModelStreamInfer stream has in flight at most; 1: one at a time
     capture: str = ""  # where to keep unsure answers' images for review (serving.capture): a folder or s3://bucket/prefix; empty: off
     capture_sample: float = 0.01  # share of sure answers kept too, at random, so that labels measure live accuracy
     capture_rate: float = 10.0  # captures taken per second and worker, at most; past it they are dropped and counted
@@ -107,6 +108,7 @@ class ServingConfig:
             "max_body_memory_mb",
             "decode_workers",
             "workers",
+            "grpc_stream_window",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV[name]} must be at least 1, got {getattr(self, name)}")
@@ -196,7 +198,7 @@ class ServingConfig:
         return min(max(1, self.max_body_memory_mb * 2**20 // self.max_body_bytes), self.max_concurrency)
 
     @property
-    def grpc_stream_window(self) -> int:
+    def grpc_stream_bytes(self) -> int:
         """Bytes of messages a ModelStreamInfer stream may have in flight before it reads another
         (``serving.grpc_server.StreamWindow``): an eighth of the message limit, so that a stream,
         one of the calls, holds at most that much more than a call does."""
@@ -211,7 +213,7 @@ class ServingConfig:
         # gRPC calls: at most max_body_memory_mb of messages at once (serving.grpc_server), each held
         # twice while it is parsed (gRPC's buffer, then the message); a call that is a stream holds
         # its window more, also twice: at most 2.25 times the budget in all
-        streams = self.grpc_calls * self.grpc_stream_window / 2**20
+        streams = self.grpc_calls * self.grpc_stream_bytes / 2**20
         grpc = 2 * (self.max_body_memory_mb + streams) if self.grpc_port else 0
         return (
             WORKER_START_MB + KEPT_MB + self.max_body_memory_mb + round(grpc) + capture + self.decode_workers * decoder

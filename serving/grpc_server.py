@@ -56,7 +56,6 @@ OPEN_METHODS = frozenset(  # the probes, open as /livez, /readyz and /v2/health/
     {f"/{HEALTH}/Check", f"/{HEALTH}/Watch", f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"}
 )
 STOP_GRACE_S = 5.0  # calls in flight at shutdown get this long to finish
-STREAM_WINDOW = 64  # messages a ModelStreamInfer stream has in flight at most: enough to fill a batch
 
 
 class GrpcServer:
@@ -100,7 +99,8 @@ class GrpcServer:
             address=address,
             max_message_bytes=config.max_body_bytes,
             max_calls=config.grpc_calls,
-            stream_window_bytes=config.grpc_stream_window,
+            stream_window=config.grpc_stream_window,
+            stream_window_bytes=config.grpc_stream_bytes,
         )
 
     async def stop(self) -> None:
@@ -179,7 +179,7 @@ class GrpcServer:
         does. The stream is admitted as one request for as long as it is open (SERVING_MAX_CONCURRENCY
         with the HTTP requests; past it, it ends RESOURCE_EXHAUSTED with the retry hint), and its
         messages are served concurrently, so that one stream fills batches: at most
-        :data:`STREAM_WINDOW` at once and under ``config.grpc_stream_window`` bytes of them (an
+        SERVING_GRPC_STREAM_WINDOW (64) at once and under ``config.grpc_stream_bytes`` of them (an
         eighth of the message limit) when the next is read (:class:`StreamWindow`); past that the
         stream reads no more until answers are written, and gRPC's flow control holds the client
         back. A stream is one of the calls ``maximum_concurrent_rpcs`` admits."""
@@ -192,7 +192,7 @@ class GrpcServer:
             context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
             _ended(context, "RESOURCE_EXHAUSTED", body["error"])
             return
-        window = StreamWindow(STREAM_WINDOW, self.config.grpc_stream_window)
+        window = StreamWindow(self.config.grpc_stream_window, self.config.grpc_stream_bytes)
         answers: asyncio.Queue[tuple[pb.ModelStreamInferResponse, int] | None] = asyncio.Queue()
         serving: set[asyncio.Task] = set()
 

@@ -472,6 +472,8 @@ def test_settings_come_from_the_environment_and_a_bad_one_names_its_variable():
         ({"SERVING_TRACING": "maybe"}, "SERVING_TRACING must be true or false, got 'maybe'"),
         ({"SERVING_DEVICE": "tpu"}, "SERVING_DEVICE must be one of auto, cpu, cuda, got 'tpu'"),
         ({"SERVING_ORT_THREADS": "-1"}, "SERVING_ORT_THREADS must be 0 or more, got -1"),
+        ({"SERVING_BATCH_FILL_MS": "nan"}, "SERVING_BATCH_FILL_MS must be 0 or more, got nan"),
+        ({"SERVING_GRPC_STREAM_WINDOW": "0"}, "SERVING_GRPC_STREAM_WINDOW must be at least 1, got 0"),
         ({"SERVING_TIMEOUT_S": "soon"}, "SERVING_TIMEOUT_S must be a number, got 'soon'"),
         ({"SERVING_TIMEOUT_S": "inf"}, "SERVING_TIMEOUT_S must be a positive number of seconds, got inf"),
         ({"SERVING_DECODE_TIMEOUT_S": "nan"}, "SERVING_DECODE_TIMEOUT_S must be a positive number of seconds, got nan"),

@@ -76,7 +76,7 @@ def memory_bound(start: int, budget_mb: int = BUDGET_MB, limit_mb: int = LIMIT_M
     (KEPT_MB), the body budget, and twice that again for gRPC's messages while they are parsed, with
     each call's stream window (ServingConfig.memory_bound_mb's terms)."""
     config = ServingConfig(max_body_bytes=limit_mb * 2**20, max_body_memory_mb=budget_mb)
-    return start + (KEPT_MB + 3 * budget_mb) * 2**20 + 2 * config.grpc_calls * config.grpc_stream_window
+    return start + (KEPT_MB + 3 * budget_mb) * 2**20 + 2 * config.grpc_calls * config.grpc_stream_bytes
 
 
 def classify(url: str, image: bytes) -> dict:
