@@ -266,6 +266,35 @@ def test_the_token_guards_every_method_but_the_probes(bentoml_home, tmp_path):
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_an_open_stream_holds_one_admission_slot_for_as_long_as_it_is_open(bentoml_home, tmp_path, fashion_test):
+    """With SERVING_MAX_CONCURRENCY=1, an open stream is the one request in flight, idle or not,
+    however many of its messages were served: /classify is answered 503 meanwhile (the edge's own
+    admission; gRPC's call limit, 1 here too, would refuse only gRPC), and 200 once it closes."""
+    grpc_port = free_port()
+    env = {"SERVING_GRPC_PORT": str(grpc_port), "SERVING_MAX_CONCURRENCY": "1", "SERVING_LOG_REQUESTS": "false"}
+    message = infer_message([1, 1, 28, 28], b"\x00" * 784)
+    image = png_bytes(fashion_test[0][0])
+    with (
+        bentoml_serve(bentoml_home, tmp_path / "serve.log", env) as url,
+        grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+    ):
+        stream = channel.stream_stream(
+            f"/{SERVICE}/ModelStreamInfer",
+            request_serializer=None,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        more, done = queue.Queue(), object()
+        first = stream(iter(more.get, done), timeout=60)
+        for _ in range(3):  # three messages, one slot
+            more.put(message)
+            assert next(first).infer_response.model_name == "fashion-lenet"
+        busy = httpx.post(f"{url}/classify", files={"image": ("x.png", image, "image/png")}, timeout=60)
+        assert busy.status_code == 503 and "Retry-After" in busy.headers, busy.text
+        more.put(done)
+        assert list(first) == []  # the stream ends, and frees its slot
+        classify(url, image)
+
+
 def test_the_shipped_generated_code_is_what_protoc_writes():
     result = run_cli("-m", "serving.protocol.generate", "--check")
     assert result.returncode == 0, result.stdout + result.stderr
