@@ -219,11 +219,14 @@ class ModelSet:
             {min(2**i, self.config.max_batch_size) for i in range(self.config.max_batch_size.bit_length() + 1)}
         )
         seconds = model.engine.warm_up(sizes)  # the first run of each shape selects kernels, allocates
+        # One table of best times serves both choices: of 10 runs while the sizes fit the inline
+        # budget (the line between two of them is fine), of 3 past it (fill_size needs less)
+        best, inline = {}, True
         for size in sizes:
-            if min(model.engine.warm_up([size])[size] for _ in range(10)) > INLINE_BUDGET_S:
-                break
-            model.batcher.inline_max = size
-        best = {size: min(model.engine.warm_up([size])[size] for _ in range(3)) for size in sizes}
+            best[size] = min(model.engine.warm_up([size])[size] for _ in range(10 if inline else 3))
+            inline = inline and best[size] <= INLINE_BUDGET_S
+            if inline:
+                model.batcher.inline_max = size
         model.batcher.fill_to = fill_size(best)
         log_event(
             "warmed_up",
