@@ -12,6 +12,8 @@ This module parses and encodes; it knows nothing of the server, the status codes
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from google.protobuf import json_format
 
@@ -61,10 +63,10 @@ def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[i
     if field is None:  # check_input names what each input takes
         return b""
     values = getattr(tensor.contents, field)
-    expected = int(np.prod(shape, dtype=np.float64)) if tensor.datatype == "UINT8" else (shape or [0])[0]
+    expected = math.prod(shape) if tensor.datatype == "UINT8" else (shape or [0])[0]  # exact, as v2._pixels
     if len(values) != expected:
         raise RequestError(
-            f"input {v2.shown(tensor.name)} of shape {shape} needs {expected:,.0f} values in contents.{field}, "
+            f"input {v2.shown(tensor.name)} of shape {shape} needs {expected:,} values in contents.{field}, "
             f"got {len(values):,}"
         )
     return list(values)
