@@ -199,10 +199,10 @@ class GrpcServer:
         async def one(message: bytes) -> None:
             answer, code, error_message, _ = await self.serve(context, route, work_of(message), admit=False)
             if code == "OK":
-                answers.put_nowait((pb.ModelStreamInferResponse(infer_response=answer), len(message)))
+                response = pb.ModelStreamInferResponse(infer_response=answer)
             else:  # the code first: the message's only way to carry it (UNAVAILABLE, a model warming up: retry)
                 response = pb.ModelStreamInferResponse(error_message=f"{code}: {error_message}")
-                answers.put_nowait((response, len(message)))
+            answers.put_nowait((response, len(message)))
 
         async def read() -> None:
             try:
