@@ -215,7 +215,8 @@ def service_env(target: str, subject: Subject, workdir: Path, checkout: Path) ->
     """The service variant's settings, with its own BentoML home holding its graph.
 
     A home per service: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
-    starts, which would wipe the metrics of every other service sharing that home.
+    starts, which would wipe the metrics of every other service sharing that home. A free gRPC port
+    per service, likewise: two at once would both ask for 8001, and the second would not start.
     """
     home = workdir / f"bentoml-{target}-{subject.key}"
     graph = subject.int8 if target == "service-int8" else subject.onnx
@@ -231,6 +232,7 @@ def service_env(target: str, subject: Subject, workdir: Path, checkout: Path) ->
         "service-traced": {"SERVING_TRACING": "true"},
     }
     env = {"SERVING_MODELS": f"bench-{subject.key}:latest", "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    env["SERVING_GRPC_PORT"] = str(free_port())
     return {**env, **variant.get(target, {})}
 
 

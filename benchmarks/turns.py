@@ -35,8 +35,10 @@ class Server(NamedTuple):
 def service(home: Path, models: dict[str, Path], checkout: Path = REPO, shipped: bool = True) -> Server:
     """`bentoml serve` run from ``checkout``, with request logs off and a BentoML home of its own (a
     service empties its home's Prometheus directory when it starts), serving ``models`` (name: ONNX
-    file), beside the shipped models when ``shipped``."""
+    file), beside the shipped models when ``shipped``. Its gRPC port is a free one: two services at
+    once would both ask for 8001, and the second would not start."""
     env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SERVING_LOG_REQUESTS": "false"}
+    env["SERVING_GRPC_PORT"] = str(free_port())
 
     def model_store(*command: str) -> None:
         run = [sys.executable, "-m", "model_store", *command]
